@@ -1,0 +1,224 @@
+"""`safeq-lab` command line. The only place that prints for people and chooses exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from emulator.errors import LabError
+
+EXIT_USAGE = 4
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP, raised in the main thread so every `finally` tears the lab down."""
+
+
+def _raise_terminated(signum, _frame):
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeq-lab", description="Emulate a YSoft SafeQ 6 network and audit a firewall against it.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cat = sub.add_parser("catalog", help="list and filter the catalog's flows")
+    cat.add_argument("--role", help="role id or vendor wording (client or server side)")
+    cat.add_argument("--port", type=int, help="a port number (matches ranges too)")
+    cat.add_argument("--protocol", help="wire protocol id (http, ldap, ftp, ...) or vendor wording")
+    cat.add_argument("--section", help="vendor table section, e.g. 'Terminal Server'")
+    cat.add_argument("--roles", action="store_true", help="list the canonical roles instead of flows")
+    cat.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rules = sub.add_parser("rules", help="firewall rulesets")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    gen = rules_sub.add_parser("generate", help="write the least-privilege ruleset for a topology")
+    _topology_arg(gen)
+    gen.add_argument("--format", choices=("iptables", "nft"), default="iptables")
+    gen.add_argument("-o", "--output", help="file to write (default: standard output)")
+    check = rules_sub.add_parser("check", help="validate a ruleset file without building a lab")
+    check.add_argument("file")
+
+    audit = sub.add_parser("audit", help="build the lab, probe every flow, print verdicts, tear down")
+    _topology_arg(audit)
+    _rules_arg(audit)
+    audit.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    audit.add_argument("--all", action="store_true", help="also list exposure probes that were correctly blocked")
+    audit.add_argument("--timeout", type=float, default=2.0, help="seconds per probe (default 2)")
+
+    up = sub.add_parser("up", help="build the lab and open Mininet's CLI; leaving it tears everything down")
+    _topology_arg(up)
+    _rules_arg(up)
+
+    topo = sub.add_parser("topology", help="show a topology's zones, hosts and addresses")
+    _topology_arg(topo)
+
+    clean = sub.add_parser("clean", help="remove whatever a killed run left behind")
+    clean.add_argument("--force", action="store_true", help="also stop a lab that is still running")
+    return parser
+
+
+def _topology_arg(p):
+    p.add_argument("--topology", "-t", default="single-site", help="name in topologies/ or a path (default single-site)")
+
+
+def _rules_arg(p):
+    p.add_argument("--rules", "-r", metavar="FILE",
+                   help="your iptables-save or nft ruleset for the firewall node (default: the generated least-privilege rules)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_terminated)
+    try:
+        return _COMMANDS[args.command](args)
+    except LabError as exc:
+        print(f"safeq-lab: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (KeyboardInterrupt, _Terminated):
+        print("safeq-lab: interrupted; the lab was torn down", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug of ours: still one line, the traceback on request
+        if os.environ.get("SAFEQ_LAB_DEBUG"):
+            raise
+        print(f"safeq-lab: internal error: {exc.__class__.__name__}: {exc} "
+              "(a bug: rerun with SAFEQ_LAB_DEBUG=1 for the traceback and report it; `safeq-lab clean` removes leftovers)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _cmd_catalog(args) -> int:
+    from emulator.catalog import load_catalog
+
+    catalog = load_catalog()
+    if args.roles:
+        for role in catalog.roles.values():
+            print(f"{role.id:36} {role.kind:9} {role.name}")
+        return 0
+    flows = catalog.filter(role=args.role, port=args.port, protocol=args.protocol, section=args.section)
+    if args.json:
+        print(json.dumps([_flow_dict(f) for f in flows], indent=1))
+        return 0
+    for f in flows:
+        ports = ", ".join(f"{ep.label()} {ep.protocol}{'' if ep.security == 'plain' else '+' + ep.security}" for ep in f.endpoints)
+        print(f"{f.id:26} {f.client_text} -> {f.server_text}: {ports or '-'}"
+              + (f"  [not exercised: {f.why_not}]" if f.why_not else ""))
+    print(f"{len(flows)} of {len(catalog.flows)} flows")
+    return 0
+
+
+def _flow_dict(flow) -> dict:
+    return {"id": flow.id, "section": flow.section, "row": flow.row, "client": flow.client, "server": flow.server,
+            "client_text": flow.client_text, "server_text": flow.server_text, "application": flow.application,
+            "data": flow.data, "endpoints": [{"label": ep.label(), "protocol": ep.protocol, "security": ep.security,
+                                              "channel": ep.channel} for ep in flow.endpoints],
+            "why_not": flow.why_not}
+
+
+def _plan(topology_name: str):
+    from emulator.catalog import load_catalog
+    from emulator.plan import audit_plan
+    from emulator.topology import load_topology
+
+    catalog = load_catalog()
+    topology = load_topology(topology_name)
+    return catalog, topology, audit_plan(catalog, topology)
+
+
+def _cmd_rules(args) -> int:
+    from emulator import rules
+
+    if args.rules_command == "check":
+        ruleset = rules.load_rules_file(args.file)
+        print(f"{args.file}: valid {ruleset.format} ruleset")
+        return 0
+    _catalog, topology, checks = _plan(args.topology)
+    ruleset = rules.generate(topology, checks, args.format)
+    if args.output:
+        Path(args.output).write_text(ruleset.text)
+        print(f"wrote {args.output} ({ruleset.text.count(chr(10))} lines, {args.format})", file=sys.stderr)
+    else:
+        sys.stdout.write(ruleset.text)
+    return 0
+
+
+def _ruleset(args, topology, checks):
+    from emulator import rules
+
+    if args.rules:
+        return rules.load_rules_file(args.rules)
+    return rules.generate(topology, checks)
+
+
+def _cmd_audit(args) -> int:
+    from emulator.audit import format_report, run_audit
+    from emulator.lab import Lab
+
+    catalog, topology, checks = _plan(args.topology)
+    ruleset = _ruleset(args, topology, checks)
+    probed = sum(c.probed for c in checks)
+    print(f"safeq-lab: building {topology.name}: {len(topology.hosts)} hosts, {probed} probes "
+          f"({sum(c.kind == 'required' for c in checks)} required, {sum(c.kind == 'exposure' for c in checks)} exposure)",
+          file=sys.stderr, flush=True)
+    started = time.monotonic()
+    with Lab(topology, catalog) as lab:
+        lab.apply_rules(ruleset)
+        print(f"safeq-lab: lab up in {time.monotonic() - started:.1f}s; probing", file=sys.stderr, flush=True)
+        report = run_audit(lab, checks, ruleset.source, timeout=args.timeout)
+    report.timings.update(lab.timings)
+    report.timings["total"] = time.monotonic() - started
+    print(format_report(report, show_closed=args.all))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
+    return report.exit_status
+
+
+def _cmd_up(args) -> int:
+    from emulator.lab import Lab
+
+    _catalog, topology, checks = _plan(args.topology)
+    ruleset = _ruleset(args, topology, checks)
+    with Lab(topology) as lab:
+        lab.apply_rules(ruleset)
+        from mininet.cli import CLI
+
+        print(f"safeq-lab: {topology.name} is up with rules from {ruleset.source}; "
+              f"hosts: {', '.join(h.name for h in topology.hosts)}. Type `exit` to tear it down.")
+        CLI(lab.net)
+    return 0
+
+
+def _cmd_topology(args) -> int:
+    from emulator.topology import load_topology
+
+    topology = load_topology(args.topology)
+    print(f"{topology.name}: {topology.description}  (firewall node: {topology.firewall})")
+    for zone in topology.zones:
+        print(f"  zone {zone.name} {zone.subnet} (firewall {zone.gateway} on {topology.firewall_interface(zone)})")
+        for host in zone.hosts:
+            print(f"    {host.name:10} {host.address:15} {', '.join(host.roles)}")
+    return 0
+
+
+def _cmd_clean(args) -> int:
+    from emulator.state import clean
+
+    removed = clean(force=args.force)
+    print("safeq-lab: removed " + ", ".join(removed) if removed else "safeq-lab: nothing to clean")
+    return 0
+
+
+_COMMANDS = {"catalog": _cmd_catalog, "rules": _cmd_rules, "audit": _cmd_audit, "up": _cmd_up,
+             "topology": _cmd_topology, "clean": _cmd_clean}
+
+if __name__ == "__main__":
+    sys.exit(main())

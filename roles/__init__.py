@@ -1,0 +1,55 @@
+"""Roles: a SafeQ component or device is data - the catalog flows it serves and starts.
+
+No class per role or per vendor: everything a role does comes from the catalog (ports,
+protocols, peers). Protocol stubs plug in per wire protocol (emulator.protocols), so a new
+faithful stub changes every role that serves that protocol at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emulator.catalog import Catalog, Endpoint, Flow, Role, load_catalog
+from emulator.protocols.base import Listener
+
+# Where one host serves a port for several flows or roles, the more specific protocol wins the
+# listener (an IPP printer and an HTTP install endpoint on one port are one HTTP server in reality).
+_LISTENER_PRECEDENCE = ("ftp", "ldap", "snmp", "lpr", "raw", "ipp", "soap", "webdav", "http")
+
+
+@dataclass(frozen=True)
+class RoleProfile:
+    role: Role
+    serves: tuple[tuple[Flow, Endpoint], ...]
+    initiates: tuple[Flow, ...]
+
+
+def profile(role_id: str, catalog: Catalog | None = None) -> RoleProfile:
+    catalog = catalog or load_catalog()
+    role = catalog.role(role_id)
+    return RoleProfile(role, tuple(catalog.served_endpoints(role_id)),
+                       tuple(f for f in catalog.flows if f.client == role_id))
+
+
+def listeners(role_ids, catalog: Catalog | None = None) -> list[Listener]:
+    """Every (transport, port) a host running these roles listens on, one listener each."""
+    catalog = catalog or load_catalog()
+    chosen: dict[tuple[str, int], Listener] = {}
+    for role_id in role_ids:
+        for _flow, ep in profile(role_id, catalog).serves:
+            if ep.port is None or ep.transport == "icmp":
+                continue  # the kernel answers ICMP; FTP data ranges are opened per session
+            candidate = Listener(ep.transport, ep.port, ep.protocol, ep.security)
+            current = chosen.get((ep.transport, ep.port))
+            if current is None or _rank(candidate.protocol) < _rank(current.protocol):
+                chosen[(ep.transport, ep.port)] = candidate
+    return sorted(chosen.values(), key=lambda item: (item.port, item.transport))
+
+
+def _rank(protocol: str) -> int:
+    return _LISTENER_PRECEDENCE.index(protocol) if protocol in _LISTENER_PRECEDENCE else len(_LISTENER_PRECEDENCE)
+
+
+def daemon_spec(host_name: str, role_ids, log_path: str, catalog: Catalog | None = None) -> dict:
+    """What `python -m emulator.roled` needs to impersonate these roles on one host."""
+    return {"host": host_name, "roles": list(role_ids),
+            "listeners": [item.to_dict() for item in listeners(role_ids, catalog)], "log": log_path}

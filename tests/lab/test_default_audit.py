@@ -1,0 +1,93 @@
+"""Audits of the default lab through a real Mininet network and firewall node."""
+from __future__ import annotations
+
+import pytest
+
+from emulator import rules
+from emulator.audit import EXIT_BLOCKED, EXIT_EXPOSED, run_audit
+from emulator.catalog import load_catalog
+from emulator.lab import Lab
+from emulator.plan import audit_plan
+from emulator.topology import load_topology
+from tests.lab.helpers import footprint
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def default_lab(lab_host):
+    catalog = load_catalog()
+    topology = load_topology("single-site")
+    checks = audit_plan(catalog, topology)
+    with Lab(topology, catalog) as lab:
+        yield lab, checks
+    assert footprint() == {"bridges": [], "processes": [], "state": [], "mininet_shells": []}
+
+
+def generated(lab, checks):
+    return rules.generate(lab.topology, checks)
+
+
+def with_rule(ruleset, rule, source):
+    """The generated ruleset with one more FORWARD rule placed first."""
+    lines = ruleset.text.splitlines()
+    at = lines.index("-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+    lines.insert(at, rule)
+    return rules.Ruleset("iptables", "\n".join(lines) + "\n", source)
+
+
+def crossing(lab, check):
+    t = lab.topology
+    return t.host(check.client_host).zone != t.host(check.server_host).zone
+
+
+def test_generated_rules_pass_every_required_flow_and_expose_nothing(default_lab):
+    lab, checks = default_lab
+    lab.apply_rules(generated(lab, checks))
+    report = run_audit(lab, checks, "generated")
+    bad = [v for v in report.verdicts if v.verdict in ("BLOCKED", "BROKEN", "EXPOSED")]
+    assert bad == [], [(v.check.key, v.observed, v.detail) for v in bad[:10]]
+    required = [v for v in report.verdicts if v.check.kind == "required"]
+    assert required and all(v.verdict in ("ALLOWED", "UNENCRYPTED") for v in required)
+    assert report.counts["CLOSED"] == sum(c.kind == "exposure" for c in checks) > 0
+    assert report.exit_status == 0
+    # the second witness: each stub recorded every required request from the client's own address
+    seen = {(r["host"], r["transport"], r["port"], r["peer"]) for r in lab.request_log()}
+    for v in required:
+        c = v.check
+        if c.endpoint.transport != "icmp":
+            key = (c.server_host, c.endpoint.transport, c.endpoint.port, lab.topology.host(c.client_host).address)
+            assert key in seen, c.key
+
+
+def test_dropping_the_raw_port_blocks_exactly_its_flows(default_lab):
+    lab, checks = default_lab
+    raw_port = next(ep.port for f in load_catalog().filter(protocol="raw") for ep in f.endpoints if ep.protocol == "raw")
+    ruleset = with_rule(generated(lab, checks), f"-A FORWARD -p tcp -m tcp --dport {raw_port} -j DROP", f"drop {raw_port}")
+    lab.apply_rules(ruleset)
+    report = run_audit(lab, checks, ruleset.source)
+    blocked = {v.check.key for v in report.verdicts if v.verdict == "BLOCKED"}
+    expected = {c.key for c in checks if c.kind == "required" and c.endpoint.port == raw_port
+                and c.endpoint.transport == "tcp" and crossing(lab, c)}
+    assert expected and blocked == expected
+    assert report.counts["BROKEN"] == report.counts["EXPOSED"] == 0
+    assert report.exit_status == EXIT_BLOCKED
+
+
+def test_opening_jmx_to_the_users_zone_is_reported_as_exposure(default_lab):
+    lab, checks = default_lab
+    jmx_flow = next(f for f in load_catalog().filter(role="proactivecare", protocol="jmx")
+                    if f.server == "spooler-controller")
+    jmx_port = jmx_flow.endpoints[0].port
+    users = lab.topology.zone("users").subnet
+    ruleset = with_rule(generated(lab, checks), f"-A FORWARD -s {users} -p tcp -m tcp --dport {jmx_port} -j ACCEPT",
+                        f"jmx {jmx_port} open to users")
+    lab.apply_rules(ruleset)
+    report = run_audit(lab, checks, ruleset.source)
+    exposed = {(v.check.client_host, v.check.server_host, v.check.endpoint.port)
+               for v in report.verdicts if v.verdict == "EXPOSED"}
+    scout = lab.topology.zone("users").hosts[0].name
+    sc_hosts = {h.name for h in lab.topology.hosts_with_role("spooler-controller")}
+    assert exposed == {(scout, host, jmx_port) for host in sc_hosts}
+    assert report.counts["BLOCKED"] == 0
+    assert report.exit_status == EXIT_EXPOSED
