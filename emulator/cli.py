@@ -161,18 +161,17 @@ def _ruleset(args, topology, checks):
 
 def _cmd_audit(args) -> int:
     from emulator.audit import format_report, run_audit
-    from emulator.lab import Lab
+    from emulator.lab import Lab, preflight
 
+    preflight()
     catalog, topology, checks = _plan(args.topology)
     ruleset = _ruleset(args, topology, checks)
-    probed = sum(c.probed for c in checks)
-    print(f"safeq-lab: building {topology.name}: {len(topology.hosts)} hosts, {probed} probes "
-          f"({sum(c.kind == 'required' for c in checks)} required, {sum(c.kind == 'exposure' for c in checks)} exposure)",
-          file=sys.stderr, flush=True)
     started = time.monotonic()
     with Lab(topology, catalog) as lab:
         lab.apply_rules(ruleset)
-        print(f"safeq-lab: lab up in {time.monotonic() - started:.1f}s; probing", file=sys.stderr, flush=True)
+        print(f"safeq-lab: {topology.name} up in {time.monotonic() - started:.1f}s ({len(topology.hosts)} hosts); "
+              f"probing {sum(c.kind == 'required' for c in checks)} required flow checks and "
+              f"{sum(c.kind == 'exposure' for c in checks)} exposure probes", file=sys.stderr, flush=True)
         report = run_audit(lab, checks, ruleset.source, timeout=args.timeout)
     report.timings.update(lab.timings)
     report.timings["total"] = time.monotonic() - started
@@ -183,8 +182,9 @@ def _cmd_audit(args) -> int:
 
 
 def _cmd_up(args) -> int:
-    from emulator.lab import Lab
+    from emulator.lab import Lab, preflight
 
+    preflight()
     _catalog, topology, checks = _plan(args.topology)
     ruleset = _ruleset(args, topology, checks)
     with Lab(topology) as lab:

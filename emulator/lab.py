@@ -115,7 +115,7 @@ class Lab:
         self.net = net
         firewall = net.addHost(topo.firewall, cls=Node, ip=None)
         for index, zone in enumerate(topo.zones, start=1):
-            bridge = net.addSwitch(zone.bridge, dpid=f"{index:x}", stp=False)
+            bridge = net.addSwitch(topo.bridge(zone), dpid=f"{index:x}", stp=False)
             prefix = zone.subnet.prefixlen
             net.addLink(firewall, bridge, cls=_link_class(zone.link, TCLink, Link),
                         intfName1=topo.firewall_interface(zone), params1={"ip": f"{zone.gateway}/{prefix}"},

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 from emulator.errors import LabError
-from emulator.topology import Topology
+from emulator.topology import BRIDGE_PREFIX, Topology
 
 RUN_DIR = Path(os.environ.get("SAFEQ_LAB_RUN_DIR", "/run/safeq-lab"))
-BRIDGE_PREFIX = "sq-"  # every bridge the lab creates is named sq-<zone>
 DAEMON_MARKERS = ("emulator.roled", "emulator.prober")
 
 

@@ -17,7 +17,8 @@ TOPOLOGIES_DIR = Path(__file__).resolve().parent.parent / "topologies"
 LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range
 DEFAULT_TOPOLOGY = "single-site"
 
-# Mininet names interfaces "<host>-eth0" and our bridges "sq-<zone>"; Linux caps names at 15 chars.
+BRIDGE_PREFIX = "sqlab"  # every bridge the lab creates is sqlab<N>; `safeq-lab clean` looks for it
+# Mininet names interfaces "<host>-eth0"; Linux caps interface names at 15 chars.
 HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 ZONE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 FIRST_HOST_OFFSET = 10  # .1 is the firewall; hosts start at .10 unless given an address
@@ -53,10 +54,6 @@ class Zone:
     hosts: tuple[HostSpec, ...]
     link: LinkShape = LinkShape()
 
-    @property
-    def bridge(self) -> str:
-        return f"sq-{self.name}"
-
 
 @dataclass(frozen=True)
 class Topology:
@@ -88,9 +85,13 @@ class Topology:
     def firewall_interface(self, zone: Zone) -> str:
         return f"{self.firewall}-{zone.name}"[:15]
 
+    def bridge(self, zone: Zone) -> str:
+        # Short on purpose: Mininet names the bridge's ports "<bridge>-eth<N>" (15 chars at most).
+        return f"{BRIDGE_PREFIX}{self.zones.index(zone) + 1}"
+
     @property
     def bridges(self) -> list[str]:
-        return [z.bridge for z in self.zones]
+        return [self.bridge(z) for z in self.zones]
 
 
 def available_topologies() -> list[str]:

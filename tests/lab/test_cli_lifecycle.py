@@ -38,7 +38,7 @@ def test_audit_with_a_dropped_port_exits_blocked_and_cleans_up(lab_host, tmp_pat
     assert "PASS" in good.stdout.splitlines()[-1]
     bad = run_cli("audit", "--topology", topo, "--rules", str(dropped), "--json", str(tmp_path / "r.json"))
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr
-    blocked = [l for l in bad.stdout.splitlines() if " BLOCKED" in l]
+    blocked = [l for l in bad.stdout.splitlines() if " BLOCKED" in l and not l.startswith("summary")]
     assert blocked and all("5021/tcp" in l for l in blocked)
     assert (tmp_path / "r.json").exists()
     assert footprint() == CLEAN
@@ -118,6 +118,6 @@ def test_clean_removes_what_a_killed_run_left(lab_host, tmp_path):
     one_line_error(blocked, "safeq-lab clean")
     cleaned = run_cli("clean")
     assert cleaned.returncode == 0, cleaned.stderr
-    assert "bridge sq-" in cleaned.stdout
+    assert "bridge sqlab" in cleaned.stdout
     assert footprint() == CLEAN
     assert run_cli("clean").stdout.strip() == "safeq-lab: nothing to clean"

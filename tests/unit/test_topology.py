@@ -41,7 +41,7 @@ def test_unknown_topology_names_the_choices():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("name: t\nzones:\n  - {name: a, subnet: 10.0.0.0/24, hosts: [{name: h1, roles: [user]}]}\n", "outside the lab range"),
+    ("name: t\nzones:\n  - {name: a, subnet: 203.0.113.0/24, hosts: [{name: h1, roles: [user]}]}\n", "outside the lab range"),
     ("name: t\nzones:\n  - {name: a, subnet: 198.18.1.0/24, hosts: [{name: h1, roles: [nosuchrole]}]}\n", r"zones\[0\].hosts\[0\].roles: unknown role 'nosuchrole'"),
     ("name: t\nzones:\n  - {name: a, subnet: 198.18.1.0/24, hosts: [{name: h1, roles: [user], colour: red}]}\n", "unknown key"),
     ("name: t\nzones:\n  - {name: a, subnet: 198.18.1.0/24, hosts: [{name: h1, roles: [user]}]}\n"

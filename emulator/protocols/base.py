@@ -1,0 +1,187 @@
+"""Types shared by every wire-protocol module, the role daemon and the prober.
+
+They cross process boundaries as JSON (the prober reads targets on stdin and
+writes results on stdout; the daemon reads listeners from a spec file), so each
+one has ``from_dict``/``to_dict`` and validates in ``__post_init__``: a bad
+value is rejected where it enters, with a one-line ``ValueError`` naming the
+field, instead of surfacing later as a confusing socket error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+OUTCOMES = ('ok', 'refused', 'timeout', 'protocol_error', 'unreachable', 'error')
+PROBE_TRANSPORTS = ('tcp', 'udp', 'icmp')
+# Only TCP and UDP need a userspace stub; ICMP echo is answered by the kernel.
+LISTEN_TRANSPORTS = ('tcp', 'udp')
+SECURITIES = ('plain', 'tls', 'starttls', 'optional')
+
+
+def _check_keys(cls: type, data: Any) -> None:
+    """Reject non-objects, unknown keys (usually typos) and missing required keys."""
+    if not isinstance(data, dict):
+        raise ValueError(f'{cls.__name__} must be a JSON object, not {type(data).__name__}')
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f'{cls.__name__}: unknown field(s) {", ".join(map(repr, unknown))}')
+    missing = [name for name, f in known.items()
+               if name not in data and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f'{cls.__name__}: missing field(s) {", ".join(map(repr, missing))}')
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; a JSON `true` port is a bug, not port 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _need_str(owner: str, name: str, value: Any, allow_empty: bool = False) -> None:
+    if not isinstance(value, str) or (not allow_empty and not value):
+        raise ValueError(f'{owner}.{name} must be a non-empty string, got {value!r}')
+
+
+def _need_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f'{owner}.{name} must be one of {", ".join(choices)}; got {value!r}')
+
+
+def _need_port(owner: str, value: Any) -> None:
+    # 0 is allowed: it asks the kernel for an ephemeral port (tests, clients).
+    if not _is_int(value) or not 0 <= value <= 65535:
+        raise ValueError(f'{owner}.port must be an integer 0-65535, got {value!r}')
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    """One flow to check: who to contact, how, and with how much payload."""
+
+    id: str
+    host: str
+    transport: str
+    protocol: str
+    port: int | None = None
+    security: str = 'plain'
+    timeout: float = 2.0
+    size: int = 1024
+
+    def __post_init__(self) -> None:
+        owner = 'ProbeTarget'
+        _need_str(owner, 'id', self.id, allow_empty=True)
+        try:
+            # Literal IPv4 only: a name would need a DNS lookup, which the lab
+            # does not have and which would hide the flow we mean to test.
+            ipaddress.IPv4Address(self.host)
+        except (ValueError, TypeError):
+            raise ValueError(f'{owner}.host must be an IPv4 address, got {self.host!r}') from None
+        _need_choice(owner, 'transport', self.transport, PROBE_TRANSPORTS)
+        _need_str(owner, 'protocol', self.protocol)
+        if self.transport == 'icmp':
+            if self.port is not None:
+                raise ValueError(f'{owner}.port must be null for icmp, got {self.port!r}')
+        else:
+            _need_port(owner, self.port)
+            if self.port == 0:
+                raise ValueError(f'{owner}.port 0 cannot be a destination')
+        _need_choice(owner, 'security', self.security, SECURITIES)
+        if not _is_number(self.timeout) or self.timeout <= 0:
+            raise ValueError(f'{owner}.timeout must be a positive number of seconds, got {self.timeout!r}')
+        if not _is_int(self.size) or self.size < 0:
+            raise ValueError(f'{owner}.size must be a non-negative integer, got {self.size!r}')
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeTarget:
+        _check_keys(cls, data)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe observed. ``outcome`` is the machine-readable verdict;
+    ``exchange`` and ``detail`` are for humans reading a report."""
+
+    id: str
+    outcome: str
+    elapsed: float
+    exchange: str = ''
+    detail: str = ''
+    peer_seen: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = 'ProbeResult'
+        _need_str(owner, 'id', self.id, allow_empty=True)
+        _need_choice(owner, 'outcome', self.outcome, OUTCOMES)
+        if not _is_number(self.elapsed) or self.elapsed < 0:
+            raise ValueError(f'{owner}.elapsed must be a non-negative number, got {self.elapsed!r}')
+        _need_str(owner, 'exchange', self.exchange, allow_empty=True)
+        _need_str(owner, 'detail', self.detail, allow_empty=True)
+        if self.peer_seen is not None:
+            _need_str(owner, 'peer_seen', self.peer_seen)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        _check_keys(cls, data)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One port a role daemon must serve."""
+
+    transport: str
+    port: int
+    protocol: str
+    security: str = 'plain'
+
+    def __post_init__(self) -> None:
+        owner = 'Listener'
+        _need_choice(owner, 'transport', self.transport, LISTEN_TRANSPORTS)
+        _need_port(owner, self.port)
+        _need_str(owner, 'protocol', self.protocol)
+        _need_choice(owner, 'security', self.security, SECURITIES)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Listener:
+        _check_keys(cls, data)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Persona:
+    """Who a stub says it is, so a reply proves which host answered."""
+
+    host: str
+    roles: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _need_str('Persona', 'host', self.host)
+        if not isinstance(self.roles, tuple) or not all(isinstance(r, str) and r for r in self.roles):
+            raise ValueError(f'Persona.roles must be a tuple of non-empty strings, got {self.roles!r}')
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Persona:
+        _check_keys(cls, data)
+        roles = data['roles']
+        if not isinstance(roles, list):
+            raise ValueError(f'Persona.roles must be a list of strings, got {roles!r}')
+        return cls(host=data['host'], roles=tuple(roles))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'host': self.host, 'roles': list(self.roles)}

@@ -1,0 +1,575 @@
+"""``framed``: the generic SafeQ-lab request/response, server stub and client probe.
+
+SafeQ's own inter-component protocols (Spooler Controller ↔ Management on
+6010/6020, SPM discovery on 64099/udp, ...) are proprietary and cannot be
+reproduced byte for byte. This module stands in for every protocol that has no
+dedicated module yet: it puts a realistic amount of payload on the real port,
+and its reply proves end to end *which* host answered and *whom* it saw, which
+is what a firewall test needs.
+
+Wire format, version 1
+======================
+
+A *payload* is one header line, a newline, then a body::
+
+    payload = header  b"\\n"  body
+    header  = one compact JSON object (ASCII, so it holds no raw newline)
+    body    = exactly header["size"] bytes
+
+Request::
+
+    {"v": 1, "op": "hello", "nonce": "<1-128 chars>", "size": n}   + n body bytes
+
+Reply::
+
+    {"v": 1, "ok": true, "nonce": "<echoed>", "host": "<persona host>",
+     "roles": ["<role>", ...], "port": <server's local port>,
+     "peer": "<client IP as the server saw it>", "size": m}          + m body bytes
+
+The reply body is the first ``m`` bytes of the request body, so the client can
+tell whether the payload was altered in transit. ``m == n`` unless the reply
+header plus ``n`` bytes would exceed the transport's limit, then ``m`` is
+capped to fit.
+
+Error reply (malformed request: not JSON, missing/ill-typed field, unknown
+``op`` or ``v``, size mismatch, too long)::
+
+    {"v": 1, "ok": false, "error": "<reason>"}                      + no body
+
+TCP
+    Each payload travels in one frame prefixed by its length as a 4-byte
+    big-endian unsigned integer (``Int32StringReceiver``); a payload is at most
+    ``MAX_FRAME`` (1 MiB). A connection may carry several request/reply
+    pairs. After an error reply the server closes the connection; other
+    connections are unaffected. Idle connections are dropped after
+    ``IDLE_TIMEOUT`` seconds.
+
+UDP
+    Each payload is one datagram, no length prefix, at most ``MAX_DATAGRAM``
+    (8 KiB). Error replies are sent for malformed datagrams too. The reply goes
+    to the datagram's source address and port.
+
+``security`` is not emulated here: framed always speaks plaintext, whatever the
+listener or target says. Protocol modules with TLS replace it per protocol.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+from .base import Listener, Persona, ProbeResult, ProbeTarget
+
+PROTOCOL_ID = 'framed'
+VERSION = 1
+MAX_FRAME = 1 << 20          # largest TCP payload, without its 4-byte prefix
+MAX_DATAGRAM = 8 << 10       # largest UDP payload
+MAX_NONCE = 128
+IDLE_TIMEOUT = 60.0          # seconds a server keeps a silent connection
+# Probes from many lab hosts may connect at once; the default backlog of 50
+# would turn a burst into SYN drops, which a probe would report as 'timeout'.
+LISTEN_BACKLOG = 1024
+
+OnRequest = Callable[[dict[str, Any]], None]
+
+_log = Logger()
+
+
+class FramedError(ValueError):
+    """A payload that does not follow the framed wire format."""
+
+
+# --- codec (shared by server and client) -----------------------------------
+
+def encode(header: dict[str, Any], body: bytes = b'') -> bytes:
+    line = json.dumps(header, separators=(',', ':'), ensure_ascii=True).encode('ascii')
+    return line + b'\n' + body
+
+
+def decode(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    line, newline, body = payload.partition(b'\n')
+    if not newline:
+        raise FramedError('no header line (newline missing)')
+    try:
+        header = json.loads(line)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise FramedError(f'header is not JSON: {exc}') from None
+    if not isinstance(header, dict):
+        raise FramedError('header is not a JSON object')
+    if header.get('v') != VERSION:
+        raise FramedError(f'unsupported version {header.get("v")!r}')
+    return header, body
+
+
+def _sized_body(header: dict[str, Any], body: bytes) -> bytes:
+    size = header.get('size')
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise FramedError(f'size must be a non-negative integer, got {size!r}')
+    if size != len(body):
+        raise FramedError(f'size says {size} B but the body has {len(body)} B')
+    return body
+
+
+def encode_request(nonce: str, body: bytes) -> bytes:
+    return encode({'v': VERSION, 'op': 'hello', 'nonce': nonce, 'size': len(body)}, body)
+
+
+def decode_request(payload: bytes) -> tuple[str, bytes]:
+    """Return (nonce, body) of a valid request, else raise FramedError."""
+    header, body = decode(payload)
+    if header.get('op') != 'hello':
+        raise FramedError(f'unknown op {header.get("op")!r}')
+    nonce = header.get('nonce')
+    if not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE:
+        raise FramedError(f'nonce must be a string of 1-{MAX_NONCE} characters')
+    return nonce, _sized_body(header, body)
+
+
+def encode_reply(persona: Persona, port: int, peer: str, nonce: str, body: bytes,
+                 limit: int) -> bytes:
+    header = {'v': VERSION, 'ok': True, 'nonce': nonce, 'host': persona.host,
+              'roles': list(persona.roles), 'port': port, 'peer': peer, 'size': len(body)}
+    payload = encode(header, body)
+    if len(payload) > limit:
+        # The reply header is longer than the request's, so an echo of a
+        # request that just fit would not. Shrinking size can only shorten
+        # the header, so one recomputation is enough.
+        room = max(0, limit - (len(payload) - len(body)))
+        body = body[:room]
+        header['size'] = len(body)
+        payload = encode(header, body)
+    return payload
+
+
+def encode_error(reason: str) -> bytes:
+    return encode({'v': VERSION, 'ok': False, 'error': reason})
+
+
+def decode_reply(payload: bytes, nonce: str, sent: bytes) -> tuple[dict[str, Any], bytes]:
+    """Check a reply against the request it answers; raise FramedError if it is wrong."""
+    header, body = decode(payload)
+    if header.get('ok') is False:
+        raise FramedError(f'server rejected the request: {header.get("error")!r}')
+    if header.get('ok') is not True:
+        raise FramedError(f'ok must be true or false, got {header.get("ok")!r}')
+    if header.get('nonce') != nonce:
+        raise FramedError(f'nonce mismatch: sent {nonce!r}, got {header.get("nonce")!r}')
+    body = _sized_body(header, body)
+    if body != sent[:len(body)]:
+        raise FramedError('reply body differs from the request body (payload altered in transit?)')
+    for name in ('host', 'peer'):
+        if not isinstance(header.get(name), str):
+            raise FramedError(f'{name} must be a string, got {header.get(name)!r}')
+    return header, body
+
+
+def answer(persona: Persona, payload: bytes, *, port: int, peer: str,
+           limit: int) -> tuple[bytes, dict[str, Any] | None]:
+    """Reply payload for one request payload, and the request record
+    (``None`` when the request was malformed)."""
+    try:
+        nonce, body = decode_request(payload)
+    except FramedError as exc:
+        return encode_error(str(exc)), None
+    record = {'port': port, 'peer': peer, 'nonce': nonce, 'size': len(body)}
+    return encode_reply(persona, port, peer, nonce, body, limit), record
+
+
+# --- server stub --------------------------------------------------------------
+
+def _report(on_request: OnRequest | None, record: dict[str, Any]) -> None:
+    if on_request is None:
+        return
+    try:
+        on_request(record)
+    except Exception:
+        # A failing logger must not stop the stub from answering probes.
+        _log.failure('on_request callback failed for {record!r}', record=record)
+
+
+class _HelloServer(Int32StringReceiver, TimeoutMixin):
+    MAX_LENGTH = MAX_FRAME
+
+    def __init__(self, factory: _HelloFactory) -> None:
+        self.factory = factory
+        self._closing = False
+
+    def callLater(self, period, func):
+        # TimeoutMixin would otherwise use the global reactor.
+        return self.factory.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        self.setTimeout(IDLE_TIMEOUT)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def stringReceived(self, string: bytes) -> None:
+        if self._closing:  # frames already buffered behind a bad one
+            return
+        reply, record = answer(self.factory.persona, string,
+                               port=self.transport.getHost().port,
+                               peer=self.transport.getPeer().host, limit=MAX_FRAME)
+        self.sendString(reply)
+        if record is None:
+            self._close()
+        else:
+            _report(self.factory.on_request, {'transport': 'tcp', **record})
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        # Int32StringReceiver calls this again on every later chunk.
+        if not self._closing:
+            self.sendString(encode_error(f'frame of {length} B exceeds the {MAX_FRAME} B limit'))
+            self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        # An idle peer may not read either; a graceful close could wait forever.
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.setTimeout(None)
+
+
+class _HelloFactory(Factory):
+    noisy = False
+
+    def __init__(self, reactor, persona: Persona, on_request: OnRequest | None) -> None:
+        self.reactor = reactor
+        self.persona = persona
+        self.on_request = on_request
+
+    def buildProtocol(self, addr) -> _HelloServer:
+        return _HelloServer(self)
+
+
+class _HelloDatagramServer(DatagramProtocol):
+    noisy = False
+    def __init__(self, persona: Persona, on_request: OnRequest | None) -> None:
+        self.persona = persona
+        self.on_request = on_request
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        if len(datagram) > MAX_DATAGRAM:
+            reply, record = encode_error(f'datagram exceeds the {MAX_DATAGRAM} B limit'), None
+        else:
+            reply, record = answer(self.persona, datagram, port=self.transport.getHost().port,
+                                   peer=addr[0], limit=MAX_DATAGRAM)
+        self.transport.write(reply, addr)
+        if record is not None:
+            _report(self.on_request, {'transport': 'udp', **record})
+
+
+def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
+           interface: str = '') -> IListeningPort:
+    """Serve framed on ``listener``; bind errors (CannotListenError) propagate."""
+    if listener.transport == 'tcp':
+        return reactor.listenTCP(listener.port, _HelloFactory(reactor, persona, on_request),
+                                 backlog=LISTEN_BACKLOG, interface=interface)
+    if listener.transport == 'udp':
+        # One byte more than the limit so an oversized datagram is seen as
+        # such instead of being silently truncated into a size mismatch.
+        return reactor.listenUDP(listener.port, _HelloDatagramServer(persona, on_request),
+                                 interface=interface, maxPacketSize=MAX_DATAGRAM + 1)
+    raise ValueError(f'framed cannot listen on {listener.transport!r}')
+
+
+# --- client probe -------------------------------------------------------------
+
+_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENONET}
+
+
+def _classify_os_error(exc: BaseException) -> tuple[str, str]:
+    """(outcome, detail) for a socket-level failure."""
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return 'refused', 'connection refused (TCP RST or ICMP port unreachable)'
+    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
+        return 'timeout', f'connect timed out: {exc}'
+    if isinstance(exc, net_error.NoRouteError):
+        return 'unreachable', f'no route to host: {exc}'
+    code = getattr(exc, 'osError', None) if isinstance(exc, net_error.ConnectError) else None
+    if code is None and isinstance(exc, OSError):
+        code = exc.errno
+    if code in _UNREACHABLE_ERRNOS:
+        return 'unreachable', f'{os.strerror(code)} (ICMP unreachable or no route)'
+    if code == errno.ECONNREFUSED:
+        return 'refused', 'connection refused'
+    return 'error', f'{type(exc).__name__}: {exc}'
+
+
+class _Exchange:
+    """One hello exchange; subclasses add the transport.
+
+    ``done`` fires once the verdict is known *and* the socket is closed, so a
+    caller that stops its reactor on the last result leaks nothing.
+    """
+
+    limit: int
+
+    def __init__(self, reactor, target: ProbeTarget) -> None:
+        self.reactor = reactor
+        self.target = target
+        self.nonce = secrets.token_hex(8)
+        # Random bytes: a realistic, incompressible stand-in for job data.
+        self.body = os.urandom(target.size)
+        self.request = encode_request(self.nonce, self.body)
+        self.started = reactor.seconds()
+        self.result: ProbeResult | None = None
+        self.done: Deferred[ProbeResult] = Deferred()
+        self._timer = None
+
+    @property
+    def exchange(self) -> str:
+        return f'framed/{self.target.transport} hello {self.target.size} B'
+
+    def start(self) -> Deferred[ProbeResult]:
+        if len(self.request) > self.limit:
+            self.decide('error', f'size {self.target.size} B does not fit one {self.limit} B '
+                                 f'{self.target.transport} message')
+            return self.done
+        self._timer = self.reactor.callLater(self.target.timeout, self._timed_out)
+        try:
+            self._begin()
+        except Exception as exc:  # e.g. EHOSTUNREACH from a UDP send; decide() cancels the timer
+            self.decide(*_classify_os_error(exc))
+        return self.done
+
+    def decide(self, outcome: str, detail: str = '', peer_seen: str | None = None,
+               reply_size: int | None = None) -> bool:
+        """Record the verdict once; later events (e.g. the close we cause) are ignored."""
+        if self.result is not None:
+            return False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        exchange = self.exchange if reply_size is None else f'{self.exchange} → {reply_size} B'
+        if self.target.security in ('tls', 'starttls'):
+            # Say so in the report: a TLS-inspecting firewall may treat the
+            # plaintext stand-in differently from the real TLS traffic.
+            exchange += f' (plaintext: {self.target.security} not emulated)'
+        self.result = ProbeResult(id=self.target.id, outcome=outcome,
+                                  elapsed=max(0.0, self.reactor.seconds() - self.started),
+                                  exchange=exchange, detail=detail, peer_seen=peer_seen)
+        self._release()
+        return True
+
+    def reply(self, payload: bytes) -> None:
+        try:
+            header, body = decode_reply(payload, self.nonce, self.body)
+        except FramedError as exc:
+            self.decide('protocol_error', str(exc))
+            return
+        roles = ','.join(map(str, header.get('roles') or ())) or '-'
+        self.decide('ok', f'answered by {header["host"]} ({roles}) on port {header.get("port")}',
+                    peer_seen=header['peer'], reply_size=len(body))
+
+    def fire(self) -> None:
+        if self.result is not None and not self.done.called:
+            self.done.callback(self.result)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.decide('timeout', self._timeout_detail())
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _timeout_detail(self) -> str:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class _HelloClient(Int32StringReceiver):
+    MAX_LENGTH = MAX_FRAME
+
+    def __init__(self, exchange: _TcpExchange) -> None:
+        self.exchange = exchange
+
+    def connectionMade(self) -> None:
+        self.exchange.connected(self)
+
+    def stringReceived(self, string: bytes) -> None:
+        self.exchange.reply(string)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.exchange.decide('protocol_error', f'reply frame of {length} B exceeds {MAX_FRAME} B')
+
+    def connectionLost(self, reason) -> None:
+        self.exchange.lost(reason)
+
+
+class _HelloClientFactory(ClientFactory):
+    # reactor.connectTCP rather than TCP4ClientEndpoint: importing
+    # twisted.internet.endpoints pulls in twisted.internet.ssl, which fails
+    # when pyOpenSSL is installed without service_identity, and plain framed
+    # must not depend on the TLS stack.
+    noisy = False
+
+    def __init__(self, exchange: _TcpExchange) -> None:
+        self.exchange = exchange
+
+    def buildProtocol(self, addr) -> _HelloClient:
+        protocol = _HelloClient(self.exchange)
+        protocol.factory = self
+        return protocol
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self.exchange.connect_failed(reason)
+
+
+class _TcpExchange(_Exchange):
+    limit = MAX_FRAME
+    # Class defaults: start() may decide before _begin() runs.
+    _connector = None   # set while the TCP handshake is pending
+    _open = False       # a connection exists and has not been lost yet
+    _made = False       # the handshake completed at some point
+
+    def _begin(self) -> None:
+        self.protocol = None
+        # The connector's own timeout is only a backstop: our timer bounds
+        # the whole exchange and fires first.
+        self._connector = self.reactor.connectTCP(
+            self.target.host, self.target.port, _HelloClientFactory(self),
+            timeout=math.ceil(self.target.timeout) + 1)
+
+    def connected(self, protocol: _HelloClient) -> None:
+        self._connector = None
+        self.protocol = protocol
+        self._made = self._open = True
+        if self.result is not None:  # connected after the verdict: just hang up
+            protocol.transport.abortConnection()
+            return
+        protocol.sendString(self.request)
+
+    def connect_failed(self, reason) -> None:
+        self._connector = None
+        # After our own stopConnecting() the verdict is already in; ignored then.
+        self.decide(*_classify_os_error(reason.value))
+
+    def lost(self, reason) -> None:
+        self._open = False
+        self.decide('protocol_error', f'connection closed before a valid reply: '
+                                      f'{reason.getErrorMessage()}')
+        self.fire()
+
+    def _timeout_detail(self) -> str:
+        if self._made:
+            return f'connected, but no reply within {self.target.timeout:g} s'
+        return f'no TCP connection within {self.target.timeout:g} s (SYN dropped?)'
+
+    def _release(self) -> None:
+        if self._open:
+            transport = self.protocol.transport
+            if self.result.outcome == 'ok':
+                transport.loseConnection()  # the peer has read our request: nothing to flush
+            else:
+                transport.abortConnection()  # the peer may never read or ACK
+            return  # fire() runs from connectionLost
+        if self._connector is not None:
+            connector, self._connector = self._connector, None
+            try:
+                connector.stopConnecting()
+            except net_error.NotConnectingError:
+                pass  # it failed in the same reactor turn; the failure is ignored
+        self.fire()
+
+
+class _HelloDatagramClient(DatagramProtocol):
+    noisy = False  # one start/stop log line per probe is noise
+
+    def __init__(self, exchange: _UdpExchange) -> None:
+        self.exchange = exchange
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        self.exchange.reply(datagram)
+
+    def connectionRefused(self) -> None:
+        self.exchange.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
+
+    def stopProtocol(self) -> None:
+        self.exchange.port_stopped()
+
+
+class _UdpExchange(_Exchange):
+    limit = MAX_DATAGRAM
+    _port = None  # class default: start() may decide before _begin() runs
+
+    def _begin(self) -> None:
+        self.protocol = _HelloDatagramClient(self)
+        self._port = self.reactor.listenUDP(0, self.protocol, maxPacketSize=MAX_DATAGRAM + 1)
+        # A connected socket is what makes the kernel report an ICMP port
+        # unreachable to us (as ECONNREFUSED) and filter foreign datagrams.
+        self._port.connect(self.target.host, self.target.port)
+        self._port.write(self.request)
+
+    def port_stopped(self) -> None:
+        """The UDP port closed; unless we closed it, an ICMP error did.
+
+        A connected UDP socket turns an ICMP unreachable into a pending socket
+        error. The epoll reactor sees that as EPOLLERR and closes the port
+        without calling doRead, so ``connectionRefused`` never runs there; the
+        socket is still open at this point, so read the error from it.
+        """
+        if self.result is not None or self._port is None:
+            return  # our own stopListening after the verdict
+        code = 0
+        try:
+            code = self._port.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except (AttributeError, OSError):
+            pass  # not a real socket, or already closed
+        if code == errno.ECONNREFUSED:
+            self.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
+        elif code:
+            outcome, detail = _classify_os_error(OSError(code, os.strerror(code)))
+            self.decide(outcome, f'UDP socket error: {detail}')
+        else:
+            self.decide('error', 'UDP socket closed while waiting for the reply, cause unknown')
+
+    def _timeout_detail(self) -> str:
+        return f'no reply within {self.target.timeout:g} s (datagram or reply dropped, no ICMP seen)'
+
+    def _release(self) -> None:
+        if self._port is None:
+            self.fire()
+            return
+        port, self._port = self._port, None
+        stopped = maybeDeferred(port.stopListening)
+        stopped.addErrback(lambda failure: _log.failure('stopListening failed', failure))
+        stopped.addBoth(lambda _: self.fire())
+
+
+def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
+    """Run one hello exchange against ``target``; always fires with a ProbeResult."""
+    try:
+        if target.transport == 'tcp':
+            return _TcpExchange(reactor, target).start()
+        if target.transport == 'udp':
+            return _UdpExchange(reactor, target).start()
+        detail = f'framed speaks tcp/udp, not {target.transport}'
+    except Exception as exc:
+        # A bug must still yield one result row, or the prober's output
+        # would no longer line up with its input.
+        detail = f'probe crashed: {type(exc).__name__}: {exc}'
+    return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0,
+                               exchange=f'framed/{target.transport}', detail=detail))

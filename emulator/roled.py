@@ -1,0 +1,213 @@
+"""Role daemon: serves every port of one lab host's SafeQ roles.
+
+Run inside a lab host as ``python -m emulator.roled SPEC.json``::
+
+    {"host": "mfd-km", "roles": ["mfd"],
+     "listeners": [{"transport": "tcp", "port": 21, "protocol": "ftp", "security": "plain"}],
+     "log": "/path/requests.jsonl",     (optional: one JSON line per valid request)
+     "interface": ""}                   (optional: bind address, "" = all)
+
+Stdout is a one-line handshake for whoever started the daemon:
+``READY <n>`` once all n listeners are bound, or ``ERROR <what>: <reason>``
+and a non-zero exit: 1 when binding fails (after closing what was opened),
+2 when the spec is unusable. After READY it serves until SIGTERM/SIGINT and
+exits 0.
+
+The request log is the *second witness* of a flow: the probe says it got
+through, and the daemon says it saw that client on that port.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from . import protocols
+from .protocols.base import Listener, Persona
+
+EXIT_BIND = 1
+EXIT_SPEC = 2
+_SPEC_KEYS = {'host', 'roles', 'listeners', 'log', 'interface'}
+
+_log = Logger()
+
+
+class SpecError(ValueError):
+    """The spec cannot be used as given."""
+
+
+class BindError(Exception):
+    """A listener could not be bound."""
+
+    def __init__(self, listener: Listener, reason: str) -> None:
+        super().__init__(f'{listener.transport}/{listener.port}: {reason}')
+        self.listener = listener
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Spec:
+    persona: Persona
+    listeners: tuple[Listener, ...]
+    log: str | None = None
+    interface: str = ''
+
+
+def parse_spec(data: Any) -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f'spec must be a JSON object, not {type(data).__name__}')
+    unknown = sorted(set(data) - _SPEC_KEYS)
+    if unknown:
+        raise SpecError(f'unknown key(s) {", ".join(map(repr, unknown))}')
+    missing = sorted({'host', 'roles', 'listeners'} - set(data))
+    if missing:
+        raise SpecError(f'missing key(s) {", ".join(map(repr, missing))}')
+    try:
+        persona = Persona.from_dict({'host': data['host'], 'roles': data['roles']})
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    if not isinstance(data['listeners'], list):
+        raise SpecError('listeners must be a list')
+    listeners = []
+    seen = set()
+    for index, item in enumerate(data['listeners']):
+        try:
+            listener = Listener.from_dict(item)
+        except (ValueError, TypeError) as exc:
+            raise SpecError(f'listeners[{index}]: {exc}') from None
+        where = f'listeners[{index}] {listener.transport}/{listener.port}'
+        # Port 0 would bind somewhere nobody can learn from READY.
+        if listener.port == 0:
+            raise SpecError(f'{where}: port 0 is not servable')
+        if (listener.transport, listener.port) in seen:
+            raise SpecError(f'{where}: listed twice')
+        if protocols.module_for(listener.protocol).listen is None:
+            raise SpecError(f'{where}: protocol {listener.protocol!r} has no stub')
+        seen.add((listener.transport, listener.port))
+        listeners.append(listener)
+    log = data.get('log')
+    if log is not None and (not isinstance(log, str) or not log):
+        raise SpecError(f'log must be a non-empty path or null, got {log!r}')
+    interface = data.get('interface', '')
+    if not isinstance(interface, str):
+        raise SpecError(f'interface must be a string, got {interface!r}')
+    return Spec(persona=persona, listeners=tuple(listeners), log=log, interface=interface)
+
+
+def load_spec(path: str) -> Spec:
+    try:
+        with open(path, encoding='utf-8') as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise SpecError(f'cannot read {path}: {exc.strerror or exc}') from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise SpecError(f'{path} is not JSON: {exc}') from None
+    return parse_spec(data)
+
+
+def request_logger(reactor, spec: Spec) -> Callable[[dict[str, Any]], None] | None:
+    """A callback appending one JSON line per valid request, or None without a log.
+
+    The file is opened per line (append mode): requests are few, and the log
+    stays complete on disk even if the daemon is killed.
+    """
+    if spec.log is None:
+        return None
+    path = spec.log
+    # Fail now rather than lose the second witness silently later.
+    open(path, 'a', encoding='utf-8').close()
+
+    def append(record: dict[str, Any]) -> None:
+        line = json.dumps({'time': reactor.seconds(), 'host': spec.persona.host, **record})
+        try:
+            with open(path, 'a', encoding='utf-8') as handle:
+                handle.write(line + '\n')
+        except OSError:
+            _log.failure('cannot append to request log {path}', path=path)
+
+    return append
+
+
+def _one_line(text: str) -> str:
+    return ' '.join(str(text).split())
+
+
+def start_listeners(reactor, spec: Spec | dict[str, Any]) -> list[IListeningPort]:
+    """Bind every listener of ``spec`` (a Spec, or its JSON dict), all or nothing.
+
+    Raises SpecError for a bad dict, BindError (after stopping the ports
+    already opened) when one cannot be bound, or OSError when the request log
+    cannot be opened.
+    """
+    if not isinstance(spec, Spec):
+        spec = parse_spec(spec)
+    on_request = request_logger(reactor, spec)
+    ports: list[IListeningPort] = []
+    for listener in spec.listeners:
+        try:
+            ports.append(protocols.listen(reactor, listener, spec.persona,
+                                          on_request=on_request, interface=spec.interface))
+        except (CannotListenError, OSError) as exc:
+            stop_listeners(ports)
+            reason = getattr(exc, 'socketError', None) or exc
+            raise BindError(listener, _one_line(reason)) from exc
+    return ports
+
+
+def stop_listeners(ports: list[IListeningPort]) -> Deferred:
+    return gatherResults([maybeDeferred(port.stopListening) for port in ports],
+                         consumeErrors=True)
+
+
+def _say(line: str) -> None:
+    # stdout is read line by line by whoever started us: flush every line.
+    print(line, flush=True)
+
+
+def _log_to_stderr() -> None:
+    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                                globalLogBeginner, textFileLogObserver)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr),
+                                    [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        _say('ERROR usage: python -m emulator.roled SPEC.json')
+        return EXIT_SPEC
+    try:
+        spec = load_spec(argv[0])
+    except SpecError as exc:
+        _say(f'ERROR spec: {_one_line(exc)}')
+        return EXIT_SPEC
+
+    from twisted.internet import reactor
+
+    try:
+        ports = start_listeners(reactor, spec)
+    except BindError as exc:
+        _say(f'ERROR {exc}')
+        return EXIT_BIND
+    except OSError as exc:
+        _say(f'ERROR log {spec.log}: {_one_line(exc.strerror or exc)}')
+        return EXIT_BIND
+    _log_to_stderr()
+    reactor.addSystemEventTrigger('before', 'shutdown', stop_listeners, ports)
+    # READY only once running: by then the SIGTERM handler is installed, so a
+    # caller that signals right after READY gets a clean stop, not a kill.
+    reactor.callWhenRunning(_say, f'READY {len(ports)}')
+    reactor.run()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Benchmark: a full audit of a topology (default single-site), timed per phase, with peak memory.
+
+`tox -e bench` (root). Prints a table; numbers are measurements, nothing is asserted here.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+from emulator import rules
+from emulator.audit import run_audit
+from emulator.catalog import load_catalog
+from emulator.lab import Lab
+from emulator.plan import audit_plan
+from emulator.state import _our_processes
+from emulator.topology import load_topology
+
+
+def _mem_available_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class MemorySampler(threading.Thread):
+    """Samples the machine's used memory and the lab processes' summed RSS."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval, self.baseline = interval, _mem_available_kib()
+        self.peak_used = self.peak_rss = 0
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            self.peak_used = max(self.peak_used, self.baseline - _mem_available_kib())
+            self.peak_rss = max(self.peak_rss, sum(_rss_kib(p) for p in _our_processes()))
+            self.stopping.wait(self.interval)
+
+    def stop(self):
+        self.stopping.set()
+        self.join()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--topology", default="single-site")
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args(argv)
+    catalog = load_catalog()
+    topology = load_topology(args.topology)
+    checks = audit_plan(catalog, topology)
+    ruleset = rules.generate(topology, checks)
+    rows = []
+    for run in range(1, args.runs + 1):
+        sampler = MemorySampler()
+        sampler.start()
+        started = time.monotonic()
+        with Lab(topology, catalog) as lab:
+            lab.apply_rules(ruleset)
+            report = run_audit(lab, checks, ruleset.source)
+        total = time.monotonic() - started
+        sampler.stop()
+        timings = {**report.timings, **lab.timings}
+        rows.append((run, len(topology.hosts), sum(c.probed for c in checks), timings["build"], timings["start"],
+                     timings["probe"], timings["teardown"], total, sampler.peak_used / 1024, sampler.peak_rss / 1024,
+                     report.exit_status))
+    header = ("run", "hosts", "probes", "build s", "start s", "probe s", "teardown s", "total s",
+              "peak used MiB", "peak lab RSS MiB", "exit")
+    print(f"\nfull audit of topology {topology.name} ({len(checks)} checks)")
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row))
+    print(f"bench process max RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
