@@ -190,6 +190,9 @@ def _cmd_up(args) -> int:
     with Lab(topology) as lab:
         lab.apply_rules(ruleset)
         from mininet.cli import CLI
+        from mininet.log import setLogLevel
+
+        setLogLevel("output")  # the CLI prints host command output at this level
 
         print(f"safeq-lab: {topology.name} is up with rules from {ruleset.source}; "
               f"hosts: {', '.join(h.name for h in topology.hosts)}. Type `exit` to tear it down.")

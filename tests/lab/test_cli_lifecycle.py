@@ -105,3 +105,31 @@ def test_clean_removes_what_a_killed_run_left(lab_host, tmp_path):
     assert "bridge sqlab" in cleaned.stdout
     assert footprint() == CLEAN
     assert run_cli("clean").stdout.strip() == "safeq-lab: nothing to clean"
+
+
+def test_up_gives_a_cli_behind_the_firewall_and_tears_down_on_exit(lab_host, tmp_path):
+    topo = small_topology(tmp_path)
+    ts_address = "198.18.100.10"
+    # Mininet's CLI wants a terminal: `script` gives it one; the commands are typed with pauses.
+    typed = (f"sleep 8; echo 'km1 ping -c1 -W2 {ts_address}'; sleep 4; echo 'ts1 ping -c1 -W2 198.18.101.10'; "
+             "sleep 4; echo exit; sleep 8")
+    command = " ".join([*SAFEQ_LAB, "up", "--topology", topo])
+    proc = subprocess.run(["bash", "-c", f"({typed}) | script -qfec '{command}' /dev/null"],
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout.replace("\r", "")
+    assert "is up with rules" in out
+    # the generated least-privilege rules: the MFD may not ping the Terminal Server, the reverse is a catalog flow
+    assert "1 packets transmitted, 0 received" in out.split("km1 ping")[1].split("mininet>")[0]
+    assert "1 packets transmitted, 1 received" in out.split("ts1 ping")[1].split("mininet>")[0]
+    assert footprint() == CLEAN
+
+
+def test_zone_link_loss_drops_that_zones_traffic(lab_host, tmp_path):
+    topo = tmp_path / "lossy.yaml"
+    topo.write_text(open(small_topology(tmp_path)).read().replace(
+        "  - name: devices\n", "  - name: devices\n    link: {loss: 100, bw: 100}\n"))
+    proc = run_cli("audit", "--topology", str(topo), "--timeout", "1")
+    assert proc.returncode == 1, proc.stdout[-1500:] + proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if " allow " in l]
+    assert lines and all("BLOCKED" in l for l in lines)
+    assert footprint() == CLEAN
