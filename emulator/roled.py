@@ -34,7 +34,7 @@ from .protocols.base import Listener, Persona
 
 EXIT_BIND = 1
 EXIT_SPEC = 2
-_SPEC_KEYS = {'host', 'roles', 'listeners', 'log', 'interface'}
+_SPEC_KEYS = {'persona', 'host', 'roles', 'listeners', 'log', 'interface'}
 
 _log = Logger()
 
@@ -70,7 +70,10 @@ def parse_spec(data: Any) -> Spec:
     if missing:
         raise SpecError(f'missing key(s) {", ".join(map(repr, missing))}')
     try:
-        persona = Persona.from_dict({'host': data['host'], 'roles': data['roles']})
+        extra = data.get('persona', {})
+        if not isinstance(extra, dict):
+            raise SpecError('persona must be a JSON object')
+        persona = Persona.from_dict({**extra, 'host': data['host'], 'roles': data['roles']})
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     if not isinstance(data['listeners'], list):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 OUTCOMES = ('ok', 'refused', 'timeout', 'protocol_error', 'unreachable', 'error')
@@ -72,9 +72,15 @@ class ProbeTarget:
     security: str = 'plain'
     timeout: float = 2.0
     size: int = 1024
+    flow: str = ''            # catalog flow id: picks the role-specific request (e.g. job preview on one port)
+    server_name: str = ''     # the server's lab host name: TLS probes verify the certificate against it
+    ca_file: str = ''         # PEM bundle of trusted CAs for TLS probes ('' = no TLS verification possible)
+    options: dict = field(default_factory=dict, hash=False)  # protocol-specific knobs, e.g. {'mode': 'active'}
 
     def __post_init__(self) -> None:
         owner = 'ProbeTarget'
+        if not isinstance(self.options, dict):
+            raise ValueError(f'{owner}.options must be a mapping, got {self.options!r}')
         _need_str(owner, 'id', self.id, allow_empty=True)
         try:
             # Literal IPv4 only: a name would need a DNS lookup, which the lab
@@ -169,9 +175,16 @@ class Persona:
 
     host: str
     roles: tuple[str, ...]
+    address: str = ''         # the host's lab address
+    cert_file: str = ''       # PEM certificate (chain) for TLS listeners, issued to `host`
+    key_file: str = ''        # its private key
+    ca_file: str = ''         # CAs the stub trusts (and hands to peers)
+    identity: dict = field(default_factory=dict, hash=False)  # persona data: vendor, sys_descr, make_model, ...
 
     def __post_init__(self) -> None:
         _need_str('Persona', 'host', self.host)
+        if not isinstance(self.identity, dict):
+            raise ValueError(f'Persona.identity must be a mapping, got {self.identity!r}')
         if not isinstance(self.roles, tuple) or not all(isinstance(r, str) and r for r in self.roles):
             raise ValueError(f'Persona.roles must be a tuple of non-empty strings, got {self.roles!r}')
 
@@ -181,7 +194,7 @@ class Persona:
         roles = data['roles']
         if not isinstance(roles, list):
             raise ValueError(f'Persona.roles must be a list of strings, got {roles!r}')
-        return cls(host=data['host'], roles=tuple(roles))
+        return cls(**{**data, 'roles': tuple(roles)})
 
     def to_dict(self) -> dict[str, Any]:
-        return {'host': self.host, 'roles': list(self.roles)}
+        return {**asdict(self), 'roles': list(self.roles)}
