@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from emulator.catalog import Catalog
+from emulator.pki import server_name
 from emulator.plan import Check
 from emulator.protocols.base import ProbeResult, ProbeTarget
 from emulator.topology import Topology
@@ -31,12 +32,14 @@ class FlowVerdict:
     exchange: str = ""
     detail: str = ""
     elapsed: float = 0.0
+    certificate: str = ""  # 'pre-installed' when the server presented the lab's pre-installed certificate
 
     def to_dict(self) -> dict:
         data = asdict(self)
         ep = self.check.endpoint
         data["check"] = {"kind": self.check.kind, "flow": self.check.flow_id, "client": self.check.client_host,
                          "server": self.check.server_host, "endpoint": ep.label() if ep else None,
+                         "variant": self.check.variant,
                          "protocol": ep.protocol if ep else None}
         return data
 
@@ -95,7 +98,12 @@ def _has_secured_alternative(catalog: Catalog, check: Check) -> bool:
     return any(ep.security != "plain" for ep in flow.endpoints)
 
 
-def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROBE_TIMEOUT) -> dict[str, list[ProbeTarget]]:
+# SafeQ's proprietary links carry job metadata of 40-60 kB per job (vendor document).
+PAYLOAD_SIZES = {"safeq": 48 * 1024}
+
+
+def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROBE_TIMEOUT,
+                  ca_file: str = "") -> dict[str, list[ProbeTarget]]:
     by_host: dict[str, list[ProbeTarget]] = {h.name: [] for h in topology.hosts}
     for index, check in enumerate(checks):
         if not check.probed:
@@ -103,26 +111,34 @@ def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROB
         ep = check.endpoint
         by_host[check.client_host].append(ProbeTarget(
             id=str(index), host=topology.host(check.server_host).address, transport=ep.transport,
-            protocol=ep.protocol, port=ep.port, security=ep.security, timeout=timeout))
+            protocol=ep.protocol, port=ep.port, security=ep.security, timeout=timeout,
+            size=PAYLOAD_SIZES.get(ep.protocol, 1024), flow=check.flow_id or "",
+            server_name=server_name(check.server_host), ca_file=ca_file,
+            options={"mode": check.variant} if check.variant else {}))
     return by_host
 
 
 def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROBE_TIMEOUT) -> AuditReport:
     topology, catalog = lab.topology, lab.catalog
     started = time.monotonic()
-    results = lab.run_probes(probe_targets(checks, topology, timeout))
+    results = lab.run_probes(probe_targets(checks, topology, timeout, lab.ca_file))
     probe_time = time.monotonic() - started
     verdicts = []
+    pre_installed = lab.pre_installed_hosts
     for index, check in enumerate(checks):
         client = topology.host(check.client_host).address if check.client_host and check.probed else None
-        verdicts.append(judge(check, results.get(str(index)), catalog, client))
+        verdict = judge(check, results.get(str(index)), catalog, client)
+        if (check.kind == "required" and check.endpoint.security in ("tls", "starttls")
+                and check.server_host in pre_installed):
+            verdict = replace(verdict, certificate="pre-installed")
+        verdicts.append(verdict)
     report = AuditReport(topology.name, rules_source, verdicts, dict(lab.timings))
     report.timings["probe"] = probe_time
     return report
 
 
 # -- console output ---------------------------------------------------------------------------------
-_COLUMNS = ("flow", "client", "server", "port", "protocol", "expected", "observed", "verdict")
+_COLUMNS = ("flow", "client", "server", "port", "protocol", "expected", "observed", "exchange", "verdict")
 
 
 def format_report(report: AuditReport, show_closed: bool = False) -> str:
@@ -131,9 +147,11 @@ def format_report(report: AuditReport, show_closed: bool = False) -> str:
         if v.verdict == "CLOSED" and not show_closed:
             continue
         c = v.check
-        rows.append((c.flow_id or "(exposure)", c.client_host or "-", c.server_host or "-",
-                     c.endpoint.label() if c.endpoint else "-", c.endpoint.protocol if c.endpoint else "-",
-                     v.expected, v.observed, v.verdict + (f"  {v.detail}" if v.detail and v.verdict not in PASSED else "")))
+        notes = [v.detail] if v.detail and v.verdict not in PASSED else []
+        notes += ["pre-installed certificate"] if v.certificate else []
+        rows.append((c.flow_id or "(exposure)", c.client_host or "-", c.server_host or "-", c.label,
+                     c.endpoint.protocol if c.endpoint else "-", v.expected, v.observed, v.exchange or "-",
+                     v.verdict + (f"  {'; '.join(notes)}" if notes else "")))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(_COLUMNS)]
     widths[-1] = 0
     def line(cells):
@@ -146,6 +164,10 @@ def format_report(report: AuditReport, show_closed: bool = False) -> str:
     out.append("summary: " + ", ".join(f"{k} {counts[k]}" for k in
                ("ALLOWED", "UNENCRYPTED", "BLOCKED", "BROKEN", "LOCAL", "NO-PEER", "NOT-EXERCISED") if counts[k])
                + f"; exposure probes {exposure_total}: EXPOSED {counts['EXPOSED']}, CLOSED {counts['CLOSED']}")
+    pre_installed = sum(1 for v in report.verdicts if v.certificate == "pre-installed")
+    if pre_installed:
+        out.append(f"certificates: {pre_installed} TLS flow checks still present the pre-installed lab certificate "
+                   "(the vendor says to replace them: --certs DIR with your CA and host certificates)")
     out.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
     verdict = ("PASS: every required flow passes and nothing is exposed" if report.exit_status == 0 else
                "FAIL: " + "; ".join(msg for bit, msg in ((EXIT_BLOCKED, f"{counts['BLOCKED'] + counts['BROKEN']} required flow checks blocked or broken"),

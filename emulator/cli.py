@@ -71,6 +71,8 @@ def _topology_arg(p):
 def _rules_arg(p):
     p.add_argument("--rules", "-r", metavar="FILE",
                    help="your iptables-save or nft ruleset for the firewall node (default: the generated least-privilege rules)")
+    p.add_argument("--certs", metavar="DIR",
+                   help="your certificates: DIR/ca.pem and DIR/<host>.pem + DIR/<host>.key replace the pre-installed lab ones")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +169,7 @@ def _cmd_audit(args) -> int:
     catalog, topology, checks = _plan(args.topology)
     ruleset = _ruleset(args, topology, checks)
     started = time.monotonic()
-    with Lab(topology, catalog) as lab:
+    with Lab(topology, catalog, certs_dir=args.certs) as lab:
         lab.apply_rules(ruleset)
         print(f"safeq-lab: {topology.name} up in {time.monotonic() - started:.1f}s ({len(topology.hosts)} hosts); "
               f"probing {sum(c.kind == 'required' for c in checks)} required flow checks and "
@@ -187,7 +189,7 @@ def _cmd_up(args) -> int:
     preflight()
     _catalog, topology, checks = _plan(args.topology)
     ruleset = _ruleset(args, topology, checks)
-    with Lab(topology) as lab:
+    with Lab(topology, certs_dir=args.certs) as lab:
         lab.apply_rules(ruleset)
         from mininet.cli import CLI
         from mininet.log import setLogLevel

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from emulator import state
+from emulator import pki, state
 from emulator.catalog import Catalog, load_catalog
 from emulator.errors import LabError
 import roles
@@ -59,10 +59,14 @@ def _check_host_forwarding() -> None:
 
 
 class Lab:
-    def __init__(self, topology: Topology, catalog: Catalog | None = None, python: str = sys.executable):
+    def __init__(self, topology: Topology, catalog: Catalog | None = None, python: str = sys.executable,
+                 certs_dir: str | None = None):
         self.topology = topology
         self.catalog = catalog or load_catalog()
         self.python = python
+        self.certs_dir = certs_dir
+        self.tls: dict[str, pki.HostTLS] = {}
+        self.ca_file = ""
         self.net = None
         self.daemons: dict[str, subprocess.Popen] = {}
         self.timings: dict[str, float] = {}
@@ -139,10 +143,31 @@ class Lab:
                                   "-m", "statistic", "--mode", "random", "--probability",
                                   f"{zone.link.loss / 100:.4f}", "-j", "DROP"])
 
+    def _issue_certificates(self) -> None:
+        """The lab CA signs every host's certificate; a customer's pairs (--certs) replace them."""
+        hosts = self.topology.hosts
+        self.tls = pki.LabCA().write(self.run_dir / "pki", [(h.name, h.address) for h in hosts])
+        bundle = [Path(next(iter(self.tls.values())).ca_file).read_text()]
+        if self.certs_dir:
+            customer = pki.load_pki_dir(self.certs_dir, [h.name for h in hosts])
+            self.tls.update(customer)
+            bundle.append(Path(self.certs_dir, "ca.pem").read_text())
+        trust = self.run_dir / "pki" / "trust.pem"
+        trust.write_text("\n".join(bundle))
+        self.ca_file = str(trust)
+
+    @property
+    def pre_installed_hosts(self) -> set[str]:
+        """Hosts still presenting the lab's pre-installed certificate."""
+        return {host for host, material in self.tls.items() if pki.is_pre_installed(material.cert_file)}
+
     def _start_daemons(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._issue_certificates()
         for spec in self.topology.hosts:
-            daemon = roles.daemon_spec(spec.name, spec.roles, str(self.run_dir / f"{spec.name}.requests.jsonl"), self.catalog)
+            persona = {"address": spec.address, **self.tls[spec.name].to_dict(), "ca_file": self.ca_file}
+            daemon = roles.daemon_spec(spec.name, spec.roles, str(self.run_dir / f"{spec.name}.requests.jsonl"),
+                                       self.catalog, persona)
             if not daemon["listeners"]:
                 continue
             spec_file = self.run_dir / f"{spec.name}.json"

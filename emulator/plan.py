@@ -4,6 +4,7 @@ Pure data: no Mininet, no sockets. The lab runs what this module plans.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -22,11 +23,16 @@ class Check:
     server_host: str | None
     endpoint: Endpoint | None
     detail: str = ""
+    variant: str = ""  # a protocol mode the flow is checked in, e.g. FTP 'passive' / 'active'
+
+    @property
+    def label(self) -> str:
+        label = self.endpoint.label() if self.endpoint else "-"
+        return f"{label} {self.variant}" if self.variant else label
 
     @property
     def key(self) -> str:
-        label = self.endpoint.label() if self.endpoint else "-"
-        return f"{self.kind}:{self.flow_id}:{self.client_host}>{self.server_host}:{label}"
+        return f"{self.kind}:{self.flow_id}:{self.client_host}>{self.server_host}:{self.label}"
 
     @property
     def probed(self) -> bool:
@@ -40,6 +46,7 @@ def listeners_for(catalog: Catalog, host: HostSpec) -> list[Listener]:
 def flow_checks(catalog: Catalog, topology: Topology) -> list[Check]:
     """One check per catalog flow, host pair and endpoint, for the flows this topology holds."""
     checks: list[Check] = []
+    active_ftp = _active_ftp_flows(catalog)
     for flow in catalog.flows:
         clients = topology.hosts_with_role(flow.client) if flow.client else []
         servers = topology.hosts_with_role(flow.server) if flow.server else []
@@ -59,7 +66,8 @@ def flow_checks(catalog: Catalog, topology: Topology) -> list[Check]:
             continue
         for client, server in pairs:
             for ep in _probed_endpoints(flow):
-                checks.append(Check("required", flow.id, client.name, server.name, ep))
+                for variant in _variants(ep, flow, active_ftp):
+                    checks.append(Check("required", flow.id, client.name, server.name, ep, variant=variant))
         for client in clients:
             if any(client.name == s.name for s in servers):
                 checks.append(Check("local", flow.id, client.name, client.name, None,
@@ -70,6 +78,21 @@ def flow_checks(catalog: Catalog, topology: Topology) -> list[Check]:
 def _probed_endpoints(flow: Flow) -> list[Endpoint]:
     # FTP data ranges are opened by the FTP session itself; they are not listeners to probe.
     return [ep for ep in flow.endpoints if ep.channel == "service"]
+
+
+def _active_ftp_flows(catalog: Catalog) -> set[str]:
+    """FTP flows whose data channel may also run in active mode: the catalog's active-data row names them."""
+    named = set()
+    for flow in catalog.flows:
+        if not flow.exercisable and any(ep.protocol == "ftp-data" for ep in flow.endpoints):
+            named.update(re.findall(r"[a-z][a-z-]*-\d{2}\b", flow.why_not))
+    return named
+
+
+def _variants(ep: Endpoint, flow: Flow, active_ftp: set[str]) -> tuple[str, ...]:
+    if ep.protocol != "ftp":
+        return ("",)
+    return ("passive", "active") if flow.id in active_ftp else ("passive",)
 
 
 def exposure_checks(catalog: Catalog, topology: Topology, required: list[Check]) -> list[Check]:

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {_one_line(exc)}', file=sys.stderr)
         return EXIT_USAGE
 
-    from twisted.internet import reactor
+    from emulator.protocols import install_reactor
+
+    reactor = install_reactor()
 
     outcome: list[Any] = []
 

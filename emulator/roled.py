@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         _say(f'ERROR spec: {_one_line(exc)}')
         return EXIT_SPEC
 
-    from twisted.internet import reactor
+    from emulator.protocols import install_reactor
+
+    reactor = install_reactor()
 
     try:
         ports = start_listeners(reactor, spec)

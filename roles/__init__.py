@@ -7,6 +7,10 @@ faithful stub changes every role that serves that protocol at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
 
 from emulator.catalog import Catalog, Endpoint, Flow, Role, load_catalog
 from emulator.protocols.base import Listener
@@ -49,7 +53,26 @@ def _rank(protocol: str) -> int:
     return _LISTENER_PRECEDENCE.index(protocol) if protocol in _LISTENER_PRECEDENCE else len(_LISTENER_PRECEDENCE)
 
 
-def daemon_spec(host_name: str, role_ids, log_path: str, catalog: Catalog | None = None) -> dict:
+PERSONAS_FILE = Path(__file__).with_name("personas.yaml")
+
+
+@lru_cache(maxsize=None)
+def _personas() -> dict:
+    return yaml.safe_load(PERSONAS_FILE.read_text()) or {}
+
+
+def identity(role_ids) -> dict:
+    """Persona data of a host: its roles' entries merged; a vendor's entry beats a generic one."""
+    merged: dict = {}
+    for role_id in sorted(role_ids, key=lambda r: "vendor" not in (_personas().get(r) or {})):
+        for key, value in (_personas().get(role_id) or {}).items():
+            merged.setdefault(key, str(value))
+    return merged
+
+
+def daemon_spec(host_name: str, role_ids, log_path: str, catalog: Catalog | None = None,
+                persona: dict | None = None) -> dict:
     """What `python -m emulator.roled` needs to impersonate these roles on one host."""
     return {"host": host_name, "roles": list(role_ids),
-            "listeners": [item.to_dict() for item in listeners(role_ids, catalog)], "log": log_path}
+            "listeners": [item.to_dict() for item in listeners(role_ids, catalog)], "log": log_path,
+            "persona": {**(persona or {}), "identity": identity(role_ids)}}

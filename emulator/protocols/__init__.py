@@ -9,6 +9,7 @@ that fallback one protocol at a time.
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any, Callable
 
@@ -18,15 +19,54 @@ from twisted.internet.interfaces import IListeningPort
 from . import framed, icmp
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 
-PROTOCOLS: dict[str, ModuleType] = {
-    'framed': framed,
-    'icmp': icmp,
+# catalog wire protocol id -> module name in this package. Ids not listed here (SafeQ's
+# proprietary 'safeq', jmx, databases, smb, ...) speak ``framed`` on their real ports.
+PROTOCOLS: dict[str, str] = {
+    'framed': 'framed',
+    'icmp': 'icmp',
+    'http': 'http', 'soap': 'http', 'webdav': 'http',
+    'ipp': 'ipp',
+    'ftp': 'ftp',
+    'ldap': 'ldap',
+    'snmp': 'snmp', 'snmp-trap': 'snmp',
+    'lpr': 'lpd',
+    'raw': 'raw',
+    'time': 'timesync',
+    'terminal': 'terminal', 'discovery': 'terminal',
 }
 
 
+def _load(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f'{__name__}.{name}')
+    except ModuleNotFoundError as exc:
+        if exc.name == f'{__name__}.{name}':
+            return None  # not written yet: the framed fallback serves it
+        raise
+
+
 def module_for(protocol_id: str) -> ModuleType:
-    """The module serving ``protocol_id``: its own when registered, else ``framed``."""
-    return PROTOCOLS.get(protocol_id, framed)
+    """The module serving ``protocol_id``: its own when registered and present, else ``framed``."""
+    name = PROTOCOLS.get(protocol_id)
+    module = _load(name) if name else None
+    return module or framed
+
+
+def install_reactor():
+    """The asyncio-backed Twisted reactor: pysnmp 7 is asyncio-only, Twisted protocols share its loop.
+
+    Only process entry points call this (roled, prober); library code takes the reactor as an argument.
+    """
+    from twisted.internet import asyncioreactor
+    from twisted.internet.error import ReactorAlreadyInstalledError
+
+    try:
+        asyncioreactor.install()
+    except ReactorAlreadyInstalledError:  # e.g. under a test runner that chose its own
+        pass
+    from twisted.internet import reactor
+
+    return reactor
 
 
 def listen(reactor, listener: Listener, persona: Persona,
@@ -52,4 +92,4 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     return d.addErrback(crashed)
 
 
-__all__ = ['PROTOCOLS', 'module_for', 'listen', 'probe']
+__all__ = ['PROTOCOLS', 'module_for', 'listen', 'probe', 'install_reactor']

@@ -49,8 +49,9 @@ UDP
     (8 KiB). Error replies are sent for malformed datagrams too. The reply goes
     to the datagram's source address and port.
 
-``security`` is not emulated here: framed always speaks plaintext, whatever the
-listener or target says. Protocol modules with TLS replace it per protocol.
+``security``: 'tls' listeners and targets carry the same frames inside TLS
+(the lab CA's certificates, verified by the probe); 'starttls' and 'optional'
+stay plaintext, as framed has no in-band upgrade. Protocol modules with TLS replace it per protocol.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.policies import TimeoutMixin
 
+from OpenSSL import SSL
+
+from . import tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 
 PROTOCOL_ID = 'framed'
@@ -283,8 +287,10 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
            interface: str = '') -> IListeningPort:
     """Serve framed on ``listener``; bind errors (CannotListenError) propagate."""
     if listener.transport == 'tcp':
-        return reactor.listenTCP(listener.port, _HelloFactory(reactor, persona, on_request),
-                                 backlog=LISTEN_BACKLOG, interface=interface)
+        factory = _HelloFactory(reactor, persona, on_request)
+        if listener.security == 'tls':  # SafeQ's secured proprietary ports: the same frames inside TLS
+            return tls.listen_tls(reactor, listener.port, factory, persona, interface=interface)
+        return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
     if listener.transport == 'udp':
         # One byte more than the limit so an oversized datagram is seen as
         # such instead of being silently truncated into a size mismatch.
@@ -362,9 +368,11 @@ class _Exchange:
             self._timer.cancel()
         self._timer = None
         exchange = self.exchange if reply_size is None else f'{self.exchange} → {reply_size} B'
-        if self.target.security in ('tls', 'starttls'):
+        if self.target.security == 'tls' and self.target.transport == 'tcp':
+            exchange = f'TLS {exchange}'
+        elif self.target.security in ('tls', 'starttls'):
             # Say so in the report: a TLS-inspecting firewall may treat the
-            # plaintext stand-in differently from the real TLS traffic.
+            # plaintext stand-in differently from the real upgraded traffic.
             exchange += f' (plaintext: {self.target.security} not emulated)'
         self.result = ProbeResult(id=self.target.id, outcome=outcome,
                                   elapsed=max(0.0, self.reactor.seconds() - self.started),
@@ -449,9 +457,12 @@ class _TcpExchange(_Exchange):
         self.protocol = None
         # The connector's own timeout is only a backstop: our timer bounds
         # the whole exchange and fires first.
-        self._connector = self.reactor.connectTCP(
-            self.target.host, self.target.port, _HelloClientFactory(self),
-            timeout=math.ceil(self.target.timeout) + 1)
+        factory, backstop = _HelloClientFactory(self), math.ceil(self.target.timeout) + 1
+        if self.target.security == 'tls':
+            self._connector = tls.connect_tls(self.reactor, self.target, factory, timeout=backstop)
+        else:
+            self._connector = self.reactor.connectTCP(self.target.host, self.target.port, factory,
+                                                      timeout=backstop)
 
     def connected(self, protocol: _HelloClient) -> None:
         self._connector = None
@@ -469,8 +480,11 @@ class _TcpExchange(_Exchange):
 
     def lost(self, reason) -> None:
         self._open = False
-        self.decide('protocol_error', f'connection closed before a valid reply: '
-                                      f'{reason.getErrorMessage()}')
+        if self.target.security == 'tls' and reason.check(SSL.Error):
+            self.decide('protocol_error', tls.describe_failure(reason))
+        else:
+            self.decide('protocol_error', f'connection closed before a valid reply: '
+                                          f'{reason.getErrorMessage()}')
         self.fire()
 
     def _timeout_detail(self) -> str:

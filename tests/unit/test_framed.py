@@ -486,7 +486,7 @@ def test_udp_probe_send_error_is_classified_and_cleaned_up():
 def test_exchange_says_when_tls_is_not_emulated():
     reactor, d, port = start_udp_probe(security='tls')
     reactor.advance(2.0)
-    assert fired(d).exchange == 'framed/udp hello 1024 B (plaintext: tls not emulated)'
+    assert fired(d).exchange == 'framed/udp hello 1024 B (plaintext: tls not emulated)'  # no DTLS
 
 
 def test_udp_probe_rejects_size_beyond_one_datagram():

@@ -1,0 +1,67 @@
+"""TLS plumbing shared by every protocol module: server options from a persona, verifying clients.
+
+Servers present the host's certificate (issued by the lab CA, or the customer's); clients verify
+the chain against the target's CA bundle and the host name, as a real SafeQ component should.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from twisted.internet import ssl
+
+from .base import Persona, ProbeTarget
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
+
+
+class TLSMaterialMissing(ValueError):
+    """A TLS listener or probe without the certificate files it needs."""
+
+
+@lru_cache(maxsize=None)
+def _server_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
+    pem = Path(cert_file).read_bytes() + b"\n" + Path(key_file).read_bytes()
+    chain = [ssl.Certificate.loadPEM(m.group(0)).original for m in _PEM_CERT.finditer(pem)][1:]
+    private = ssl.PrivateCertificate.loadPEM(pem)
+    return ssl.CertificateOptions(privateKey=private.privateKey.original, certificate=private.original,
+                                  extraCertChain=chain or None)
+
+
+def server_options(persona: Persona) -> ssl.CertificateOptions:
+    if not (persona.cert_file and persona.key_file):
+        raise TLSMaterialMissing(f"{persona.host}: a TLS listener needs persona cert_file and key_file")
+    return _server_options(persona.cert_file, persona.key_file)
+
+
+def listen_tls(reactor, port: int, factory, persona: Persona, interface: str = ""):
+    return reactor.listenSSL(port, factory, server_options(persona), backlog=1024, interface=interface)
+
+
+def trust_root(ca_file: str):
+    certs = [ssl.Certificate.loadPEM(m.group(0)) for m in _PEM_CERT.finditer(Path(ca_file).read_bytes())]
+    if not certs:
+        raise TLSMaterialMissing(f"{ca_file} holds no PEM certificate")
+    return ssl.trustRootFromCertificates(certs)
+
+
+def client_creator(target: ProbeTarget):
+    """Client TLS that verifies the chain (target.ca_file) and the host name (target.server_name)."""
+    if not target.ca_file:
+        raise TLSMaterialMissing("a TLS probe needs target.ca_file to verify the server")
+    name = target.server_name or target.host
+    return ssl.optionsForClientTLS(name, trustRoot=trust_root(target.ca_file))
+
+
+def connect_tls(reactor, target: ProbeTarget, factory, timeout: float | None = None):
+    return reactor.connectSSL(target.host, target.port, factory, client_creator(target),
+                              timeout=timeout if timeout is not None else target.timeout)
+
+
+def describe_failure(failure) -> str:
+    """'certificate: ...' for verification failures, so reports say what was wrong with TLS."""
+    text = failure.getErrorMessage()
+    if "certificate" in text.lower() or "verify" in text.lower() or "hostname" in text.lower():
+        return f"certificate: {text}"
+    return f"tls: {text}"

@@ -1,0 +1,27 @@
+import roles
+from emulator.catalog import load_catalog
+
+
+def test_personas_name_only_catalog_roles():
+    assert set(roles._personas()) <= set(load_catalog().roles)
+
+
+def test_every_mfd_vendor_family_has_an_snmp_and_ipp_identity():
+    catalog = load_catalog()
+    for role_id in catalog.roles:
+        if role_id.startswith("mfd-"):
+            ident = roles.identity(["mfd", role_id])
+            assert ident["sys_object_id"].startswith("1.3.6.1.4.1.") and ident["make_model"], role_id
+            assert ident["vendor"], role_id
+
+
+def test_vendor_identity_beats_the_generic_mfd():
+    ident = roles.identity(["mfd", "mfd-konica-minolta"])
+    assert ident["make_model"].startswith("KONICA MINOLTA")
+
+
+def test_daemon_spec_carries_listeners_and_persona():
+    spec = roles.daemon_spec("mfd-km", ["mfd", "mfd-konica-minolta"], "/tmp/x.jsonl",
+                             persona={"address": "198.18.2.10"})
+    assert spec["listeners"] and spec["persona"]["address"] == "198.18.2.10"
+    assert spec["persona"]["identity"]["vendor"] == "Konica Minolta"
