@@ -78,6 +78,13 @@ from OpenSSL import SSL
 from . import tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 
+NOT_TLS = frozenset({'ssh'})  # encrypted by their own protocol, not TLS: framed stays plain there
+
+
+def uses_tls(endpoint: Listener | ProbeTarget) -> bool:
+    """Secured TCP ports carry the same frames inside TLS (lab CA); there is no DTLS for UDP."""
+    return endpoint.security == 'tls' and endpoint.transport == 'tcp' and endpoint.protocol not in NOT_TLS
+
 PROTOCOL_ID = 'framed'
 VERSION = 1
 MAX_FRAME = 1 << 20          # largest TCP payload, without its 4-byte prefix
@@ -288,7 +295,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     """Serve framed on ``listener``; bind errors (CannotListenError) propagate."""
     if listener.transport == 'tcp':
         factory = _HelloFactory(reactor, persona, on_request)
-        if listener.security == 'tls':  # SafeQ's secured proprietary ports: the same frames inside TLS
+        if uses_tls(listener):
             return tls.listen_tls(reactor, listener.port, factory, persona, interface=interface)
         return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
     if listener.transport == 'udp':
@@ -368,7 +375,7 @@ class _Exchange:
             self._timer.cancel()
         self._timer = None
         exchange = self.exchange if reply_size is None else f'{self.exchange} → {reply_size} B'
-        if self.target.security == 'tls' and self.target.transport == 'tcp':
+        if uses_tls(self.target):
             exchange = f'TLS {exchange}'
         elif self.target.security in ('tls', 'starttls'):
             # Say so in the report: a TLS-inspecting firewall may treat the
@@ -458,7 +465,7 @@ class _TcpExchange(_Exchange):
         # The connector's own timeout is only a backstop: our timer bounds
         # the whole exchange and fires first.
         factory, backstop = _HelloClientFactory(self), math.ceil(self.target.timeout) + 1
-        if self.target.security == 'tls':
+        if uses_tls(self.target):
             self._connector = tls.connect_tls(self.reactor, self.target, factory, timeout=backstop)
         else:
             self._connector = self.reactor.connectTCP(self.target.host, self.target.port, factory,
@@ -480,7 +487,7 @@ class _TcpExchange(_Exchange):
 
     def lost(self, reason) -> None:
         self._open = False
-        if self.target.security == 'tls' and reason.check(SSL.Error):
+        if uses_tls(self.target) and reason.check(SSL.Error):
             self.decide('protocol_error', tls.describe_failure(reason))
         else:
             self.decide('protocol_error', f'connection closed before a valid reply: '
