@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {_one_line(exc)}', file=sys.stderr)
         return EXIT_USAGE
 
-    from emulator.protocols import install_reactor
-
-    reactor = install_reactor()
+    from twisted.internet import reactor
 
     outcome: list[Any] = []
 

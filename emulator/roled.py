@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from . import protocols
 from .protocols.base import Listener, Persona
+from .protocols.tls import TLSMaterialMissing
 
 EXIT_BIND = 1
 EXIT_SPEC = 2
@@ -157,7 +158,7 @@ def start_listeners(reactor, spec: Spec | dict[str, Any]) -> list[IListeningPort
         try:
             ports.append(protocols.listen(reactor, listener, spec.persona,
                                           on_request=on_request, interface=spec.interface))
-        except (CannotListenError, OSError) as exc:
+        except (CannotListenError, OSError, TLSMaterialMissing) as exc:
             stop_listeners(ports)
             reason = getattr(exc, 'socketError', None) or exc
             raise BindError(listener, _one_line(reason)) from exc
@@ -193,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f'ERROR spec: {_one_line(exc)}')
         return EXIT_SPEC
 
-    from emulator.protocols import install_reactor
-
-    reactor = install_reactor()
+    from twisted.internet import reactor
 
     try:
         ports = start_listeners(reactor, spec)

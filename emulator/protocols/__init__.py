@@ -52,23 +52,6 @@ def module_for(protocol_id: str) -> ModuleType:
     return module or framed
 
 
-def install_reactor():
-    """The asyncio-backed Twisted reactor: pysnmp 7 is asyncio-only, Twisted protocols share its loop.
-
-    Only process entry points call this (roled, prober); library code takes the reactor as an argument.
-    """
-    from twisted.internet import asyncioreactor
-    from twisted.internet.error import ReactorAlreadyInstalledError
-
-    try:
-        asyncioreactor.install()
-    except ReactorAlreadyInstalledError:  # e.g. under a test runner that chose its own
-        pass
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def listen(reactor, listener: Listener, persona: Persona,
            on_request: Callable[[dict[str, Any]], None] | None = None,
            interface: str = '') -> IListeningPort:
@@ -92,4 +75,4 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     return d.addErrback(crashed)
 
 
-__all__ = ['PROTOCOLS', 'module_for', 'listen', 'probe', 'install_reactor']
+__all__ = ['PROTOCOLS', 'module_for', 'listen', 'probe']

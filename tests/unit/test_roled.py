@@ -26,7 +26,7 @@ SPEC = {
     'host': 'spooler-1',
     'roles': ['spooler_controller'],
     'listeners': [
-        {'transport': 'tcp', 'port': 6010, 'protocol': 'safeq', 'security': 'tls'},
+        {'transport': 'tcp', 'port': 6010, 'protocol': 'safeq', 'security': 'optional'},
         {'transport': 'udp', 'port': 64099, 'protocol': 'spm-discovery'},
         {'transport': 'tcp', 'port': 6020, 'protocol': 'safeq'},
     ],
@@ -89,7 +89,7 @@ def run_roled(spec_path, timeout=10.0) -> subprocess.CompletedProcess:
 def test_parse_spec():
     spec = roled.parse_spec({**SPEC, 'log': '/tmp/x.jsonl', 'interface': '198.18.0.2'})
     assert spec.persona == Persona('spooler-1', ('spooler_controller',))
-    assert spec.listeners[0] == Listener('tcp', 6010, 'safeq', 'tls')
+    assert spec.listeners[0] == Listener('tcp', 6010, 'safeq', 'optional')
     assert spec.listeners[1] == Listener('udp', 64099, 'spm-discovery', 'plain')
     assert (spec.log, spec.interface) == ('/tmp/x.jsonl', '198.18.0.2')
     assert (roled.parse_spec(SPEC).log, roled.parse_spec(SPEC).interface) == (None, '')
@@ -232,3 +232,13 @@ def test_daemon_rejects_missing_spec(tmp_path):
     proc = run_roled(tmp_path / 'nope.json')
     assert proc.returncode == 2
     assert proc.stdout.startswith('ERROR spec: cannot read') and proc.stdout.count('\n') == 1
+
+
+def test_a_tls_listener_without_certificates_is_a_one_line_error(tmp_path):
+    spec = tmp_path / 'spec.json'
+    spec.write_text(json.dumps({'host': 'h', 'roles': ['r'], 'interface': '127.0.0.1', 'listeners': [
+        {'transport': 'tcp', 'port': free_port(), 'protocol': 'safeq', 'security': 'tls'}]}))
+    proc = subprocess.run([sys.executable, '-m', 'emulator.roled', str(spec)], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.stdout.startswith('ERROR tcp/') and 'cert_file' in proc.stdout

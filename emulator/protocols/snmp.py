@@ -1,0 +1,943 @@
+"""``snmp`` / ``snmp-trap``: SNMPv2c agent, notification receiver and probes.
+
+Agent (``snmp``, 161/udp, and 161/tcp where the catalog says "SNMPv2c over
+TCP/IP")
+    A pysnmp 7 ``SnmpEngine`` with the standard command responders
+    (GET, GETNEXT, GETBULK; SET answers notWritable) and a community from
+    ``persona.identity['snmp_community']`` (default ``public``). A request
+    with another community is dropped silently, as real agents do. It serves
+    the SNMPv2-MIB system group (sysDescr, sysObjectID, sysUpTime, sysContact,
+    sysName = persona.host, sysLocation, sysServices) from the persona, and on
+    printers (roles ``mfd``/``mfd-*`` or ``identity['printer']``) the
+    HOST-RESOURCES-MIB device row and Printer-MIB status:
+    hrDeviceStatus.1 = running(2), hrPrinterStatus.1 = idle(3) unless the
+    persona says otherwise.
+
+Notification receiver (``snmp-trap``, 162/udp)
+    A pysnmp ``NotificationReceiver`` for the same community: SNMPv1/v2c traps
+    are accepted, InformRequests acknowledged with a Response.
+
+Every accepted request is reported once with ``on_request``:
+``{'transport', 'port', 'peer', 'op': 'get'|'getnext'|'getbulk'|'set', 'oids'}``
+or ``{..., 'op': 'trap', 'pdu': 'trap'|'inform'|'v1-trap', 'trap_oid'}``.
+
+Transports
+    pysnmp's own carriers need an asyncio loop, bind asynchronously (a busy
+    port would not fail ``listen``) and its TCP carrier never closes the
+    listening socket, so the sockets here are Twisted's: a small Twisted
+    carrier feeds datagrams and stream messages into the pysnmp engine. This
+    runs on any Twisted reactor (epoll, asyncioreactor, ...). On TCP the
+    messages travel as in RFC 3430: whole BER-encoded SNMP messages back to
+    back on the stream, no extra framing; a stream that is not BER SEQUENCEs,
+    or a message above ``MAX_MESSAGE``, closes the connection.
+
+Probes
+    ``snmp``: one v2c GetRequest for sysDescr.0, sysObjectID.0 and
+    hrPrinterStatus.1 (options: ``community``, ``oids``). ``ok`` when the
+    Response carries our request-id and community, errorStatus 0 and a
+    sysDescr; a wrong community or a drop both give ``timeout`` (an agent is
+    silent then), errorStatus != 0 gives ``protocol_error``.
+    ``snmp-trap``: a trap is never answered, so the probe sends the same
+    notification as an InformRequest, which a v2c receiver must acknowledge,
+    and reports ``ok`` on that acknowledgement (options: ``community``,
+    ``trap_oid``, ``state``).
+    Messages are built with pysnmp's protocol API (``pysnmp.proto.api.v2c``)
+    and sent on a connected UDP socket, so an ICMP port unreachable reads as
+    ``refused``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pyasn1.codec.ber import decoder, encoder
+from pyasn1.type import univ
+from pysnmp.carrier.asyncio.dgram.udp import SNMP_UDP_DOMAIN, UdpTransportAddress
+from pysnmp.carrier.asyncio.stream.tcp import SNMP_TCP_DOMAIN, TcpTransportAddress
+from pysnmp.carrier.base import AbstractTransport, AbstractTransportDispatcher
+from pysnmp.entity import config
+from pysnmp.entity.engine import SnmpEngine
+from pysnmp.entity.rfc3413 import cmdrsp, ntfrcv
+from pysnmp.entity.rfc3413.context import SnmpContext
+from pysnmp.proto import api, rfc1905
+from pysnmp.proto.api import v1, v2c
+from pysnmp.proto.proxy import rfc2576
+from pysnmp.smi.instrum import AbstractMibInstrumController
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from .base import Listener, Persona, ProbeResult, ProbeTarget
+
+PROTOCOL_IDS = ('snmp', 'snmp-trap')
+
+MAX_MESSAGE = 65535        # largest SNMP message accepted (one UDP datagram / one BER message on TCP)
+IDLE_TIMEOUT = 120         # seconds before an idle TCP manager connection is dropped
+TIMER_RESOLUTION = 0.5     # seconds between pysnmp engine timer ticks (cache expiry)
+DEFAULT_COMMUNITY = 'public'
+
+OnRequest = Callable[[dict[str, Any]], None]
+
+_log = Logger()
+
+# --- OIDs ----------------------------------------------------------------------
+
+SYS_DESCR = (1, 3, 6, 1, 2, 1, 1, 1, 0)
+SYS_OBJECT_ID = (1, 3, 6, 1, 2, 1, 1, 2, 0)
+SYS_UPTIME = (1, 3, 6, 1, 2, 1, 1, 3, 0)
+SYS_CONTACT = (1, 3, 6, 1, 2, 1, 1, 4, 0)
+SYS_NAME = (1, 3, 6, 1, 2, 1, 1, 5, 0)
+SYS_LOCATION = (1, 3, 6, 1, 2, 1, 1, 6, 0)
+SYS_SERVICES = (1, 3, 6, 1, 2, 1, 1, 7, 0)
+HR_DEVICE_INDEX = (1, 3, 6, 1, 2, 1, 25, 3, 2, 1, 1, 1)
+HR_DEVICE_TYPE = (1, 3, 6, 1, 2, 1, 25, 3, 2, 1, 2, 1)
+HR_DEVICE_DESCR = (1, 3, 6, 1, 2, 1, 25, 3, 2, 1, 3, 1)
+HR_DEVICE_ID = (1, 3, 6, 1, 2, 1, 25, 3, 2, 1, 4, 1)
+HR_DEVICE_STATUS = (1, 3, 6, 1, 2, 1, 25, 3, 2, 1, 5, 1)
+HR_PRINTER_STATUS = (1, 3, 6, 1, 2, 1, 25, 3, 5, 1, 1, 1)
+HR_PRINTER_ERROR_STATE = (1, 3, 6, 1, 2, 1, 25, 3, 5, 1, 2, 1)
+HR_DEVICE_PRINTER = (1, 3, 6, 1, 2, 1, 25, 3, 1, 5)   # hrDeviceTypes.hrDevicePrinter
+SNMP_TRAP_OID = (1, 3, 6, 1, 6, 3, 1, 1, 4, 1, 0)
+COLD_START = (1, 3, 6, 1, 6, 3, 1, 1, 5, 1)
+# SafeQ's own notification MIB is not public; the lab's state-change
+# notification lives under 32473, the enterprise number RFC 5612 reserves for
+# documentation, so it can never be mistaken for a real vendor's OID.
+LAB_STATE_CHANGE = (1, 3, 6, 1, 4, 1, 32473, 6, 0, 1)
+LAB_STATE = (1, 3, 6, 1, 4, 1, 32473, 6, 1, 1, 0)
+# NET-SNMP-MIB::linux: what an embedded-Linux terminal's stock agent reports.
+DEFAULT_SYS_OBJECT_ID = '1.3.6.1.4.1.8072.3.2.10'
+
+_NAMES = {
+    SYS_DESCR: 'sysDescr.0', SYS_OBJECT_ID: 'sysObjectID.0', SYS_UPTIME: 'sysUpTime.0',
+    SYS_CONTACT: 'sysContact.0', SYS_NAME: 'sysName.0', SYS_LOCATION: 'sysLocation.0',
+    SYS_SERVICES: 'sysServices.0', HR_DEVICE_STATUS: 'hrDeviceStatus.1',
+    HR_PRINTER_STATUS: 'hrPrinterStatus.1', SNMP_TRAP_OID: 'snmpTrapOID.0',
+    COLD_START: 'coldStart', LAB_STATE_CHANGE: 'safeqLabStateChange', LAB_STATE: 'safeqLabState.0',
+}
+HR_DEVICE_STATUSES = {'unknown': 1, 'running': 2, 'warning': 3, 'testing': 4, 'down': 5}
+HR_PRINTER_STATUSES = {'other': 1, 'unknown': 2, 'idle': 3, 'printing': 4, 'warmup': 5}
+_PRINTER_STATUS_NAMES = {v: k for k, v in HR_PRINTER_STATUSES.items()}
+
+
+def oid_text(oid) -> str:
+    return '.'.join(str(part) for part in tuple(oid))
+
+
+def oid_name(oid) -> str:
+    oid = tuple(oid)
+    return _NAMES.get(oid, oid_text(oid))
+
+
+def parse_oid(text: Any) -> tuple[int, ...]:
+    """``'1.3.6.1...'`` (a leading dot allowed) as a tuple; ValueError otherwise."""
+    if isinstance(text, (tuple, list)):
+        parts = tuple(text)
+    elif isinstance(text, str):
+        parts = tuple(text.strip().lstrip('.').split('.'))
+    else:
+        raise ValueError(f'not an OID: {text!r}')
+    try:
+        oid = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f'not an OID: {text!r}') from None
+    if len(oid) < 2 or any(p < 0 for p in oid):
+        raise ValueError(f'not an OID: {text!r}')
+    return oid
+
+
+# --- RFC 3430 stream framing ----------------------------------------------------
+
+class FramingError(ValueError):
+    """The stream does not carry BER-encoded SNMP messages."""
+
+
+def ber_message_length(buffer: bytes, limit: int = MAX_MESSAGE) -> int | None:
+    """Length of the first whole SNMP message in ``buffer``, None if incomplete.
+
+    An SNMP message is a BER SEQUENCE (tag 0x30) with a definite length
+    (RFC 3417 section 8); anything else raises FramingError.
+    """
+    if not buffer:
+        return None
+    if buffer[0] != 0x30:
+        raise FramingError(f'expected a BER SEQUENCE (0x30), got 0x{buffer[0]:02x}')
+    if len(buffer) < 2:
+        return None
+    first = buffer[1]
+    if first < 0x80:
+        total = 2 + first
+    else:
+        count = first & 0x7F
+        if count == 0:
+            raise FramingError('indefinite BER length is not allowed in SNMP')
+        if count > 4:
+            raise FramingError(f'BER length of {count} octets')
+        if len(buffer) < 2 + count:
+            return None
+        total = 2 + count + int.from_bytes(buffer[2:2 + count], 'big')
+    if total > limit:
+        raise FramingError(f'message of {total} B exceeds the {limit} B limit')
+    return total
+
+
+# --- persona MIB ------------------------------------------------------------------
+
+def _is_printer(persona: Persona) -> bool:
+    flag = persona.identity.get('printer')
+    if flag is not None:
+        return bool(flag)
+    return any(role == 'mfd' or role.startswith('mfd-') for role in persona.roles)
+
+
+def _choice(table: dict[str, int], value: Any, default: str) -> int:
+    """A named-number value from a persona field given as its name or its number."""
+    if isinstance(value, int) and not isinstance(value, bool) and value in table.values():
+        return value
+    if isinstance(value, str) and value.lower() in table:
+        return table[value.lower()]
+    return table[default]
+
+
+def persona_objects(persona: Persona, uptime: Callable[[], int]) -> dict[tuple[int, ...], Any]:
+    """OID -> value (or zero-argument callable) served by the agent for ``persona``."""
+    ident = persona.identity
+    vendor = ident.get('vendor') or ''
+    model = ident.get('make_model') or ''
+    default_descr = ' '.join(part for part in (vendor, model) if part) or f'SafeQ lab device {persona.host}'
+    sys_descr = str(ident.get('sys_descr') or default_descr)
+    try:
+        sys_object_id = parse_oid(ident.get('sys_object_id') or DEFAULT_SYS_OBJECT_ID)
+    except ValueError:
+        _log.warn('persona {host}: bad sys_object_id {oid!r}, using the default',
+                  host=persona.host, oid=ident.get('sys_object_id'))
+        sys_object_id = parse_oid(DEFAULT_SYS_OBJECT_ID)
+    objects: dict[tuple[int, ...], Any] = {
+        SYS_DESCR: v2c.OctetString(sys_descr.encode('utf-8')),
+        SYS_OBJECT_ID: v2c.ObjectIdentifier(sys_object_id),
+        SYS_UPTIME: lambda: v2c.TimeTicks(uptime()),
+        SYS_CONTACT: v2c.OctetString(str(ident.get('sys_contact', 'SafeQ lab administrator')).encode()),
+        SYS_NAME: v2c.OctetString(str(ident.get('sys_name') or persona.host).encode()),
+        SYS_LOCATION: v2c.OctetString(str(ident.get('sys_location', 'SafeQ lab')).encode()),
+        # physical(1) + application(64) + end-to-end(8): a host offering services.
+        SYS_SERVICES: v2c.Integer(int(ident.get('sys_services', 72))),
+    }
+    if _is_printer(persona):
+        objects.update({
+            HR_DEVICE_INDEX: v2c.Integer(1),
+            HR_DEVICE_TYPE: v2c.ObjectIdentifier(HR_DEVICE_PRINTER),
+            HR_DEVICE_DESCR: v2c.OctetString((model or sys_descr).encode('utf-8')),
+            HR_DEVICE_ID: v2c.ObjectIdentifier((0, 0)),
+            HR_DEVICE_STATUS: v2c.Integer(_choice(HR_DEVICE_STATUSES, ident.get('device_status'), 'running')),
+            HR_PRINTER_STATUS: v2c.Integer(_choice(HR_PRINTER_STATUSES, ident.get('printer_status'), 'idle')),
+            HR_PRINTER_ERROR_STATE: v2c.OctetString(b'\x00'),   # no error bits set
+        })
+    return objects
+
+
+class PersonaMib(AbstractMibInstrumController):
+    """A read-only MIB view over a fixed OID table, for pysnmp's command responders."""
+
+    def __init__(self, objects: dict[tuple[int, ...], Any]) -> None:
+        self._objects = dict(objects)
+        self._order = sorted(self._objects)
+        self._parents = {oid[:-1] for oid in self._order}
+
+    def value(self, oid: tuple[int, ...]):
+        value = self._objects[oid]
+        return value() if callable(value) else value
+
+    def read_variables(self, *varBinds, **context):
+        result = []
+        for name, _ in varBinds:
+            oid = tuple(name)
+            if oid in self._objects:
+                result.append((name, self.value(oid)))
+            elif oid[:-1] in self._parents:
+                result.append((name, rfc1905.noSuchInstance))
+            else:
+                result.append((name, rfc1905.noSuchObject))
+        return result
+
+    def read_next_variables(self, *varBinds, **context):
+        result = []
+        for name, _ in varBinds:
+            index = bisect.bisect_right(self._order, tuple(name))
+            if index < len(self._order):
+                oid = self._order[index]
+                result.append((v2c.ObjectIdentifier(oid), self.value(oid)))
+            else:
+                result.append((name, rfc1905.endOfMibView))
+        return result
+
+    # write_variables: the inherited one raises NoSuchObjectError, which the
+    # SET responder answers as notWritable: a read-only community.
+
+
+# --- Twisted carrier for the pysnmp engine ----------------------------------------
+
+class TwistedDispatcher(AbstractTransportDispatcher):
+    """pysnmp transport dispatcher driven by a Twisted reactor (timer ticks only:
+    the carriers below push received messages themselves)."""
+
+    def __init__(self, reactor) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._ticker: LoopingCall | None = None
+        self.set_timer_resolution(TIMER_RESOLUTION)
+
+    def register_transport(self, tDomain, transport) -> None:
+        super().register_transport(tDomain, transport)
+        if self._ticker is None:
+            self._ticker = LoopingCall(self._tick)
+            self._ticker.clock = self._reactor
+            self._ticker.start(self.get_timer_resolution(), now=False)
+
+    def _tick(self) -> None:
+        try:
+            self.handle_timer_tick(self._reactor.seconds())
+        except Exception:
+            _log.failure('SNMP engine timer tick failed')
+
+    def run_dispatcher(self, timeout: float = 0.0) -> None:
+        raise NotImplementedError('the Twisted reactor runs the dispatcher')
+
+    def close_dispatcher(self) -> None:
+        if self._ticker is not None:
+            if self._ticker.running:
+                self._ticker.stop()
+            self._ticker = None
+        super().close_dispatcher()
+
+
+def _deliver(carrier: AbstractTransport, address, message: bytes) -> None:
+    """Hand one received message to the engine; a bad message must not kill the stub."""
+    callback = carrier._callback_function
+    if callback is None:   # closed, or not yet registered
+        return
+    try:
+        callback(carrier, address, message)
+    except Exception:
+        # pysnmp drops undecodable messages itself (snmpInASNParseErrs); this
+        # catches the few paths where it raises instead.
+        _log.failure('SNMP message from {peer} dropped', peer=address[0])
+
+
+class UdpCarrier(DatagramProtocol, AbstractTransport):
+    """SNMP over UDP (RFC 3417): one message per datagram."""
+
+    PROTO_TRANSPORT_DISPATCHER = TwistedDispatcher
+    ADDRESS_TYPE = UdpTransportAddress
+    noisy = False
+
+    def datagramReceived(self, datagram: bytes, addr) -> None:
+        local = self.transport.getHost()
+        address = UdpTransportAddress(addr[:2]).set_local_address((local.host, local.port))
+        _deliver(self, address, datagram)
+
+    def send_message(self, outgoingMessage, transportAddress) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.transport.write(bytes(outgoingMessage), (transportAddress[0], transportAddress[1]))
+        except OSError as exc:
+            _log.warn('SNMP reply to {peer} not sent: {exc}', peer=transportAddress[0], exc=exc)
+
+    def connectionRefused(self) -> None:
+        pass  # ICMP backscatter from a manager that has gone: keep serving
+
+
+class _StreamServer(Protocol, TimeoutMixin):
+    """One manager connection: BER messages back to back (RFC 3430)."""
+
+    def __init__(self, carrier: TcpCarrier) -> None:
+        self.carrier = carrier
+        self.buffer = b''
+        self.key: tuple[str, int] | None = None
+        self.closing = False
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.key = (peer.host, peer.port)
+        self.carrier.connections[self.key] = self
+        self.setTimeout(IDLE_TIMEOUT)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.resetTimeout()
+        self.buffer += data
+        while self.buffer and not self.closing:
+            try:
+                length = ber_message_length(self.buffer)
+            except FramingError as exc:
+                _log.info('SNMP/TCP from {peer}: {exc}; closing', peer=self.key[0], exc=exc)
+                self.closing = True
+                self.transport.loseConnection()
+                return
+            if length is None or len(self.buffer) < length:
+                return
+            message, self.buffer = self.buffer[:length], self.buffer[length:]
+            local = self.transport.getHost()
+            _deliver(self.carrier,
+                     TcpTransportAddress(self.key).set_local_address((local.host, local.port)),
+                     message)
+
+    def timeoutConnection(self) -> None:
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.setTimeout(None)
+        if self.carrier.connections.get(self.key) is self:
+            del self.carrier.connections[self.key]
+
+
+class TcpCarrier(Factory, AbstractTransport):
+    """SNMP over TCP (RFC 3430): replies go back on the request's connection."""
+
+    PROTO_TRANSPORT_DISPATCHER = TwistedDispatcher
+    ADDRESS_TYPE = TcpTransportAddress
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connections: dict[tuple[str, int], _StreamServer] = {}
+
+    def buildProtocol(self, addr) -> _StreamServer:
+        return _StreamServer(self)
+
+    def send_message(self, outgoingMessage, transportAddress) -> None:
+        connection = self.connections.get((transportAddress[0], transportAddress[1]))
+        if connection is not None and not connection.closing:
+            connection.transport.write(bytes(outgoingMessage))
+
+    def abort_all(self) -> None:
+        for connection in list(self.connections.values()):
+            connection.transport.abortConnection()
+
+
+# --- stub ---------------------------------------------------------------------------
+
+_REQUEST_OPS = {
+    v2c.GetRequestPDU.tagSet: 'get',
+    v2c.GetNextRequestPDU.tagSet: 'getnext',
+    v2c.GetBulkRequestPDU.tagSet: 'getbulk',
+    v2c.SetRequestPDU.tagSet: 'set',
+}
+_NOTIFICATION_PDUS = {
+    v2c.SNMPv2TrapPDU.tagSet: 'trap',
+    v2c.InformRequestPDU.tagSet: 'inform',
+    v1.TrapPDU.tagSet: 'v1-trap',
+}
+
+
+def _trap_oid(pdu) -> str:
+    if pdu.tagSet == v1.TrapPDU.tagSet:
+        pdu = rfc2576.v1_to_v2(pdu)
+    for name, value in v2c.apiPDU.get_varbinds(pdu):
+        if tuple(name) == SNMP_TRAP_OID:
+            return oid_text(value)
+    return ''
+
+
+def _request_record(transport: str, port: int, variables: dict[str, Any]) -> dict[str, Any] | None:
+    pdu = variables['pdu']
+    record: dict[str, Any] = {'transport': transport, 'port': port,
+                              'peer': str(variables['transportAddress'][0])}
+    if pdu.tagSet in _REQUEST_OPS:
+        record['op'] = _REQUEST_OPS[pdu.tagSet]
+        record['oids'] = [oid_text(name) for name, _ in v2c.apiPDU.get_varbinds(pdu)]
+    elif pdu.tagSet in _NOTIFICATION_PDUS:
+        record['op'] = 'trap'
+        record['pdu'] = _NOTIFICATION_PDUS[pdu.tagSet]
+        record['trap_oid'] = _trap_oid(pdu)
+    else:
+        return None
+    record['version'] = 'v1' if variables.get('messageProcessingModel') == 0 else 'v2c'
+    return record
+
+
+class SnmpService:
+    """What ``listen`` returns: the bound port plus the engine behind it."""
+
+    def __init__(self, port, engine: SnmpEngine, carrier: AbstractTransport) -> None:
+        self.port = port
+        self.engine = engine
+        self.carrier = carrier
+        self._stopped: Deferred | None = None
+
+    def getHost(self):
+        return self.port.getHost()
+
+    def stopListening(self) -> Deferred:
+        if self._stopped is None:
+            try:
+                self.engine.close_dispatcher()
+            except Exception:
+                _log.failure('closing the SNMP engine failed')
+            if isinstance(self.carrier, TcpCarrier):
+                self.carrier.abort_all()
+            self._stopped = maybeDeferred(self.port.stopListening)
+        return self._stopped
+
+
+def _build_engine(reactor, carrier: AbstractTransport, domain, community: str) -> SnmpEngine:
+    engine = SnmpEngine()
+    engine.register_transport_dispatcher(TwistedDispatcher(reactor))
+    config.add_transport(engine, domain, carrier)
+    # Community -> security name; the same community serves SNMPv1 and v2c.
+    config.add_v1_system(engine, 'safeq-lab', community)
+    return engine
+
+
+def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
+           interface: str = '') -> SnmpService:
+    """Serve the SNMP agent (``snmp``) or notification receiver (``snmp-trap``).
+
+    Bind errors (CannotListenError) propagate. SNMPv2c has no TLS form:
+    ``listener.security`` is ignored.
+    """
+    if listener.protocol not in PROTOCOL_IDS:
+        raise ValueError(f'snmp cannot serve protocol {listener.protocol!r}')
+    if listener.transport == 'udp':
+        carrier: AbstractTransport = UdpCarrier()
+        port = reactor.listenUDP(listener.port, carrier, interface=interface,
+                                 maxPacketSize=MAX_MESSAGE)
+        domain = SNMP_UDP_DOMAIN
+    elif listener.transport == 'tcp':
+        carrier = TcpCarrier()
+        port = reactor.listenTCP(listener.port, carrier, interface=interface)
+        domain = SNMP_TCP_DOMAIN
+    else:
+        raise ValueError(f'snmp cannot listen on {listener.transport!r}')
+    try:
+        community = str(persona.identity.get('snmp_community') or DEFAULT_COMMUNITY)
+        engine = _build_engine(reactor, carrier, domain, community)
+        bound = port.getHost().port
+        if listener.protocol == 'snmp':
+            started = reactor.seconds()
+            mib = PersonaMib(persona_objects(
+                persona, lambda: int((reactor.seconds() - started) * 100) % (1 << 32)))
+            snmp_context = SnmpContext(engine)
+            snmp_context.unregister_context_name(b'')
+            snmp_context.register_context_name(b'', mib)
+            for responder in (cmdrsp.GetCommandResponder, cmdrsp.NextCommandResponder,
+                              cmdrsp.BulkCommandResponder, cmdrsp.SetCommandResponder):
+                responder(engine, snmp_context)
+        else:
+            ntfrcv.NotificationReceiver(engine, lambda *args: None)
+
+        def observed(snmp_engine, execpoint, variables, cb_ctx) -> None:
+            # Runs once a message passed the community check and has a
+            # handler: exactly the valid requests.
+            if on_request is None:
+                return
+            try:
+                record = _request_record(listener.transport, bound, variables)
+                if record is not None:
+                    on_request(record)
+            except Exception:
+                _log.failure('SNMP on_request callback failed')
+
+        engine.observer.register_observer(observed, 'rfc3412.receiveMessage:request')
+    except Exception:
+        port.stopListening()
+        raise
+    return SnmpService(port, engine, carrier)
+
+
+# --- client probe ---------------------------------------------------------------
+
+_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENONET}
+_MISSING = (rfc1905.NoSuchObject, rfc1905.NoSuchInstance, rfc1905.EndOfMibView)
+
+
+def _classify_os_error(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return 'refused', 'connection refused (TCP RST or ICMP port unreachable)'
+    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
+        return 'timeout', f'connect timed out: {exc}'
+    if isinstance(exc, net_error.NoRouteError):
+        return 'unreachable', f'no route to host: {exc}'
+    code = getattr(exc, 'osError', None) if isinstance(exc, net_error.ConnectError) else None
+    if code is None and isinstance(exc, OSError):
+        code = exc.errno
+    if code in _UNREACHABLE_ERRNOS:
+        return 'unreachable', f'{os.strerror(code)} (ICMP unreachable or no route)'
+    if code == errno.ECONNREFUSED:
+        return 'refused', 'connection refused'
+    return 'error', f'{type(exc).__name__}: {exc}'
+
+
+def _show(value) -> str:
+    """A var-bind value for a report line."""
+    if isinstance(value, _MISSING):
+        return value.__class__.__name__[0].lower() + value.__class__.__name__[1:]
+    if isinstance(value, univ.OctetString):
+        text = value.asOctets().decode('utf-8', 'replace')
+        text = ' '.join(text.split())
+        return '"' + (text if len(text) <= 80 else text[:77] + '...') + '"'
+    if isinstance(value, univ.ObjectIdentifier):
+        return oid_text(value)
+    return value.prettyPrint()
+
+
+@dataclass
+class SnmpRequest:
+    """One encoded request and how to judge its Response's var-binds."""
+
+    label: str                     # e.g. 'GET sysDescr.0 sysObjectID.0'
+    message: bytes
+    request_id: int
+    community: bytes
+    judge: Callable[[list], tuple[str, str]]   # var-binds -> (outcome, detail)
+
+
+def _encode(pdu, community: bytes) -> bytes:
+    message = v2c.Message()
+    v2c.apiMessage.set_defaults(message)
+    v2c.apiMessage.set_community(message, community)
+    v2c.apiMessage.set_pdu(message, pdu)
+    return encoder.encode(message)
+
+
+def _judge_get(oids: list[tuple[int, ...]]) -> Callable[[list], tuple[str, str]]:
+    def judge(var_binds: list) -> tuple[str, str]:
+        got = {tuple(name): value for name, value in var_binds}
+        missing = [oid_name(oid) for oid in oids if oid not in got]
+        if missing:
+            return 'protocol_error', f'Response lacks {", ".join(missing)}'
+        if SYS_DESCR in got and isinstance(got[SYS_DESCR], _MISSING):
+            return 'protocol_error', f'agent has no sysDescr.0 ({_show(got[SYS_DESCR])})'
+        parts = []
+        for oid in oids:
+            value = got[oid]
+            if oid == HR_PRINTER_STATUS:
+                if isinstance(value, _MISSING):
+                    parts.append('no Printer-MIB')
+                    continue
+                status = int(value) if isinstance(value, univ.Integer) else None
+                parts.append(f'hrPrinterStatus {_PRINTER_STATUS_NAMES.get(status, "?")}({status})')
+                continue
+            parts.append(f'{oid_name(oid)} {_show(value)}')
+        return 'ok', ', '.join(parts)
+    return judge
+
+
+def get_request(community: str, oids: list[tuple[int, ...]]) -> SnmpRequest:
+    pdu = v2c.GetRequestPDU()
+    v2c.apiPDU.set_defaults(pdu)
+    v2c.apiPDU.set_varbinds(pdu, [(oid, v2c.null) for oid in oids])
+    return SnmpRequest(label='GET ' + ' '.join(oid_name(oid) for oid in oids),
+                       message=_encode(pdu, community.encode()),
+                       request_id=int(v2c.apiPDU.get_request_id(pdu)),
+                       community=community.encode(), judge=_judge_get(oids))
+
+
+def inform_request(community: str, trap_oid: tuple[int, ...], state: str) -> SnmpRequest:
+    pdu = v2c.InformRequestPDU()
+    v2c.apiPDU.set_defaults(pdu)
+    var_binds = [
+        # Monotonic time is the host's time since boot: what sysUpTime means.
+        (SYS_UPTIME, v2c.TimeTicks(int(time.monotonic() * 100) % (1 << 32))),
+        (SNMP_TRAP_OID, v2c.ObjectIdentifier(trap_oid)),
+    ]
+    if trap_oid == LAB_STATE_CHANGE:
+        var_binds.append((LAB_STATE, v2c.OctetString(state.encode())))
+    v2c.apiPDU.set_varbinds(pdu, var_binds)
+
+    def judge(reply: list) -> tuple[str, str]:
+        # RFC 3416 4.2.7: the Response repeats the InformRequest's var-binds.
+        return 'ok', f'inform acknowledged ({len(reply)} var-binds echoed)'
+
+    return SnmpRequest(label=f'INFORM {oid_name(trap_oid)}',
+                       message=_encode(pdu, community.encode()),
+                       request_id=int(v2c.apiPDU.get_request_id(pdu)),
+                       community=community.encode(), judge=judge)
+
+
+def build_request(target: ProbeTarget) -> SnmpRequest:
+    options = target.options
+    community = str(options.get('community', DEFAULT_COMMUNITY))
+    if target.protocol == 'snmp-trap':
+        trap_oid = parse_oid(options.get('trap_oid', LAB_STATE_CHANGE))
+        return inform_request(community, trap_oid, str(options.get('state', 'connected')))
+    oids = options.get('oids') or [SYS_DESCR, SYS_OBJECT_ID, HR_PRINTER_STATUS]
+    return get_request(community, [parse_oid(oid) for oid in oids])
+
+
+def judge_reply(request: SnmpRequest, data: bytes) -> tuple[str, str] | None:
+    """(outcome, detail) for a reply datagram/message, None if it is not ours."""
+    try:
+        version = int(api.decodeMessageVersion(data))
+    except Exception:
+        return 'protocol_error', f'reply is not an SNMP message ({len(data)} B)'
+    if version != api.SNMP_VERSION_2C:
+        return 'protocol_error', f'reply is an SNMP version {version + 1} message, not v2c'
+    try:
+        message, _rest = decoder.decode(data, asn1Spec=v2c.Message())
+        pdu = v2c.apiMessage.get_pdu(message)
+        community = v2c.apiMessage.get_community(message).asOctets()
+        request_id = int(v2c.apiPDU.get_request_id(pdu))
+    except Exception as exc:
+        return 'protocol_error', f'undecodable SNMPv2c reply: {type(exc).__name__}'
+    if pdu.tagSet != v2c.ResponsePDU.tagSet:
+        return 'protocol_error', f'reply is a {pdu.__class__.__name__}, not a Response'
+    if request_id != request.request_id:
+        return None   # a late answer to someone else's request
+    if community != request.community:
+        return 'protocol_error', 'Response carries another community than the request'
+    status = v2c.apiPDU.get_error_status(pdu)
+    if int(status):
+        index = int(v2c.apiPDU.get_error_index(pdu, muteErrors=True))
+        return 'protocol_error', f'Response errorStatus {status.prettyPrint()}({int(status)}) at index {index}'
+    try:
+        var_binds = v2c.apiPDU.get_varbinds(pdu)
+    except Exception as exc:
+        return 'protocol_error', f'undecodable var-binds: {type(exc).__name__}'
+    return request.judge(var_binds)
+
+
+class _Exchange:
+    """One request/response; subclasses add the transport.
+
+    ``done`` fires once the verdict is known and the socket is closed.
+    """
+
+    def __init__(self, reactor, target: ProbeTarget, request: SnmpRequest) -> None:
+        self.reactor = reactor
+        self.target = target
+        self.request = request
+        self.started = reactor.seconds()
+        self.result: ProbeResult | None = None
+        self.done: Deferred[ProbeResult] = Deferred()
+        self._timer = None
+
+    @property
+    def exchange(self) -> str:
+        transport = 'UDP' if self.target.transport == 'udp' else 'TCP (RFC 3430)'
+        text = f'SNMPv2c/{transport} {self.request.label}'
+        if self.target.protocol == 'snmp-trap':
+            text += ' (a trap is unacknowledged: sent as an inform)'
+        return text
+
+    def start(self) -> Deferred[ProbeResult]:
+        self._timer = self.reactor.callLater(self.target.timeout, self._timed_out)
+        try:
+            self._begin()
+        except Exception as exc:
+            self.decide(*_classify_os_error(exc))
+        return self.done
+
+    def received(self, data: bytes) -> None:
+        verdict = judge_reply(self.request, data)
+        if verdict is None:
+            return
+        outcome, detail = verdict
+        self.decide(outcome, detail, replied=True)
+
+    def decide(self, outcome: str, detail: str = '', replied: bool = False) -> bool:
+        if self.result is not None:
+            return False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        exchange = self.exchange
+        if replied:
+            exchange += ' -> Response'
+        if self.target.security != 'plain':
+            exchange += f' ({self.target.security} not applicable: SNMPv2c is plaintext)'
+        self.result = ProbeResult(id=self.target.id, outcome=outcome,
+                                  elapsed=max(0.0, self.reactor.seconds() - self.started),
+                                  exchange=exchange, detail=detail)
+        self._release()
+        return True
+
+    def fire(self) -> None:
+        if self.result is not None and not self.done.called:
+            self.done.callback(self.result)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.decide('timeout', self._timeout_detail())
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _timeout_detail(self) -> str:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class _DatagramClient(DatagramProtocol):
+    noisy = False
+
+    def __init__(self, exchange: _UdpExchange) -> None:
+        self.exchange = exchange
+
+    def datagramReceived(self, datagram: bytes, addr) -> None:
+        self.exchange.received(datagram)
+
+    def connectionRefused(self) -> None:
+        self.exchange.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
+
+    def stopProtocol(self) -> None:
+        self.exchange.port_stopped()
+
+
+class _UdpExchange(_Exchange):
+    _port = None
+
+    def _begin(self) -> None:
+        self._port = self.reactor.listenUDP(0, _DatagramClient(self), maxPacketSize=MAX_MESSAGE)
+        # Connected: the kernel reports ICMP port unreachable as ECONNREFUSED
+        # and drops datagrams from anyone but the agent.
+        self._port.connect(self.target.host, self.target.port)
+        self._port.write(self.request.message)
+
+    def port_stopped(self) -> None:
+        """The port closed; unless we closed it, an ICMP error did (the epoll
+        reactor closes a connected UDP port on EPOLLERR without a read)."""
+        if self.result is not None or self._port is None:
+            return
+        code = 0
+        try:
+            code = self._port.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except (AttributeError, OSError):
+            pass
+        if code == errno.ECONNREFUSED:
+            self.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
+        elif code:
+            outcome, detail = _classify_os_error(OSError(code, os.strerror(code)))
+            self.decide(outcome, f'UDP socket error: {detail}')
+        else:
+            self.decide('error', 'UDP socket closed while waiting for the Response, cause unknown')
+
+    def _timeout_detail(self) -> str:
+        return (f'no Response within {self.target.timeout:g} s (an agent stays silent on a wrong '
+                f'community; or the datagram was dropped, no ICMP seen)')
+
+    def _release(self) -> None:
+        if self._port is None:
+            self.fire()
+            return
+        port, self._port = self._port, None
+        stopped = maybeDeferred(port.stopListening)
+        stopped.addErrback(lambda failure: _log.failure('stopListening failed', failure))
+        stopped.addBoth(lambda _: self.fire())
+
+
+class _StreamClient(Protocol):
+    def __init__(self, exchange: _TcpExchange) -> None:
+        self.exchange = exchange
+        self.buffer = b''
+
+    def connectionMade(self) -> None:
+        self.exchange.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while self.buffer and self.exchange.result is None:
+            try:
+                length = ber_message_length(self.buffer)
+            except FramingError as exc:
+                self.exchange.decide('protocol_error', f'reply stream is not SNMP: {exc}')
+                return
+            if length is None or len(self.buffer) < length:
+                return
+            message, self.buffer = self.buffer[:length], self.buffer[length:]
+            self.exchange.received(message)
+
+    def connectionLost(self, reason) -> None:
+        self.exchange.lost(reason)
+
+
+class _StreamClientFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, exchange: _TcpExchange) -> None:
+        self.exchange = exchange
+
+    def buildProtocol(self, addr) -> _StreamClient:
+        return _StreamClient(self.exchange)
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self.exchange.connect_failed(reason)
+
+
+class _TcpExchange(_Exchange):
+    _connector = None
+    _protocol: _StreamClient | None = None
+    _open = False
+    _made = False
+
+    def _begin(self) -> None:
+        self._connector = self.reactor.connectTCP(
+            self.target.host, self.target.port, _StreamClientFactory(self),
+            timeout=math.ceil(self.target.timeout) + 1)
+
+    def connected(self, protocol: _StreamClient) -> None:
+        self._connector = None
+        self._protocol = protocol
+        self._made = self._open = True
+        if self.result is not None:
+            protocol.transport.abortConnection()
+            return
+        protocol.transport.write(self.request.message)
+
+    def connect_failed(self, reason) -> None:
+        self._connector = None
+        self.decide(*_classify_os_error(reason.value))
+
+    def lost(self, reason) -> None:
+        self._open = False
+        self.decide('protocol_error', f'connection closed before a Response: {reason.getErrorMessage()}')
+        self.fire()
+
+    def _timeout_detail(self) -> str:
+        if self._made:
+            return (f'connected, but no Response within {self.target.timeout:g} s '
+                    f'(an agent stays silent on a wrong community)')
+        return f'no TCP connection within {self.target.timeout:g} s (SYN dropped?)'
+
+    def _release(self) -> None:
+        if self._open:
+            transport = self._protocol.transport
+            if self.result.outcome == 'ok':
+                transport.loseConnection()
+            else:
+                transport.abortConnection()
+            return   # fire() runs from connectionLost
+        if self._connector is not None:
+            connector, self._connector = self._connector, None
+            try:
+                connector.stopConnecting()
+            except net_error.NotConnectingError:
+                pass
+        self.fire()
+
+
+def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
+    """One SNMPv2c GET (``snmp``) or INFORM (``snmp-trap``); always fires with a ProbeResult."""
+    try:
+        request = build_request(target)
+        if target.transport == 'udp':
+            return _UdpExchange(reactor, target, request).start()
+        if target.transport == 'tcp':
+            return _TcpExchange(reactor, target, request).start()
+        detail = f'SNMP runs over udp/tcp, not {target.transport}'
+    except Exception as exc:
+        detail = f'probe crashed: {type(exc).__name__}: {exc}'
+    return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0,
+                               exchange=f'SNMPv2c/{target.transport}', detail=detail))
