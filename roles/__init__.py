@@ -17,6 +17,7 @@ from emulator.protocols.base import Listener
 
 # Where one host serves a port for several flows or roles, the more specific protocol wins the
 # listener (an IPP printer and an HTTP install endpoint on one port are one HTTP server in reality).
+_UPGRADABLE = {"plain", "starttls", "optional"}
 _LISTENER_PRECEDENCE = ("ftp", "ldap", "snmp", "lpr", "raw", "ipp", "soap", "webdav", "http")
 
 
@@ -46,6 +47,10 @@ def listeners(role_ids, catalog: Catalog | None = None) -> list[Listener]:
             current = chosen.get((ep.transport, ep.port))
             if current is None or _rank(candidate.protocol) < _rank(current.protocol):
                 chosen[(ep.transport, ep.port)] = candidate
+            elif current.protocol == candidate.protocol and current.security != candidate.security:
+                # one port, plain for some flows and upgraded for others: serve both
+                if {current.security, candidate.security} <= _UPGRADABLE:
+                    chosen[(ep.transport, ep.port)] = Listener(ep.transport, ep.port, ep.protocol, "optional")
     return sorted(chosen.values(), key=lambda item: (item.port, item.transport))
 
 

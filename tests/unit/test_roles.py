@@ -25,3 +25,12 @@ def test_daemon_spec_carries_listeners_and_persona():
                              persona={"address": "198.18.2.10"})
     assert spec["listeners"] and spec["persona"]["address"] == "198.18.2.10"
     assert spec["persona"]["identity"]["vendor"] == "Konica Minolta"
+
+
+def test_a_port_plain_for_one_flow_and_starttls_for_another_serves_both():
+    catalog = load_catalog()
+    ldap = [l for l in roles.listeners(["terminal-server"], catalog) if l.protocol == "ldap"]
+    securities = {l.port: l.security for l in ldap}
+    starttls_ports = {ep.port for f in catalog.filter(role="terminal-server", protocol="ldap")
+                      for ep in f.endpoints if ep.security == "starttls"}
+    assert starttls_ports and all(securities[p] in ("optional", "starttls") for p in starttls_ports)
