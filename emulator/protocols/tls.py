@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from twisted.internet import ssl
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .base import Persona, ProbeTarget
 
@@ -36,7 +37,10 @@ def server_options(persona: Persona) -> ssl.CertificateOptions:
 
 
 def listen_tls(reactor, port: int, factory, persona: Persona, interface: str = ""):
-    return reactor.listenSSL(port, factory, server_options(persona), backlog=1024, interface=interface)
+    # TLSMemoryBIOFactory with clock=reactor rather than listenSSL: listenSSL buffers small writes
+    # on the global reactor's clock, so on any other (injected, test) reactor they never flush.
+    wrapped = TLSMemoryBIOFactory(server_options(persona), False, factory, clock=reactor)
+    return reactor.listenTCP(port, wrapped, backlog=1024, interface=interface)
 
 
 def trust_root(ca_file: str):
@@ -55,7 +59,8 @@ def client_creator(target: ProbeTarget):
 
 
 def connect_tls(reactor, target: ProbeTarget, factory, timeout: float | None = None):
-    return reactor.connectSSL(target.host, target.port, factory, client_creator(target),
+    wrapped = TLSMemoryBIOFactory(client_creator(target), True, factory, clock=reactor)
+    return reactor.connectTCP(target.host, target.port, wrapped,
                               timeout=timeout if timeout is not None else target.timeout)
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from ldaptor.protocols import pureldap
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -32,7 +33,7 @@ from emulator.protocols import ldap, tls
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
 from tests.support import free_port, request_log, run_stub
 
-SERVER = IPv4Address('TCP', '10.0.0.2', 10389)
+SERVER = IPv4Address('TCP', '198.18.0.2', 10389)
 CLIENT = IPv4Address('TCP', '10.0.0.9', 40001)
 ALICE = 'uid=alice,ou=people,dc=safeq,dc=lab'
 NOTICE = ldap.NOTICE_OF_DISCONNECTION_OID
@@ -164,8 +165,9 @@ class Stub:
         self.persona = persona(pki)
         ldap.listen(self.reactor, Listener('tcp', SERVER.port, 'ldap', security), self.persona,
                     on_request=self.records.append)
-        servers = self.reactor.sslServers if security == 'tls' else self.reactor.tcpServers
-        self.factory = servers[-1][1]
+        self.factory = self.reactor.tcpServers[-1][1]
+        if security == 'tls':  # implicit TLS wraps our factory in Twisted's TLS factory
+            self.factory = self.factory.wrappedFactory
         self.proto = self.factory.buildProtocol(CLIENT)
         self.transport = TLSStringTransport(hostAddress=SERVER, peerAddress=CLIENT)
         if tls_transport:
@@ -433,12 +435,13 @@ def test_failing_logger_does_not_stop_the_stub():
 
 def test_listen_binds_the_right_kind_of_port(pki):
     reactor = MemoryReactorClock()
-    ldap.listen(reactor, Listener('tcp', 10389, 'ldap', 'plain'), persona(), interface='10.0.0.2')
+    ldap.listen(reactor, Listener('tcp', 10389, 'ldap', 'plain'), persona(), interface='198.18.0.2')
     port, _factory, backlog, interface = reactor.tcpServers[-1]
-    assert (port, backlog, interface) == (10389, ldap.LISTEN_BACKLOG, '10.0.0.2')
+    assert (port, backlog, interface) == (10389, ldap.LISTEN_BACKLOG, '198.18.0.2')
     ldap.listen(reactor, Listener('tcp', 10636, 'ldap', 'tls'), persona(pki))
-    assert reactor.sslServers[-1][0] == 10636
-    assert reactor.sslServers[-1][2] is tls.server_options(persona(pki))
+    port, wrapped, _backlog, _interface = reactor.tcpServers[-1]
+    assert port == 10636 and isinstance(wrapped, TLSMemoryBIOFactory)
+    assert wrapped.wrappedFactory is not None
 
 
 def test_listen_refuses_what_it_cannot_serve():
