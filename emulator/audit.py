@@ -14,7 +14,7 @@ from emulator.plan import Check
 from emulator.protocols.base import ProbeResult, ProbeTarget
 from emulator.topology import Topology
 
-PROBE_TIMEOUT = 2.0
+PROBE_TIMEOUT = 5.0
 PASSED = ("ALLOWED", "UNENCRYPTED")
 REACHED = ("ok", "protocol_error")  # the port answered through the firewall, whatever it said
 
@@ -98,8 +98,9 @@ def _has_secured_alternative(catalog: Catalog, check: Check) -> bool:
     return any(ep.security != "plain" for ep in flow.endpoints)
 
 
-# SafeQ's proprietary links carry job metadata of 40-60 kB per job (vendor document).
-PAYLOAD_SIZES = {"safeq": 48 * 1024}
+# SafeQ's proprietary links carry job metadata of 40-60 kB per job (vendor document); print
+# jobs are larger. Protocols not named here send their module's own realistic default.
+PAYLOAD_SIZES = {"safeq": 48 * 1024, "lpr": 64 * 1024, "raw": 64 * 1024, "ipp": 64 * 1024}
 
 
 def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROBE_TIMEOUT,
@@ -141,6 +142,10 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
 _COLUMNS = ("flow", "client", "server", "port", "protocol", "expected", "observed", "exchange", "verdict")
 
 
+def _short(text: str, width: int = 72) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def format_report(report: AuditReport, show_closed: bool = False) -> str:
     rows = []
     for v in report.verdicts:
@@ -150,7 +155,7 @@ def format_report(report: AuditReport, show_closed: bool = False) -> str:
         notes = [v.detail] if v.detail and v.verdict not in PASSED else []
         notes += ["pre-installed certificate"] if v.certificate else []
         rows.append((c.flow_id or "(exposure)", c.client_host or "-", c.server_host or "-", c.label,
-                     c.endpoint.protocol if c.endpoint else "-", v.expected, v.observed, v.exchange or "-",
+                     c.endpoint.protocol if c.endpoint else "-", v.expected, v.observed, _short(v.exchange or "-"),
                      v.verdict + (f"  {'; '.join(notes)}" if notes else "")))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(_COLUMNS)]
     widths[-1] = 0

@@ -50,7 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _rules_arg(audit)
     audit.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     audit.add_argument("--all", action="store_true", help="also list exposure probes that were correctly blocked")
-    audit.add_argument("--timeout", type=float, default=2.0, help="seconds per probe (default 2)")
+    audit.add_argument("--timeout", type=float, default=5.0, help="seconds a probe may take; a dropped SYN costs this once, not per flow (default 5)")
 
     up = sub.add_parser("up", help="build the lab and open Mininet's CLI; leaving it tears everything down")
     _topology_arg(up)

@@ -9,6 +9,7 @@ import json
 import os
 import selectors
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ from emulator.protocols.base import ProbeResult, ProbeTarget
 from emulator.rules import Ruleset, apply_commands
 from emulator.topology import LinkShape, Topology
 
-DAEMON_READY_TIMEOUT = 30.0
+DAEMON_READY_TIMEOUT = 60.0
+PROBE_CONCURRENCY = 256
+PROBE_JOB_TIMEOUT = 600.0
 
 
 def preflight() -> None:
@@ -168,8 +171,8 @@ class Lab:
             persona = {"address": spec.address, **self.tls[spec.name].to_dict(), "ca_file": self.ca_file}
             daemon = roles.daemon_spec(spec.name, spec.roles, str(self.run_dir / f"{spec.name}.requests.jsonl"),
                                        self.catalog, persona)
-            if not daemon["listeners"]:
-                continue
+            # every host runs a daemon, listeners or not: it is also the host's prober
+            daemon["control"] = str(self._control_socket(spec.name))
             spec_file = self.run_dir / f"{spec.name}.json"
             spec_file.write_text(json.dumps(daemon))
             node = self.net.get(spec.name)
@@ -215,17 +218,24 @@ class Lab:
             raise LabError(f"applying {what} on the firewall node failed: {argv[0]}: {first}")
 
     # -- probes ------------------------------------------------------------------------------------
-    def run_probes(self, targets_by_host: dict[str, list[ProbeTarget]]) -> dict[str, ProbeResult]:
-        """Run every host's probes from inside that host, all hosts at once."""
+    def _control_socket(self, host: str) -> Path:
+        return self.run_dir / f"{host}.ctl"
+
+    def run_probes(self, targets_by_host: dict[str, list[ProbeTarget]],
+                   concurrency: int = PROBE_CONCURRENCY) -> dict[str, ProbeResult]:
+        """Every host probes from inside its namespace (its daemon does), all hosts at once."""
         def run(host: str) -> list[ProbeResult]:
-            node = self.net.get(host)
-            proc = node.popen([self.python, "-m", "emulator.prober"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            payload = json.dumps([t.to_dict() for t in targets_by_host[host]])
-            out, err = proc.communicate(payload, timeout=300)
-            if proc.returncode != 0:
-                raise LabError(f"prober on {host} failed: {(err.strip().splitlines() or ['no output'])[-1]}")
-            return [ProbeResult.from_dict(r) for r in json.loads(out)]
+            job = json.dumps({"targets": [t.to_dict() for t in targets_by_host[host]],
+                              "concurrency": concurrency}).encode() + b"\n"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+                control.settimeout(PROBE_JOB_TIMEOUT)
+                control.connect(str(self._control_socket(host)))
+                control.sendall(job)
+                reply = control.makefile("rb").readline()
+            answer = json.loads(reply) if reply else {"error": "the daemon closed the control socket"}
+            if "error" in answer:
+                raise LabError(f"probing from {host} failed: {answer['error']}")
+            return [ProbeResult.from_dict(r) for r in answer["results"]]
 
         hosts = [h for h, targets in targets_by_host.items() if targets]
         results: dict[str, ProbeResult] = {}

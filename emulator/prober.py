@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
+    protocols.preload()
+
     outcome: list[Any] = []
 
     def go() -> None:

@@ -29,13 +29,17 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+
 from . import protocols
-from .protocols.base import Listener, Persona
+from .prober import DEFAULT_CONCURRENCY, run_probes
+from .protocols.base import Listener, Persona, ProbeTarget
 from .protocols.tls import TLSMaterialMissing
 
 EXIT_BIND = 1
 EXIT_SPEC = 2
-_SPEC_KEYS = {'persona', 'host', 'roles', 'listeners', 'log', 'interface'}
+_SPEC_KEYS = {'persona', 'host', 'roles', 'listeners', 'log', 'interface', 'control'}
 
 _log = Logger()
 
@@ -59,6 +63,7 @@ class Spec:
     listeners: tuple[Listener, ...]
     log: str | None = None
     interface: str = ''
+    control: str = ''     # Unix socket path where the daemon takes probe jobs for its host
 
 
 def parse_spec(data: Any) -> Spec:
@@ -102,7 +107,10 @@ def parse_spec(data: Any) -> Spec:
     interface = data.get('interface', '')
     if not isinstance(interface, str):
         raise SpecError(f'interface must be a string, got {interface!r}')
-    return Spec(persona=persona, listeners=tuple(listeners), log=log, interface=interface)
+    control = data.get('control', '')
+    if not isinstance(control, str):
+        raise SpecError(f'control must be a socket path, got {control!r}')
+    return Spec(persona=persona, listeners=tuple(listeners), log=log, interface=interface, control=control)
 
 
 def load_spec(path: str) -> Spec:
@@ -183,6 +191,40 @@ def _log_to_stderr() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+class ProbeControl(LineReceiver):
+    """One JSON job per line: {"targets": [...], "concurrency": n} -> {"results": [...]} or {"error": "..."}."""
+
+    MAX_LENGTH = 64 * 1024 * 1024
+    delimiter = b'\n'
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            job = json.loads(line)
+            targets = [ProbeTarget.from_dict(t) for t in job['targets']]
+            concurrency = int(job.get('concurrency', DEFAULT_CONCURRENCY))
+            running = run_probes(self.factory.reactor, targets, concurrency)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._answer({'error': _one_line(exc)})
+            return
+        running.addCallback(lambda results: self._answer({'results': [r.to_dict() for r in results]}))
+        running.addErrback(lambda failure: self._answer({'error': _one_line(failure.getErrorMessage())}))
+
+    def _answer(self, reply: dict) -> None:
+        if self.transport is not None and self.transport.connected:
+            self.sendLine(json.dumps(reply).encode())
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._answer({'error': 'job too large'})
+        self.transport.loseConnection()
+
+
+class ProbeControlFactory(Factory):
+    protocol = ProbeControl
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -204,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _say(f'ERROR log {spec.log}: {_one_line(exc.strerror or exc)}')
         return EXIT_BIND
+    if spec.control:
+        # The daemon is also its host's prober: it already runs inside the host's namespace with
+        # every protocol module loaded, so an audit costs no process start-ups per host.
+        protocols.preload()
+        ports.append(reactor.listenUNIX(spec.control, ProbeControlFactory(reactor)))
     _log_to_stderr()
     reactor.addSystemEventTrigger('before', 'shutdown', stop_listeners, ports)
     # READY only once running: by then the SIGTERM handler is installed, so a

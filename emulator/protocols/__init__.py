@@ -52,6 +52,12 @@ def module_for(protocol_id: str) -> ModuleType:
     return module or framed
 
 
+def preload() -> None:
+    """Import every protocol module now, so no probe's timer runs while a module loads."""
+    for name in set(PROTOCOLS.values()):
+        _load(name)
+
+
 def listen(reactor, listener: Listener, persona: Persona,
            on_request: Callable[[dict[str, Any]], None] | None = None,
            interface: str = '') -> IListeningPort:
@@ -75,4 +81,4 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     return d.addErrback(crashed)
 
 
-__all__ = ['PROTOCOLS', 'module_for', 'listen', 'probe']
+__all__ = ['PROTOCOLS', 'module_for', 'preload', 'listen', 'probe']
