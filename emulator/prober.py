@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
+    reactor.suggestThreadPoolSize(64)  # FTP probes run ftplib in threads: let many run at once
+
     protocols.preload()
 
     outcome: list[Any] = []

@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
+    reactor.suggestThreadPoolSize(64)  # FTP probes run ftplib in threads: let many run at once
+
     try:
         ports = start_listeners(reactor, spec)
     except BindError as exc:

@@ -28,8 +28,8 @@ from emulator.protocols import framed
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
 
 PERSONA = Persona(host='spooler-1', roles=('spooler_controller', 'fts'))
-SERVER = IPv4Address('TCP', '10.0.0.2', 6010)
-CLIENT = IPv4Address('TCP', '10.0.0.9', 40001)
+SERVER = IPv4Address('TCP', '198.18.0.2', 6010)
+CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
 
 
 # --- helpers ------------------------------------------------------------------
@@ -89,7 +89,7 @@ class FakeUDPPort:
         self.written.append((datagram, addr))
 
     def getHost(self):
-        return IPv4Address('UDP', '10.0.0.2', self.port)
+        return IPv4Address('UDP', '198.18.0.2', self.port)
 
     def die(self):
         # What udp.Port.connectionLost does: the protocol stops once.
@@ -164,7 +164,7 @@ def test_decode_request_rejects(payload, message):
 
 def test_reply_is_capped_to_the_limit():
     body = bytes(range(256)) * 4
-    reply = framed.encode_reply(PERSONA, 6010, '10.0.0.9', 'n', body, limit=600)
+    reply = framed.encode_reply(PERSONA, 6010, '198.18.0.9', 'n', body, limit=600)
     assert len(reply) <= 600
     header, echoed = framed.decode(reply)
     assert 0 < header['size'] == len(echoed) < len(body)
@@ -173,9 +173,9 @@ def test_reply_is_capped_to_the_limit():
 
 def test_decode_reply_checks_nonce_and_body():
     body = b'x' * 10
-    good = framed.encode_reply(PERSONA, 6010, '10.0.0.9', 'n1', body, limit=framed.MAX_FRAME)
+    good = framed.encode_reply(PERSONA, 6010, '198.18.0.9', 'n1', body, limit=framed.MAX_FRAME)
     header, echoed = framed.decode_reply(good, 'n1', body)
-    assert (header['host'], header['peer'], echoed) == ('spooler-1', '10.0.0.9', body)
+    assert (header['host'], header['peer'], echoed) == ('spooler-1', '198.18.0.9', body)
     with pytest.raises(framed.FramedError, match='nonce mismatch'):
         framed.decode_reply(good, 'n2', body)
     with pytest.raises(framed.FramedError, match='altered'):
@@ -260,9 +260,9 @@ def test_server_survives_a_failing_on_request():
 
 def test_listen_passes_port_interface_and_backlog():
     clock = MemoryReactorClock()
-    framed.listen(clock, Listener('tcp', 6020, 'safeq'), PERSONA, interface='10.0.0.2')
+    framed.listen(clock, Listener('tcp', 6020, 'safeq'), PERSONA, interface='198.18.0.2')
     port, _factory, backlog, interface = clock.tcpServers[-1]
-    assert (port, backlog, interface) == (6020, framed.LISTEN_BACKLOG, '10.0.0.2')
+    assert (port, backlog, interface) == (6020, framed.LISTEN_BACKLOG, '198.18.0.2')
 
 
 # --- UDP server -----------------------------------------------------------------
@@ -279,14 +279,14 @@ def udp_server():
 
 def test_udp_server_replies_to_sender():
     fake, records = udp_server()
-    fake.protocol.datagramReceived(framed.encode_request('u1', b'D' * 300), ('10.0.0.9', 5555))
+    fake.protocol.datagramReceived(framed.encode_request('u1', b'D' * 300), ('198.18.0.9', 5555))
     [(reply, addr)] = fake.written
     header, body = framed.decode(reply)
-    assert addr == ('10.0.0.9', 5555)
+    assert addr == ('198.18.0.9', 5555)
     assert (header['ok'], header['nonce'], header['peer'], header['port']) == \
-        (True, 'u1', '10.0.0.9', 64099)
+        (True, 'u1', '198.18.0.9', 64099)
     assert body == b'D' * 300
-    assert records == [{'transport': 'udp', 'port': 64099, 'peer': '10.0.0.9',
+    assert records == [{'transport': 'udp', 'port': 64099, 'peer': '198.18.0.9',
                         'nonce': 'u1', 'size': 300}]
 
 
@@ -296,10 +296,10 @@ def test_udp_server_replies_to_sender():
 ])
 def test_udp_server_answers_malformed_datagram_with_error(datagram, message):
     fake, records = udp_server()
-    fake.protocol.datagramReceived(datagram, ('10.0.0.9', 5555))
+    fake.protocol.datagramReceived(datagram, ('198.18.0.9', 5555))
     [(reply, addr)] = fake.written
     header, _ = framed.decode(reply)
-    assert addr == ('10.0.0.9', 5555)
+    assert addr == ('198.18.0.9', 5555)
     assert header['ok'] is False and message in header['error']
     assert records == []
 
@@ -419,11 +419,11 @@ def test_udp_probe_against_stub_in_memory():
     reactor, d, client_port = start_udp_probe(size=512)
     server_port, records = udp_server()
     [(request, _)] = client_port.written
-    server_port.protocol.datagramReceived(request, ('10.0.0.9', 50000))
+    server_port.protocol.datagramReceived(request, ('198.18.0.9', 50000))
     [(reply, _)] = server_port.written
     client_port.protocol.datagramReceived(reply, (SERVER.host, 64099))
     result = fired(d)
-    assert (result.outcome, result.peer_seen) == ('ok', '10.0.0.9')
+    assert (result.outcome, result.peer_seen) == ('ok', '198.18.0.9')
     assert result.exchange == 'framed/udp hello 512 B → 512 B'
     assert not client_port.listening
     assert reactor.getDelayedCalls() == []

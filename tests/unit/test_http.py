@@ -32,8 +32,8 @@ from emulator.protocols import http
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER = IPv4Address('TCP', '10.0.0.2', 5021)
-CLIENT = IPv4Address('TCP', '10.0.0.9', 40001)
+SERVER = IPv4Address('TCP', '198.18.0.2', 5021)
+CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
 TS = Persona(host='ts-1', roles=('terminal-server',), identity={'http_server': 'SafeQ-TerminalServer'})
 SC = Persona(host='sc-1', roles=('spooler-controller',))
 MFD = Persona(host='mfd-km', roles=('mfd-konica-minolta',),
@@ -293,10 +293,10 @@ def test_dav_store_is_bounded_oldest_first():
 def test_health_names_the_persona_and_the_client_and_is_recorded():
     (status, headers, body), records, _ = one(TS, request('GET', '/'))
     assert status == 200 and headers['server'] == 'SafeQ-TerminalServer'
-    assert headers['x-lab-host'] == 'ts-1' and headers['x-lab-peer'] == '10.0.0.9'
+    assert headers['x-lab-host'] == 'ts-1' and headers['x-lab-peer'] == '198.18.0.9'
     value = json.loads(body)
-    assert value['host'] == 'ts-1' and value['roles'] == ['terminal-server'] and value['peer'] == '10.0.0.9'
-    assert records == [{'transport': 'tcp', 'port': 5021, 'peer': '10.0.0.9', 'method': 'GET', 'path': '/',
+    assert value['host'] == 'ts-1' and value['roles'] == ['terminal-server'] and value['peer'] == '198.18.0.9'
+    assert records == [{'transport': 'tcp', 'port': 5021, 'peer': '198.18.0.9', 'method': 'GET', 'path': '/',
                         'bytes': 0, 'status': 200, 'tls': False, 'endpoint': 'health'}]
 
 

@@ -314,12 +314,12 @@ def printer(identity=None):
     return clock, ipp.Printer(clock, persona)
 
 
-CTX = Context(host='10.0.0.5:631', path='/ipp/print', secure=False, peer='10.0.0.9', port=631)
+CTX = Context(host='198.18.0.5:631', path='/ipp/print', secure=False, peer='198.18.0.9', port=631)
 
 
 def request(op: str, *operation: Attribute, groups=(), data=b'', request_id=5, version=(2, 0)):
     return Message(ipp.OP[op] if isinstance(op, str) else op, request_id,
-                   [operation_attrs(attr('printer-uri', URI, 'ipp://10.0.0.5:631/ipp/print'), *operation),
+                   [operation_attrs(attr('printer-uri', URI, 'ipp://198.18.0.5:631/ipp/print'), *operation),
                     *groups], data=data, version=version)
 
 
@@ -335,7 +335,7 @@ def test_get_printer_attributes_says_who_the_printer_is():
     assert response.value('printer-name', PRINTER) == 'mfd-km'
     assert response.value('printer-state', PRINTER) == 3
     assert response.value('printer-is-accepting-jobs', PRINTER) is True
-    assert response.value('printer-uri-supported', PRINTER) == 'ipp://10.0.0.5:631/ipp/print'
+    assert response.value('printer-uri-supported', PRINTER) == 'ipp://198.18.0.5:631/ipp/print'
     assert response.value('uri-security-supported', PRINTER) == 'none'
     assert response.get('ipp-versions-supported').values == ['1.0', '1.1', '2.0']
     assert ipp.OP['Print-Job'] in response.get('operations-supported').values
@@ -348,7 +348,7 @@ def test_get_printer_attributes_says_who_the_printer_is():
 
 def test_get_printer_attributes_honours_requested_attributes_and_tls():
     _, p = printer()
-    secure = Context(host='mfd-km.lab', path='/', secure=True, peer='10.0.0.9', port=443)
+    secure = Context(host='mfd-km.lab', path='/', secure=True, peer='198.18.0.9', port=443)
     response, _ = ipp.handle(p, request('Get-Printer-Attributes', attr(
         'requested-attributes', KEYWORD, 'printer-uri-supported', 'uri-security-supported', 'job-template')),
         secure)
@@ -368,9 +368,9 @@ def test_print_job_records_the_document_and_completes():
         groups=[Group(JOB, [attr('copies', INTEGER, 2)])], data=document), CTX)
     assert response.code == 0
     assert response.value('job-id', JOB) == 1
-    assert response.value('job-uri', JOB) == 'ipp://10.0.0.5:631/ipp/print/1'
+    assert response.value('job-uri', JOB) == 'ipp://198.18.0.5:631/ipp/print/1'
     assert response.value('job-state', JOB) == ipp.JOB_COMPLETED
-    assert response.value('job-originating-host-name', JOB) == '10.0.0.9'
+    assert response.value('job-originating-host-name', JOB) == '198.18.0.9'
     assert record['document_bytes'] == len(document) and record['job_id'] == 1 and record['user'] == 'alice'
     clock.advance(5)
     jobs, _ = ipp.handle(p, request('Get-Job-Attributes', attr('job-id', INTEGER, 1)), CTX)

@@ -34,7 +34,7 @@ from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
 from tests.support import free_port, request_log, run_stub
 
 SERVER = IPv4Address('TCP', '198.18.0.2', 10389)
-CLIENT = IPv4Address('TCP', '10.0.0.9', 40001)
+CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
 ALICE = 'uid=alice,ou=people,dc=safeq,dc=lab'
 NOTICE = ldap.NOTICE_OF_DISCONNECTION_OID
 

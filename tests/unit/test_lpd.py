@@ -22,8 +22,8 @@ from emulator.protocols.base import Listener, Persona, ProbeTarget
 
 PERSONA = Persona(host='flexispooler-1', roles=('flexispooler',),
                   identity={'make_model': 'YSoft SafeQ FlexiSpooler'})
-SERVER = IPv4Address('TCP', '10.0.0.7', 515)
-CLIENT = IPv4Address('TCP', '10.0.0.9', 721)
+SERVER = IPv4Address('TCP', '198.18.0.7', 515)
+CLIENT = IPv4Address('TCP', '198.18.0.9', 721)
 CONTROL = lpd.control_file('ws-17', 'alice', 'Quarterly report', 'dfA017ws-17')
 DATA = raw.postscript_job(70_000)
 

@@ -24,8 +24,8 @@ from emulator.protocols.base import Listener, Persona, ProbeTarget
 
 PERSONA = Persona(host='mfd-km', roles=('mfd',),
                   identity={'make_model': 'KONICA MINOLTA bizhub C300i'})
-SERVER = IPv4Address('TCP', '10.0.0.5', 9100)
-CLIENT = IPv4Address('TCP', '10.0.0.9', 40001)
+SERVER = IPv4Address('TCP', '198.18.0.5', 9100)
+CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
 SIZE = 70_000
 
 
@@ -197,7 +197,7 @@ def test_listen_refuses_udp_and_tls():
 def stub_reply(pdl: int, total: int) -> bytes:
     return (raw.pjl_reply('@PJL INFO ID', '"HP LaserJet"') +
             raw.pjl_reply('@PJL INFO LABBYTES', f'PDL={pdl}', f'TOTAL={total}', 'PJL=TRUE',
-                          'PEER="10.0.0.9"', 'HOST="mfd-hp"'))
+                          'PEER="198.18.0.9"', 'HOST="mfd-hp"'))
 
 
 def test_probe_sends_a_pjl_job_and_accepts_the_right_count():
@@ -211,7 +211,7 @@ def test_probe_sends_a_pjl_job_and_accepts_the_right_count():
         proto.dataReceived(reply[i:i + 1])
     result = fired(d)
     assert result.outcome == 'ok', result
-    assert result.peer_seen == '10.0.0.9' and 'HP LaserJet' in result.exchange
+    assert result.peer_seen == '198.18.0.9' and 'HP LaserJet' in result.exchange
     assert clock.getDelayedCalls() == []
 
 

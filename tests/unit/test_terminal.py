@@ -18,10 +18,10 @@ from emulator import pki
 from emulator.protocols import framed, terminal
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 
-PERSONA = Persona(host='terminal-server-1', roles=('terminal-server',), address='10.0.0.4',
+PERSONA = Persona(host='terminal-server-1', roles=('terminal-server',), address='198.18.0.4',
                   identity={'version': '6.0.87'})
-SERVER = IPv4Address('TCP', '10.0.0.4', 4096)
-CLIENT = IPv4Address('TCP', '10.0.0.9', 40001)
+SERVER = IPv4Address('TCP', '198.18.0.4', 4096)
+CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
 
 
 # --- helpers ------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_server_drops_idle_connection():
 # --- discovery ------------------------------------------------------------------------
 
 def discover(datagram: bytes, persona=PERSONA):
-    return terminal._discovery_answer(persona, datagram, 64099, '0.0.0.0', '10.0.0.9')
+    return terminal._discovery_answer(persona, datagram, 64099, '0.0.0.0', '198.18.0.9')
 
 
 def test_discovery_answers_with_the_identity():
@@ -212,7 +212,7 @@ def test_discovery_answers_with_the_identity():
     assert header == {'v': 1, 'ok': True, 'op': 'discover', 'nonce': 'n1',
                       'host': 'terminal-server-1', 'roles': ['terminal-server'],
                       'product': 'YSoft SafeQ 6 Terminal Server', 'version': '6.0.87',
-                      'address': '10.0.0.4', 'port': 64099, 'peer': '10.0.0.9', 'size': 0}
+                      'address': '198.18.0.4', 'port': 64099, 'peer': '198.18.0.9', 'size': 0}
     assert body == b'' and record == {'op': 'discover', 'nonce': 'n1'}
 
 

@@ -18,8 +18,8 @@ from emulator.protocols import timesync
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 
 PERSONA = Persona(host='terminal-server-1', roles=('terminal-server',))
-SERVER = IPv4Address('TCP', '10.0.0.3', 37)
-CLIENT = IPv4Address('TCP', '10.0.0.9', 40001)
+SERVER = IPv4Address('TCP', '198.18.0.3', 37)
+CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
 NOW = 1_780_000_000.25          # a lab clock reading (2026)
 
 
@@ -53,7 +53,7 @@ class FakeUDPPort:
         self.written.append((datagram, addr))
 
     def getHost(self):
-        return IPv4Address('UDP', '10.0.0.3', self.port)
+        return IPv4Address('UDP', '198.18.0.3', self.port)
 
     def stopListening(self):
         if self.listening:
@@ -100,9 +100,9 @@ def test_udp_server_answers_any_datagram_with_the_time():
     timesync.listen(clock, Listener('udp', 37, 'time'), PERSONA, on_request=records.append)
     port = clock.udp[-1]
     for request in (b'', b'x' * 1000):
-        port.protocol.datagramReceived(request, ('10.0.0.9', 40000))
-    assert port.written == [(struct.pack('>I', 1_780_000_000 + 2208988800), ('10.0.0.9', 40000))] * 2
-    assert records[0] == {'transport': 'udp', 'port': 37, 'peer': '10.0.0.9', 'op': 'time',
+        port.protocol.datagramReceived(request, ('198.18.0.9', 40000))
+    assert port.written == [(struct.pack('>I', 1_780_000_000 + 2208988800), ('198.18.0.9', 40000))] * 2
+    assert records[0] == {'transport': 'udp', 'port': 37, 'peer': '198.18.0.9', 'op': 'time',
                           'answer': 1_780_000_000, 'request_bytes': 0}
 
 
