@@ -77,7 +77,7 @@ def test_dropping_the_raw_port_blocks_exactly_its_flows(default_lab):
 def test_opening_jmx_to_the_users_zone_is_reported_as_exposure(default_lab):
     lab, checks = default_lab
     jmx_flow = next(f for f in load_catalog().filter(role="proactivecare", protocol="jmx")
-                    if f.server == "spooler-controller")
+                    if f.server == "spooler-controller" and f.application == "JMX")
     jmx_port = jmx_flow.endpoints[0].port
     users = lab.topology.zone("users").subnet
     ruleset = with_rule(generated(lab, checks), f"-A FORWARD -s {users} -p tcp -m tcp --dport {jmx_port} -j ACCEPT",

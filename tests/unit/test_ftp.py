@@ -199,7 +199,7 @@ def test_transfer_budget():
 
 @pytest.mark.parametrize('reply, peer', [
     ('211-FTP server status:\r\n     Connected to 198.18.0.9\r\n211 End of status', '198.18.0.9'),
-    ('211-Status\r\n Connected to: ::ffff:192.168.1.4\r\n211 End', '192.168.1.4'),
+    ('211-Status\r\n Connected to: ::ffff:198.18.1.4\r\n211 End', '198.18.1.4'),
     ('211 nothing useful', None),
 ])
 def test_parse_stat_peer(reply, peer):

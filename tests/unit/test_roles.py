@@ -34,3 +34,20 @@ def test_a_port_plain_for_one_flow_and_starttls_for_another_serves_both():
     starttls_ports = {ep.port for f in catalog.filter(role="terminal-server", protocol="ldap")
                       for ep in f.endpoints if ep.security == "starttls"}
     assert starttls_ports and all(securities[p] in ("optional", "starttls") for p in starttls_ports)
+
+
+def test_no_host_port_is_plain_for_one_flow_and_tls_for_another():
+    from emulator.topology import load_topology
+
+    catalog = load_catalog()
+    conflicts = []
+    for host in load_topology("single-site").hosts:
+        securities = {}
+        for role in host.roles:
+            for flow, ep in catalog.served_endpoints(role):
+                if ep.port is not None:
+                    securities.setdefault((ep.transport, ep.port), {}).setdefault(ep.security, flow.id)
+        for key, seen in securities.items():
+            if "tls" in seen and len(seen) > 1:
+                conflicts.append((host.name, key, seen))
+    assert conflicts == []
