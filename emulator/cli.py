@@ -154,8 +154,10 @@ def _cmd_rules(args) -> int:
 
 
 def _ruleset(args, topology, checks):
-    from emulator import rules
+    from emulator import pki, rules
 
+    if args.certs:  # checked before anything is built
+        pki.load_pki_dir(args.certs, [h.name for h in topology.hosts])
     if args.rules:
         return rules.load_rules_file(args.rules)
     return rules.generate(topology, checks)
