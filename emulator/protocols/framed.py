@@ -56,20 +56,15 @@ stay plaintext, as framed has no in-band upgrade. Protocol modules with TLS repl
 
 from __future__ import annotations
 
-import errno
 import json
-import math
 import os
 import secrets
-import socket
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory
-from twisted.logger import Logger
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.protocols.policies import TimeoutMixin
 
@@ -77,6 +72,8 @@ from OpenSSL import SSL
 
 from . import tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
+                      connect_timeout, crashed, error_result, no_connection_detail, report)
 
 NOT_TLS = frozenset({'ssh'})  # encrypted by their own protocol, not TLS: framed stays plain there
 
@@ -94,10 +91,6 @@ IDLE_TIMEOUT = 60.0          # seconds a server keeps a silent connection
 # Probes from many lab hosts may connect at once; the default backlog of 50
 # would turn a burst into SYN drops, which a probe would report as 'timeout'.
 LISTEN_BACKLOG = 1024
-
-OnRequest = Callable[[dict[str, Any]], None]
-
-_log = Logger()
 
 
 class FramedError(ValueError):
@@ -202,16 +195,6 @@ def answer(persona: Persona, payload: bytes, *, port: int, peer: str,
 
 # --- server stub --------------------------------------------------------------
 
-def _report(on_request: OnRequest | None, record: dict[str, Any]) -> None:
-    if on_request is None:
-        return
-    try:
-        on_request(record)
-    except Exception:
-        # A failing logger must not stop the stub from answering probes.
-        _log.failure('on_request callback failed for {record!r}', record=record)
-
-
 class _HelloServer(Int32StringReceiver, TimeoutMixin):
     MAX_LENGTH = MAX_FRAME
 
@@ -240,7 +223,7 @@ class _HelloServer(Int32StringReceiver, TimeoutMixin):
         if record is None:
             self._close()
         else:
-            _report(self.factory.on_request, {'transport': 'tcp', **record})
+            report(self.factory.on_request, {'transport': 'tcp', **record})
 
     def lengthLimitExceeded(self, length: int) -> None:
         # Int32StringReceiver calls this again on every later chunk.
@@ -287,7 +270,7 @@ class _HelloDatagramServer(DatagramProtocol):
                                    peer=addr[0], limit=MAX_DATAGRAM)
         self.transport.write(reply, addr)
         if record is not None:
-            _report(self.on_request, {'transport': 'udp', **record})
+            report(self.on_request, {'transport': 'udp', **record})
 
 
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
@@ -308,28 +291,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
 
 # --- client probe -------------------------------------------------------------
 
-_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENONET}
-
-
-def _classify_os_error(exc: BaseException) -> tuple[str, str]:
-    """(outcome, detail) for a socket-level failure."""
-    if isinstance(exc, net_error.ConnectionRefusedError):
-        return 'refused', 'connection refused (TCP RST or ICMP port unreachable)'
-    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
-        return 'timeout', f'connect timed out: {exc}'
-    if isinstance(exc, net_error.NoRouteError):
-        return 'unreachable', f'no route to host: {exc}'
-    code = getattr(exc, 'osError', None) if isinstance(exc, net_error.ConnectError) else None
-    if code is None and isinstance(exc, OSError):
-        code = exc.errno
-    if code in _UNREACHABLE_ERRNOS:
-        return 'unreachable', f'{os.strerror(code)} (ICMP unreachable or no route)'
-    if code == errno.ECONNREFUSED:
-        return 'refused', 'connection refused'
-    return 'error', f'{type(exc).__name__}: {exc}'
-
-
-class _Exchange:
+class _Exchange(Verdict):
     """One hello exchange; subclasses add the transport.
 
     ``done`` fires once the verdict is known *and* the socket is closed, so a
@@ -339,16 +301,11 @@ class _Exchange:
     limit: int
 
     def __init__(self, reactor, target: ProbeTarget) -> None:
-        self.reactor = reactor
-        self.target = target
+        super().__init__(reactor, target)
         self.nonce = secrets.token_hex(8)
         # Random bytes: a realistic, incompressible stand-in for job data.
         self.body = os.urandom(target.size)
         self.request = encode_request(self.nonce, self.body)
-        self.started = reactor.seconds()
-        self.result: ProbeResult | None = None
-        self.done: Deferred[ProbeResult] = Deferred()
-        self._timer = None
 
     @property
     def exchange(self) -> str:
@@ -359,21 +316,11 @@ class _Exchange:
             self.decide('error', f'size {self.target.size} B does not fit one {self.limit} B '
                                  f'{self.target.transport} message')
             return self.done
-        self._timer = self.reactor.callLater(self.target.timeout, self._timed_out)
-        try:
-            self._begin()
-        except Exception as exc:  # e.g. EHOSTUNREACH from a UDP send; decide() cancels the timer
-            self.decide(*_classify_os_error(exc))
-        return self.done
+        return self.launch(self._begin)
 
     def decide(self, outcome: str, detail: str = '', peer_seen: str | None = None,
                reply_size: int | None = None) -> bool:
         """Record the verdict once; later events (e.g. the close we cause) are ignored."""
-        if self.result is not None:
-            return False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         exchange = self.exchange if reply_size is None else f'{self.exchange} → {reply_size} B'
         if uses_tls(self.target):
             exchange = f'TLS {exchange}'
@@ -381,11 +328,7 @@ class _Exchange:
             # Say so in the report: a TLS-inspecting firewall may treat the
             # plaintext stand-in differently from the real upgraded traffic.
             exchange += f' (plaintext: {self.target.security} not emulated)'
-        self.result = ProbeResult(id=self.target.id, outcome=outcome,
-                                  elapsed=max(0.0, self.reactor.seconds() - self.started),
-                                  exchange=exchange, detail=detail, peer_seen=peer_seen)
-        self._release()
-        return True
+        return self.settle(outcome, detail, exchange, peer_seen)
 
     def reply(self, payload: bytes) -> None:
         try:
@@ -397,21 +340,7 @@ class _Exchange:
         self.decide('ok', f'answered by {header["host"]} ({roles}) on port {header.get("port")}',
                     peer_seen=header['peer'], reply_size=len(body))
 
-    def fire(self) -> None:
-        if self.result is not None and not self.done.called:
-            self.done.callback(self.result)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self.decide('timeout', self._timeout_detail())
-
     def _begin(self) -> None:
-        raise NotImplementedError
-
-    def _timeout_detail(self) -> str:
-        raise NotImplementedError
-
-    def _release(self) -> None:
         raise NotImplementedError
 
 
@@ -422,7 +351,8 @@ class _HelloClient(Int32StringReceiver):
         self.exchange = exchange
 
     def connectionMade(self) -> None:
-        self.exchange.connected(self)
+        if self.exchange.connected(self):
+            self.sendString(self.exchange.request)
 
     def stringReceived(self, string: bytes) -> None:
         self.exchange.reply(string)
@@ -434,56 +364,17 @@ class _HelloClient(Int32StringReceiver):
         self.exchange.lost(reason)
 
 
-class _HelloClientFactory(ClientFactory):
-    # reactor.connectTCP rather than TCP4ClientEndpoint: importing
-    # twisted.internet.endpoints pulls in twisted.internet.ssl, which fails
-    # when pyOpenSSL is installed without service_identity, and plain framed
-    # must not depend on the TLS stack.
-    noisy = False
-
-    def __init__(self, exchange: _TcpExchange) -> None:
-        self.exchange = exchange
-
-    def buildProtocol(self, addr) -> _HelloClient:
-        protocol = _HelloClient(self.exchange)
-        protocol.factory = self
-        return protocol
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        self.exchange.connect_failed(reason)
-
-
-class _TcpExchange(_Exchange):
+class _TcpExchange(_Exchange, StreamVerdict):
     limit = MAX_FRAME
-    # Class defaults: start() may decide before _begin() runs.
-    _connector = None   # set while the TCP handshake is pending
-    _open = False       # a connection exists and has not been lost yet
-    _made = False       # the handshake completed at some point
 
     def _begin(self) -> None:
-        self.protocol = None
-        # The connector's own timeout is only a backstop: our timer bounds
-        # the whole exchange and fires first.
-        factory, backstop = _HelloClientFactory(self), math.ceil(self.target.timeout) + 1
+        factory = ProbeClientFactory(self, partial(_HelloClient, self))
         if uses_tls(self.target):
-            self._connector = tls.connect_tls(self.reactor, self.target, factory, timeout=backstop)
+            self._connector = tls.connect_tls(self.reactor, self.target, factory,
+                                              timeout=connect_timeout(self.target))
         else:
             self._connector = self.reactor.connectTCP(self.target.host, self.target.port, factory,
-                                                      timeout=backstop)
-
-    def connected(self, protocol: _HelloClient) -> None:
-        self._connector = None
-        self.protocol = protocol
-        self._made = self._open = True
-        if self.result is not None:  # connected after the verdict: just hang up
-            protocol.transport.abortConnection()
-            return
-        protocol.sendString(self.request)
-
-    def connect_failed(self, reason) -> None:
-        self._connector = None
-        # After our own stopConnecting() the verdict is already in; ignored then.
-        self.decide(*_classify_os_error(reason.value))
+                                                      timeout=connect_timeout(self.target))
 
     def lost(self, reason) -> None:
         self._open = False
@@ -497,87 +388,20 @@ class _TcpExchange(_Exchange):
     def _timeout_detail(self) -> str:
         if self._made:
             return f'connected, but no reply within {self.target.timeout:g} s'
-        return f'no TCP connection within {self.target.timeout:g} s (SYN dropped?)'
-
-    def _release(self) -> None:
-        if self._open:
-            transport = self.protocol.transport
-            if self.result.outcome == 'ok':
-                transport.loseConnection()  # the peer has read our request: nothing to flush
-            else:
-                transport.abortConnection()  # the peer may never read or ACK
-            return  # fire() runs from connectionLost
-        if self._connector is not None:
-            connector, self._connector = self._connector, None
-            try:
-                connector.stopConnecting()
-            except net_error.NotConnectingError:
-                pass  # it failed in the same reactor turn; the failure is ignored
-        self.fire()
+        return no_connection_detail(self.target)
 
 
-class _HelloDatagramClient(DatagramProtocol):
-    noisy = False  # one start/stop log line per probe is noise
-
-    def __init__(self, exchange: _UdpExchange) -> None:
-        self.exchange = exchange
-
-    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
-        self.exchange.reply(datagram)
-
-    def connectionRefused(self) -> None:
-        self.exchange.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
-
-    def stopProtocol(self) -> None:
-        self.exchange.port_stopped()
-
-
-class _UdpExchange(_Exchange):
+class _UdpExchange(_Exchange, DatagramVerdict):
     limit = MAX_DATAGRAM
-    _port = None  # class default: start() may decide before _begin() runs
 
     def _begin(self) -> None:
-        self.protocol = _HelloDatagramClient(self)
-        self._port = self.reactor.listenUDP(0, self.protocol, maxPacketSize=MAX_DATAGRAM + 1)
-        # A connected socket is what makes the kernel report an ICMP port
-        # unreachable to us (as ECONNREFUSED) and filter foreign datagrams.
-        self._port.connect(self.target.host, self.target.port)
-        self._port.write(self.request)
+        self.send(self.request, MAX_DATAGRAM + 1)
 
-    def port_stopped(self) -> None:
-        """The UDP port closed; unless we closed it, an ICMP error did.
-
-        A connected UDP socket turns an ICMP unreachable into a pending socket
-        error. The epoll reactor sees that as EPOLLERR and closes the port
-        without calling doRead, so ``connectionRefused`` never runs there; the
-        socket is still open at this point, so read the error from it.
-        """
-        if self.result is not None or self._port is None:
-            return  # our own stopListening after the verdict
-        code = 0
-        try:
-            code = self._port.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except (AttributeError, OSError):
-            pass  # not a real socket, or already closed
-        if code == errno.ECONNREFUSED:
-            self.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
-        elif code:
-            outcome, detail = _classify_os_error(OSError(code, os.strerror(code)))
-            self.decide(outcome, f'UDP socket error: {detail}')
-        else:
-            self.decide('error', 'UDP socket closed while waiting for the reply, cause unknown')
+    def datagram(self, data: bytes) -> None:
+        self.reply(data)
 
     def _timeout_detail(self) -> str:
         return f'no reply within {self.target.timeout:g} s (datagram or reply dropped, no ICMP seen)'
-
-    def _release(self) -> None:
-        if self._port is None:
-            self.fire()
-            return
-        port, self._port = self._port, None
-        stopped = maybeDeferred(port.stopListening)
-        stopped.addErrback(lambda failure: _log.failure('stopListening failed', failure))
-        stopped.addBoth(lambda _: self.fire())
 
 
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
@@ -587,10 +411,7 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
             return _TcpExchange(reactor, target).start()
         if target.transport == 'udp':
             return _UdpExchange(reactor, target).start()
-        detail = f'framed speaks tcp/udp, not {target.transport}'
     except Exception as exc:
-        # A bug must still yield one result row, or the prober's output
-        # would no longer line up with its input.
-        detail = f'probe crashed: {type(exc).__name__}: {exc}'
-    return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0,
-                               exchange=f'framed/{target.transport}', detail=detail))
+        return crashed(target, f'framed/{target.transport}', exc)
+    return error_result(target, f'framed/{target.transport}',
+                        f'framed speaks tcp/udp, not {target.transport}')

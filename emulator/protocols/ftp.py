@@ -77,7 +77,6 @@ listener asking for TLS is served plain, and the probe's exchange says so.
 
 from __future__ import annotations
 
-import errno
 import ftplib
 import hashlib
 import os
@@ -110,6 +109,7 @@ except ImportError:  # pragma: no cover - pyftpdlib 1.5
     from pyftpdlib.handlers import ActiveDTP
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .probing import UNREACHABLE_ERRNOS, OnRequest, crashed, error_result, report
 
 PROTOCOL_IDS = ('ftp',)
 
@@ -122,8 +122,6 @@ MAX_POLL_WAIT = 1.0          # the FTP thread re-checks its stop flag at least t
 MIN_UPLOAD = 1 << 20         # a scanned page is rarely smaller than 1 MiB
 MIN_BUDGET = 10.0            # seconds: the shortest whole-session bound
 MAX_REPLY_BYTES = 1 << 16    # what the probe reads of a STAT reply, at most
-
-OnRequest = Callable[[dict[str, Any]], None]
 
 _log = Logger()
 
@@ -252,16 +250,6 @@ def passive_range(identity: dict[str, Any]) -> range:
 
 
 # --- server stub -----------------------------------------------------------------
-
-def _report(on_request: OnRequest | None, record: dict[str, Any]) -> None:
-    if on_request is None:
-        return
-    try:
-        on_request(record)
-    except Exception:
-        # A failing logger must not stop the stub from answering probes.
-        _log.failure('on_request callback failed for {record!r}', record=record)
-
 
 def _file_digest(path: str) -> tuple[int, str]:
     digest = hashlib.sha256()
@@ -483,7 +471,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
                         home, perm='elradfmw')
 
     def deliver(record: dict[str, Any]) -> None:  # runs in the FTP thread
-        reactor.callFromThread(_report, on_request, record)
+        reactor.callFromThread(report, on_request, record)
 
     connect_back = type('_ListenerConnectBack', (_ConnectBack,), {})
     handler = type('_ListenerScanHandler', (_ScanHandler,), {
@@ -507,7 +495,6 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
 
 # --- client probe ------------------------------------------------------------------
 
-_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENONET}
 _REPLY_LINE = re.compile(r'^[1-5]\d\d[ -]')
 
 
@@ -619,7 +606,7 @@ class _Session:
         except TimeoutError:
             raise _Verdict('timeout', f'control: no TCP connection within {timeout:g} s') from None
         except OSError as exc:
-            if exc.errno in _UNREACHABLE_ERRNOS:
+            if exc.errno in UNREACHABLE_ERRNOS:
                 raise _Verdict('unreachable', f'control: {os.strerror(exc.errno)} '
                                               f'(ICMP unreachable or no route)') from None
             raise _Verdict('error', f'control connect: {_describe(exc)}') from None
@@ -831,20 +818,17 @@ def run_session(target: ProbeTarget, clock: Callable[[], float] = time.monotonic
 
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Upload, size-check and download a document over FTP; always fires with a ProbeResult."""
-    def crashed(failure) -> ProbeResult:
+    def session_crashed(failure) -> ProbeResult:
         return ProbeResult(id=target.id, outcome='error', elapsed=0.0, exchange='FTP',
                            detail=f'probe crashed: {failure.type.__name__}: {failure.getErrorMessage()}')
 
     try:
         if target.transport != 'tcp':
-            return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0,
-                                       exchange=f'FTP/{target.transport}',
-                                       detail=f'ftp runs over tcp, not {target.transport}'))
+            return error_result(target, f'FTP/{target.transport}', f'ftp runs over tcp, not {target.transport}')
         d = deferToThreadPool(reactor, reactor.getThreadPool(), run_session, target, reactor.seconds)
     except Exception as exc:
-        return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0, exchange='FTP',
-                                   detail=f'probe crashed: {type(exc).__name__}: {exc}'))
-    return d.addErrback(crashed)
+        return crashed(target, 'FTP', exc)
+    return d.addErrback(session_crashed)
 
 
 __all__ = ['PROTOCOL_IDS', 'listen', 'probe', 'run_session', 'scan_document', 'install_package',

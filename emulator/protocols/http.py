@@ -82,16 +82,16 @@ from xml.sax.saxutils import escape as xml_escape
 
 import yaml
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, PotentialDataLoss
-from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .probing import (BytesProducer, OnRequest, Verdict, classify_os_error, connect_timeout,
+                      error_result, no_connection_detail, report)
 
 PROTOCOL_IDS = ('http', 'soap', 'webdav')
 
@@ -126,10 +126,6 @@ DOCUMENTS = ('pdf', 'pjl', 'bytes')
 KV_STYLES = ('etcd', 'plain')
 TEMPLATE_NAMES = {'req', 'user', 'host', 'roles', 'vendor', 'model', 'product', 'port', 'peer',
                   'uuid', 'now', 'size', 'sha256'}
-
-OnRequest = Callable[[dict[str, Any]], None]
-
-_log = Logger()
 
 
 class DataError(ValueError):
@@ -721,15 +717,6 @@ def note(request: Request, **fields: Any) -> None:
         notes.update(fields)
 
 
-def _report(on_request: OnRequest | None, record: dict[str, Any]) -> None:
-    if on_request is None:
-        return
-    try:
-        on_request(record)
-    except Exception:
-        _log.failure('on_request callback failed for {record!r}', record=record)
-
-
 class _LabChannel(HTTPChannel):
     """HTTPChannel refusing oversized bodies before reading them."""
 
@@ -821,7 +808,7 @@ class _LabSite(Site):
                   'status': request.code, 'tls': tls}
         if outcome is not None:  # a Failure: the client went away before the response was done
             record['aborted'] = True
-        _report(self.on_request, {**record, **request.lab_notes})
+        report(self.on_request, {**record, **request.lab_notes})
 
 
 def _respond(request: Request, status: int, body: bytes, content_type: str,
@@ -1330,28 +1317,6 @@ class _Reply:
             raise _Reject(f'reply is not JSON: {exc}') from None
 
 
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """The whole body at once: probes send at most a few MiB, without the global cooperator."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer) -> Deferred:
-        consumer.write(self.data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _BodyReader(Protocol):
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -1454,8 +1419,6 @@ def _certificate_detail(failure) -> str | None:
 def _classify_failure(failure) -> tuple[str, str]:
     from twisted.web.client import (RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed,
                                     ResponseNeverReceived)
-
-    from .framed import _classify_os_error
     value = failure.value
     if isinstance(value, _Reject):
         return 'protocol_error', str(value)
@@ -1477,10 +1440,10 @@ def _classify_failure(failure) -> tuple[str, str]:
         return 'protocol_error', detail
     if type(value).__name__ == 'TLSMaterialMissing':
         return 'error', f'probe misconfigured: {value}'
-    return _classify_os_error(value)
+    return classify_os_error(value)
 
 
-class _HttpExchange:
+class _HttpExchange(Verdict):
     """One probe: one or more HTTP requests through an Agent, one verdict.
 
     ``done`` fires once the verdict is known and every connection it opened is closed.
@@ -1488,22 +1451,17 @@ class _HttpExchange:
 
     def __init__(self, reactor, target: ProbeTarget, surface: Surface) -> None:
         from twisted.web.client import Agent, HTTPConnectionPool
-        self.reactor = reactor
-        self.target = target
+        super().__init__(reactor, target)
         self.surface = surface
         self.tls = target.security == 'tls'
         self.nonce = secrets.token_hex(6)
-        self.started = reactor.seconds()
         self.steps: list[str] = []
         self.label = 'HTTPS' if self.tls else 'HTTP'
         self.peer_seen: str | None = None
         self.answered_by = ''
-        self.result: ProbeResult | None = None
-        self.done: Deferred[ProbeResult] = Deferred()
         self.pending = 0
         self.connections: set = set()
         self.made = False
-        self._timer = None
         self._grace = None
         self._run: Deferred | None = None
         self._creator = None
@@ -1518,7 +1476,7 @@ class _HttpExchange:
     def endpointForURI(self, uri):
         from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
         endpoint = TCP4ClientEndpoint(self.reactor, self.target.host, self.target.port,
-                                      timeout=math.ceil(self.target.timeout) + 1)
+                                      timeout=connect_timeout(self.target))
         if self._creator is not None:
             endpoint = wrapClientTLS(self._creator, endpoint, clock=self.reactor)
         return _TrackingEndpoint(endpoint, self)
@@ -1535,7 +1493,7 @@ class _HttpExchange:
 
     # -- run --------------------------------------------------------------------------------
     def start(self, plan) -> Deferred[ProbeResult]:
-        self._timer = self.reactor.callLater(self.target.timeout, self._timed_out)
+        self.arm()
         self._run = Deferred.fromCoroutine(plan(self))
         self._run.addCallbacks(self._finished, self._failed)
         return self.done
@@ -1549,14 +1507,14 @@ class _HttpExchange:
         self.decide(*_classify_failure(failure))
 
     def _timed_out(self) -> None:
-        self._timer = None
-        if self.made:
-            detail = f'connected, but no complete answer within {self.target.timeout:g} s'
-        else:
-            detail = f'no TCP connection within {self.target.timeout:g} s (SYN dropped?)'
-        self.decide('timeout', detail)
+        super()._timed_out()
         if self._run is not None and not self._run.called:
             self._run.cancel()
+
+    def _timeout_detail(self) -> str:
+        if self.made:
+            return f'connected, but no complete answer within {self.target.timeout:g} s'
+        return no_connection_detail(self.target)
 
     @property
     def exchange(self) -> str:
@@ -1566,17 +1524,12 @@ class _HttpExchange:
         return text
 
     def decide(self, outcome: str, detail: str = '') -> None:
-        if self.result is not None:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         if outcome == 'ok' and self.answered_by:
             detail = f'{detail}; answered by {self.answered_by}' if detail else f'answered by {self.answered_by}'
-        self.result = ProbeResult(id=self.target.id, outcome=outcome,
-                                  elapsed=max(0.0, self.reactor.seconds() - self.started),
-                                  exchange=self.exchange, detail=detail, peer_seen=self.peer_seen)
-        if outcome != 'ok':
+        self.settle(outcome, detail, self.exchange, self.peer_seen)
+
+    def _release(self) -> None:
+        if self.result.outcome != 'ok':
             for protocol in list(self.connections):
                 protocol.transport.abortConnection()
         self._grace = self.reactor.callLater(CLOSE_GRACE, self._force_close)
@@ -1611,7 +1564,7 @@ class _HttpExchange:
             raw[name.lower().encode('latin-1')] = [value.encode('latin-1')]
         scheme = 'https' if self.tls else 'http'
         response = await self.agent.request(method.encode('ascii'), f'{scheme}://{self.authority}{path}'.encode(),
-                                            Headers(raw), _BytesProducer(body) if body is not None else None)
+                                            Headers(raw), BytesProducer(body) if body is not None else None)
         reader = _BodyReader(MAX_REPLY)
         response.deliverBody(reader)
         data = await reader.done
@@ -1858,8 +1811,7 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
         # ValueError covers TLSMaterialMissing (no ca_file / certificate) and DataError.
         detail = (f'probe misconfigured: {exc}' if isinstance(exc, (ValueError, OSError))
                   else f'probe crashed: {type(exc).__name__}: {exc}')
-        return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0,
-                                   exchange=f'{target.protocol}/{target.transport}', detail=detail))
+        return error_result(target, f'{target.protocol}/{target.transport}', detail)
 
 
 __all__ = ['PROTOCOL_IDS', 'listen', 'probe', 'site_for', 'listen_site', 'note', 'load_surface',

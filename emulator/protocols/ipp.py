@@ -67,22 +67,23 @@ import re
 import struct
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import http as web_http
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .probing import (BytesProducer, OnRequest, Verdict, classify_os_error, connect_timeout, crashed,
+                      error_result, no_connection_detail)
 
 PROTOCOL_IDS = ('ipp',)
 CONTENT_TYPE = 'application/ipp'
@@ -95,8 +96,6 @@ PRINTER_PATHS = (b'print', b'printer')   # children of /ipp
 # Flows that only poll device status (catalog: "Device status information"):
 # their probe stops after Get-Printer-Attributes. options {'mode': ...} overrides.
 STATUS_FLOWS = frozenset({'mfd-20'})
-
-OnRequest = Callable[[dict[str, Any]], None]
 
 _log = Logger()
 
@@ -1161,7 +1160,6 @@ def _tls_detail(failure) -> str | None:
 
 def _classify(failure) -> tuple[str, str]:
     """(outcome, detail) for a failed HTTP exchange."""
-    from .framed import _classify_os_error
     reasons = getattr(failure.value, 'reasons', None)  # ResponseNeverReceived, ResponseFailed, ...
     for reason in reasons or ():
         detail = _tls_detail(reason)
@@ -1174,7 +1172,7 @@ def _classify(failure) -> tuple[str, str]:
         what = '; '.join(reason.getErrorMessage() for reason in reasons) or failure.getErrorMessage()
         return 'protocol_error', f'connection closed before a complete IPP response: {what}'
     if isinstance(failure.value, (net_error.ConnectError, OSError)):
-        return _classify_os_error(failure.value)
+        return classify_os_error(failure.value)
     return 'error', f'{failure.type.__name__}: {failure.getErrorMessage()}'
 
 
@@ -1213,7 +1211,7 @@ class _Endpoint:
         tracker = _Tracker(factory, exchange)
         exchange.trackers.append(tracker)
         endpoint = TCP4ClientEndpoint(exchange.reactor, target.host, target.port,
-                                      timeout=math.ceil(target.timeout) + 1)
+                                      timeout=connect_timeout(target))
         if exchange.creator is None:
             return endpoint.connect(tracker).addCallback(lambda wrapper: wrapper.wrappedProtocol)
         # Not wrapClientTLS: it would schedule TLS writes on the global reactor, not ours.
@@ -1244,37 +1242,14 @@ class _BodyReader(Protocol):
             self.done.errback(reason)
 
 
-@implementer(IBodyProducer)
-class _Body:
-    """The whole request body at once (IBodyProducer); Content-Length is known."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _Exchange:
+class _Exchange(Verdict):
     """Get-Printer-Attributes [+ Print-Job] on one keep-alive connection.
 
     ``done`` fires once the verdict is known *and* every connection is closed.
     """
 
     def __init__(self, reactor, target: ProbeTarget) -> None:
-        self.reactor = reactor
-        self.target = target
+        super().__init__(reactor, target)
         options = target.options or {}
         self.secure = target.security == 'tls'
         self.mode = options.get('mode') or ('status' if target.flow in STATUS_FLOWS else 'print')
@@ -1286,13 +1261,9 @@ class _Exchange:
         self.document_format = str(options.get('document_format') or 'application/pdf')
         self.document_size = max(target.size, MIN_DOCUMENT)
         self.request_id = 0
-        self.started = reactor.seconds()
-        self.done: Deferred[ProbeResult] = Deferred()
-        self.result: ProbeResult | None = None
         self.connected = False
         self.trackers: list[_Tracker] = []
         self.creator = None
-        self._timer = None
         self._pending: Deferred | None = None
         self._pool = None
         self._pool_closed = False
@@ -1322,7 +1293,7 @@ class _Exchange:
         self._pool.retryAutomatically = False
         self._pool.maxPersistentPerHost = 1
         self.agent = Agent.usingEndpointFactory(self.reactor, _Endpoint(self), pool=self._pool)
-        self._timer = self.reactor.callLater(self.target.timeout, self._timed_out)
+        self.arm()
         self._send(get_printer_attributes_request(self._next_id(), self.printer_uri, self.user),
                    self._after_printer_attributes)
         return self.done
@@ -1334,7 +1305,7 @@ class _Exchange:
     def _send(self, message: Message, then) -> None:
         from twisted.web.http_headers import Headers
         headers = Headers({'content-type': [CONTENT_TYPE], 'user-agent': [USER_AGENT]})
-        d = self.agent.request(b'POST', self.url.encode('ascii'), headers, _Body(encode(message)))
+        d = self.agent.request(b'POST', self.url.encode('ascii'), headers, BytesProducer(encode(message)))
         d.addCallback(self._read, message)
         d.addCallback(then)
         d.addErrback(self._failed)
@@ -1416,24 +1387,10 @@ class _Exchange:
             self.decide(*_classify(failure))
         return None
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def _timeout_detail(self) -> str:
         if self.connected:
-            self.decide('timeout', f'connected, but no complete IPP exchange within '
-                                   f'{self.target.timeout:g} s')
-        else:
-            self.decide('timeout', f'no TCP connection within {self.target.timeout:g} s (SYN dropped?)')
-
-    def decide(self, outcome: str, detail: str = '', peer_seen: str | None = None) -> None:
-        if self.result is not None:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.result = ProbeResult(id=self.target.id, outcome=outcome,
-                                  elapsed=max(0.0, self.reactor.seconds() - self.started),
-                                  exchange=self.exchange, detail=detail, peer_seen=peer_seen)
-        self._release()
+            return f'connected, but no complete IPP exchange within {self.target.timeout:g} s'
+        return no_connection_detail(self.target)
 
     def _release(self) -> None:
         pending, self._pending = self._pending, None
@@ -1456,9 +1413,8 @@ class _Exchange:
         self.connection_closed()
 
     def connection_closed(self) -> None:
-        if (self.result is not None and self._pool_closed and not self.done.called
-                and not any(tracker.protocols for tracker in self.trackers)):
-            self.done.callback(self.result)
+        if self._pool_closed and not any(tracker.protocols for tracker in self.trackers):
+            self.fire()
 
 
 def _text(value) -> str:
@@ -1470,11 +1426,8 @@ def _text(value) -> str:
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Get-Printer-Attributes [+ Print-Job] against ``target``; always fires with a ProbeResult."""
     try:
-        if target.transport != 'tcp':
-            detail = f'ipp runs over tcp, not {target.transport}'
-        else:
+        if target.transport == 'tcp':
             return _Exchange(reactor, target).start()
     except Exception as exc:
-        detail = f'probe crashed: {type(exc).__name__}: {exc}'
-    return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0,
-                               exchange=f'ipp/{target.transport}', detail=detail))
+        return crashed(target, f'ipp/{target.transport}', exc)
+    return error_result(target, f'ipp/{target.transport}', f'ipp runs over tcp, not {target.transport}')

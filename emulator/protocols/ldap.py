@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -62,18 +60,17 @@ from ldaptor.interfaces import IConnectedLDAPEntry
 from ldaptor.protocols import pureber, pureldap
 from ldaptor.protocols.ldap import distinguishedname, ldaperrors
 from ldaptor.protocols.ldap.ldapserver import LDAPServer
-from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IHandshakeListener, IListeningPort, ISSLTransport
-from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
-from twisted.logger import Logger
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import _classify_os_error
+from .probing import (OnRequest, ProbeClientFactory, StreamVerdict, connect_timeout,
+                      error_result, no_connection_detail, report)
 
 PROTOCOL_IDS = ('ldap',)
 
@@ -96,10 +93,6 @@ FLOW_QUERIES = {'ldap-03': 'users'}
 MAX_MESSAGE = 1 << 20        # largest LDAPMessage either side accepts
 IDLE_TIMEOUT = 120.0         # seconds the stub keeps a silent connection
 LISTEN_BACKLOG = 1024        # many lab hosts may probe at once (see framed)
-
-OnRequest = Callable[[dict[str, Any]], None]
-
-_log = Logger()
 
 
 # --- codec (shared by server and client) -----------------------------------
@@ -198,15 +191,6 @@ def load_directory(path: str = str(DIRECTORY_FILE)):
 
 
 # --- server stub ----------------------------------------------------------------
-
-def _report(on_request: OnRequest | None, record: dict[str, Any]) -> None:
-    if on_request is None:
-        return
-    try:
-        on_request(record)
-    except Exception:
-        _log.failure('on_request callback failed for {record!r}', record=record)
-
 
 def _failure_name(failure: Failure) -> str:
     if failure.check(ldaperrors.LDAPException) and failure.value.resultCode is not None:
@@ -322,7 +306,7 @@ class LabLDAPServer(LDAPServer, TimeoutMixin):
         self.transport.loseConnection()
 
     def _record(self, op: str, **fields: Any) -> None:
-        _report(self.factory.on_request, {
+        report(self.factory.on_request, {
             'transport': 'tcp', 'port': self.transport.getHost().port,
             'peer': self.transport.getPeer().host, 'op': op, 'tls': self.tls_active, **fields})
 
@@ -564,7 +548,8 @@ class _LDAPProbeClient(Protocol):
         return self._next_id
 
     def connectionMade(self) -> None:
-        self.exchange.connected(self)
+        if self.exchange.connected(self):
+            self.exchange.begin()
 
     def handshakeCompleted(self) -> None:
         self.exchange.tls_ready()
@@ -587,47 +572,26 @@ class _LDAPProbeClient(Protocol):
         self.exchange.lost(reason)
 
 
-class _LDAPProbeFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, exchange: _Exchange) -> None:
-        self.exchange = exchange
-
-    def buildProtocol(self, addr) -> _LDAPProbeClient:
-        return _LDAPProbeClient(self.exchange)
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        self.exchange.connect_failed(reason)
-
-
 _WAITING_FOR = {'tls': 'TLS handshake', 'starttls': 'StartTLS response', 'bind': 'bind response',
                 'search': 'search result'}
 
 
-class _Exchange:
+class _Exchange(StreamVerdict):
     """One probe: connect, [TLS | StartTLS + TLS], bind, search, unbind.
 
     ``done`` fires once the verdict is known *and* the socket is closed.
     """
 
-    _connector = None   # set while the TCP handshake is pending
-    _open = False       # a connection exists and has not been lost yet
-    _made = False       # the TCP handshake completed at some point
+    protocol: _LDAPProbeClient | None
 
     def __init__(self, reactor, target: ProbeTarget) -> None:
-        self.reactor = reactor
-        self.target = target
-        self.started = reactor.seconds()
-        self.result: ProbeResult | None = None
-        self.done: Deferred[ProbeResult] = Deferred()
+        super().__init__(reactor, target)
         self.plan: Plan | None = None
         self.stage = 'connect'
-        self.protocol: _LDAPProbeClient | None = None
         self.pending: int | None = None
         self.found: list[str] = []
         self.welcome = None
         self._creator = None
-        self._timer = None
 
     def describe(self, outcome: str) -> str:
         """The exchange attempted, e.g. 'LDAP StartTLS + bind uid=alice + search groups → 2 groups'."""
@@ -648,30 +612,21 @@ class _Exchange:
         except (ValueError, OSError) as exc:  # incl. TLSMaterialMissing, an unreadable CA file
             self.decide('error', str(exc))
             return self.done
-        self._timer = self.reactor.callLater(self.target.timeout, self._timed_out)
-        factory = _LDAPProbeFactory(self)
-        # The connector's own timeout is only a backstop: our timer bounds the whole exchange.
-        backstop = math.ceil(self.target.timeout) + 1
-        try:
-            if self.target.security == 'tls':
-                self._connector = self.reactor.connectSSL(self.target.host, self.target.port, factory,
-                                                          self._creator, timeout=backstop)
-            else:
-                self._connector = self.reactor.connectTCP(self.target.host, self.target.port, factory,
-                                                          timeout=backstop)
-        except Exception as exc:
-            self.decide(*_classify_os_error(exc))
-        return self.done
+        return self.launch(self._connect)
+
+    def _connect(self) -> None:
+        factory = ProbeClientFactory(self, lambda: _LDAPProbeClient(self))
+        if self.target.security == 'tls':
+            self._connector = self.reactor.connectSSL(self.target.host, self.target.port, factory,
+                                                      self._creator, timeout=connect_timeout(self.target))
+        else:
+            self._connector = self.reactor.connectTCP(self.target.host, self.target.port, factory,
+                                                      timeout=connect_timeout(self.target))
 
     # events --------------------------------------------------------------------
 
-    def connected(self, protocol: _LDAPProbeClient) -> None:
-        self._connector = None
-        self.protocol = protocol
-        self._made = self._open = True
-        if self.result is not None:  # connected after the verdict: just hang up
-            protocol.transport.abortConnection()
-            return
+    def begin(self) -> None:
+        """The TCP connection is up: start TLS, StartTLS or the bind."""
         if self.target.security == 'tls':
             self.stage = 'tls'  # connectSSL started the handshake
         elif self.target.security == 'starttls':
@@ -682,10 +637,6 @@ class _Exchange:
     def tls_ready(self) -> None:
         if self.result is None and self.stage == 'tls':
             self._bind()
-
-    def connect_failed(self, reason) -> None:
-        self._connector = None
-        self.decide(*_classify_os_error(reason.value))
 
     def lost(self, reason) -> None:
         self._open = False
@@ -785,55 +736,17 @@ class _Exchange:
 
     # verdict -------------------------------------------------------------------
 
-    def decide(self, outcome: str, detail: str = '', peer_seen: str | None = None) -> bool:
-        """Record the verdict once; later events (e.g. the close we cause) are ignored."""
-        if self.result is not None:
-            return False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.result = ProbeResult(id=self.target.id, outcome=outcome,
-                                  elapsed=max(0.0, self.reactor.seconds() - self.started),
-                                  exchange=self.describe(outcome), detail=detail,
-                                  peer_seen=peer_seen)
-        self._release()
-        return True
-
-    def fire(self) -> None:
-        if self.result is not None and not self.done.called:
-            self.done.callback(self.result)
-
-    def _timed_out(self) -> None:
-        self._timer = None
+    def _timeout_detail(self) -> str:
         if not self._made:
-            detail = f'no TCP connection within {self.target.timeout:g} s (SYN dropped?)'
-        else:
-            detail = (f'connected, but no {_WAITING_FOR.get(self.stage, self.stage)} '
-                      f'within {self.target.timeout:g} s')
-        self.decide('timeout', detail)
-
-    def _release(self) -> None:
-        if self._open:
-            transport = self.protocol.transport
-            if self.result.outcome == 'ok':
-                transport.loseConnection()  # flushes the unbind (and TLS close_notify)
-            else:
-                transport.abortConnection()  # the peer may never read or ACK
-            return  # fire() runs from connectionLost
-        if self._connector is not None:
-            connector, self._connector = self._connector, None
-            try:
-                connector.stopConnecting()
-            except net_error.NotConnectingError:
-                pass
-        self.fire()
+            return no_connection_detail(self.target)
+        return (f'connected, but no {_WAITING_FOR.get(self.stage, self.stage)} '
+                f'within {self.target.timeout:g} s')
 
 
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Bind and search ``target``'s directory; always fires with a ProbeResult."""
     if target.transport != 'tcp':
-        return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0, exchange='LDAP',
-                                   detail=f'ldap runs over TCP, not {target.transport}'))
+        return error_result(target, 'LDAP', f'ldap runs over TCP, not {target.transport}')
     return _Exchange(reactor, target).start()
 
 

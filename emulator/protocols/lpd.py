@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -54,8 +53,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG, _report
-from .raw import StreamClient, StreamProbe, crashed, postscript_job
+from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG
+from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
+from .raw import postscript_job
 
 PROTOCOL_IDS = ('lpr',)
 
@@ -67,8 +67,6 @@ MAX_DATA = 1 << 40            # largest data file (counted, never stored)
 DEFAULT_QUEUE = 'lp'
 
 _FILE_NAME = re.compile(rb'^[!-~]{1,255}$')   # printable ASCII, no spaces
-
-OnRequest = Callable[[dict[str, Any]], None]
 
 
 def control_file(host: str, user: str, job: str, data_name: str) -> bytes:
@@ -255,7 +253,7 @@ class _LpdServer(LineReceiver, TimeoutMixin):
         self.state = 'closing'
 
     def _record(self, fields: dict[str, Any]) -> None:
-        _report(self.factory.on_request, {'transport': 'tcp', 'port': self.port,
+        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port,
                                           'peer': self.peer, **fields})
 
 

@@ -62,36 +62,25 @@ Malformed input: a PJL command line longer than ``MAX_PJL_LINE`` closes the
 connection (the job is still logged); everything else is print data, as on a
 printer. Silent connections are dropped after ``IDLE_TIMEOUT`` seconds.
 
-Shared client machinery
-=======================
-
-``StreamProbe``/``StreamClient`` (one TCP or TLS exchange with a single
-verdict, one timer and clean teardown), ``DatagramProbe`` (one UDP
-request/reply) and ``postscript_job`` (a realistic print payload of an exact
-size) live here and are reused by ``lpd``, ``terminal`` and ``timesync``.
+``postscript_job`` (a realistic print payload of an exact size) lives here
+and is reused by ``lpd``; the client machinery is ``probing``'s.
 """
 
 from __future__ import annotations
 
-import errno
-import math
 import os
 import re
 import secrets
-import socket
-from collections.abc import Callable
-from typing import Any
 
-from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
-from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG, _classify_os_error, _report
+from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG
+from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('raw',)
 
@@ -100,273 +89,10 @@ MAX_PJL_LINE = 4096            # longest PJL command line the stub accepts
 FORM_FEED = b'\x0c'            # ends every PJL reply
 MAX_REPLY = 64 << 10           # the probe gives up on replies larger than this
 
-OnRequest = Callable[[dict[str, Any]], None]
-
-_log = Logger()
-
 
 # =============================================================================
-# Shared client machinery (also used by lpd, terminal and timesync)
+# Print payload (also used by lpd)
 # =============================================================================
-
-class _Verdict:
-    """One probe: the verdict is recorded once, then resources are released,
-    then ``done`` fires (so a caller stopping its reactor leaks nothing)."""
-
-    def __init__(self, reactor, target: ProbeTarget, exchange: str) -> None:
-        self.reactor = reactor
-        self.target = target
-        self.exchange = exchange      # what was done; subclasses extend it as steps succeed
-        self.stage = 'waiting for the first reply'
-        self.started = reactor.seconds()
-        self.result: ProbeResult | None = None
-        self.done: Deferred[ProbeResult] = Deferred()
-        self._timer = None
-
-    def _arm(self) -> None:
-        self._timer = self.reactor.callLater(self.target.timeout, self._timed_out)
-
-    def decide(self, outcome: str, detail: str = '', peer_seen: str | None = None) -> bool:
-        """Record the verdict once; later events (e.g. the close we cause) are ignored."""
-        if self.result is not None:
-            return False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.result = ProbeResult(id=self.target.id, outcome=outcome,
-                                  elapsed=max(0.0, self.reactor.seconds() - self.started),
-                                  exchange=self.exchange, detail=detail, peer_seen=peer_seen)
-        self._release()
-        return True
-
-    def fire(self) -> None:
-        if self.result is not None and not self.done.called:
-            self.done.callback(self.result)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self.decide('timeout', self._timeout_detail())
-
-    def _timeout_detail(self) -> str:
-        raise NotImplementedError
-
-    def _release(self) -> None:
-        raise NotImplementedError
-
-
-@implementer(IHandshakeListener)
-class StreamClient(Protocol):
-    """Client side of one stream exchange; subclasses implement ``begin`` and
-    ``dataReceived`` and call ``self.probe.decide(...)`` with the verdict."""
-
-    probe: StreamProbe
-
-    def begin(self) -> None:
-        raise NotImplementedError
-
-    def lost_detail(self, reason) -> str:
-        return f'connection closed while {self.probe.stage}: {reason.getErrorMessage()}'
-
-    def connectionMade(self) -> None:
-        if self.probe.connected(self):
-            self.begin()
-
-    def handshakeCompleted(self) -> None:
-        self.probe.handshake_done = True
-
-    def connectionLost(self, reason) -> None:
-        self.probe.lost(reason)
-
-
-class _StreamClientFactory(ClientFactory):
-    # reactor.connectTCP/connectSSL rather than endpoints, like framed.
-    noisy = False
-
-    def __init__(self, probe: StreamProbe, client: StreamClient) -> None:
-        self.probe = probe
-        self.client = client
-
-    def buildProtocol(self, addr) -> StreamClient:
-        self.client.factory = self
-        return self.client
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        self.probe.connect_failed(reason)
-
-
-class StreamProbe(_Verdict):
-    """One TCP exchange, over implicit TLS when ``tls=True`` (chain and host
-    name verified by ``tls.client_creator``). STARTTLS clients call
-    ``start_tls()`` from their protocol."""
-
-    _connector = None     # set while the TCP handshake is pending
-    _open = False         # a connection exists and has not been lost yet
-    _made = False         # the TCP handshake completed at some point
-    tls_active = False    # TLS was requested (implicit or STARTTLS)
-    handshake_done = False
-
-    def start(self, client: StreamClient, tls: bool = False) -> Deferred[ProbeResult]:
-        client.probe = self
-        self.client = client
-        factory = _StreamClientFactory(self, client)
-        backstop = math.ceil(self.target.timeout) + 1   # our own timer fires first
-        try:
-            self._arm()
-            if tls:
-                from . import tls as tls_helper   # pyOpenSSL only when TLS is used
-                self.tls_active = True
-                self.exchange += ' over TLS'
-                self._connector = tls_helper.connect_tls(self.reactor, self.target, factory,
-                                                         timeout=backstop)
-            else:
-                self._connector = self.reactor.connectTCP(self.target.host, self.target.port,
-                                                          factory, timeout=backstop)
-        except Exception as exc:  # TLSMaterialMissing, unreadable CA file, ...
-            outcome, detail = _classify_os_error(exc)
-            self.decide(outcome, detail if outcome != 'error' else f'cannot start: {detail}')
-        return self.done
-
-    def start_tls(self) -> bool:
-        """Upgrade the open connection in band (STARTTLS); False if it failed to start."""
-        from . import tls as tls_helper
-        try:
-            creator = tls_helper.client_creator(self.target)
-        except Exception as exc:
-            self.decide('error', f'cannot start TLS: {type(exc).__name__}: {exc}')
-            return False
-        self.tls_active = True
-        self.exchange += ' +STARTTLS'
-        self.client.transport.startTLS(creator)
-        return True
-
-    def connected(self, client: StreamClient) -> bool:
-        """The TCP connection is up; True if the client should begin its exchange."""
-        self._connector = None
-        self._made = self._open = True
-        if self.result is not None:   # connected after the verdict: just hang up
-            client.transport.abortConnection()
-            return False
-        return True
-
-    def connect_failed(self, reason) -> None:
-        self._connector = None
-        self.decide(*_classify_os_error(reason.value))   # ignored after our own stopConnecting
-
-    def lost(self, reason) -> None:
-        self._open = False
-        if self.result is None:
-            if self.tls_active and not self.handshake_done:
-                from . import tls as tls_helper
-                self.decide('protocol_error', tls_helper.describe_failure(reason))
-            else:
-                self.decide('protocol_error', self.client.lost_detail(reason))
-        self.fire()
-
-    def _timeout_detail(self) -> str:
-        wait = f'{self.target.timeout:g} s'
-        if not self._made:
-            return f'no TCP connection within {wait} (SYN dropped?)'
-        if self.tls_active and not self.handshake_done:
-            return f'connected, but the TLS handshake did not finish within {wait}'
-        return f'connected, but no answer within {wait} while {self.stage}'
-
-    def _release(self) -> None:
-        if self._open:
-            transport = self.client.transport
-            if self.result.outcome == 'ok':
-                transport.loseConnection()    # the peer has answered everything: nothing to flush
-            else:
-                transport.abortConnection()   # the peer may never read or ACK
-            return  # fire() runs from connectionLost
-        if self._connector is not None:
-            connector, self._connector = self._connector, None
-            try:
-                connector.stopConnecting()
-            except net_error.NotConnectingError:
-                pass  # it failed in the same reactor turn; that failure is ignored
-        self.fire()
-
-
-class _DatagramClient(DatagramProtocol):
-    noisy = False
-
-    def __init__(self, probe: DatagramProbe) -> None:
-        self.probe = probe
-
-    def datagramReceived(self, datagram: bytes, addr) -> None:
-        if self.probe.result is None:
-            self.probe.on_reply(self.probe, datagram)
-
-    def connectionRefused(self) -> None:
-        self.probe.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
-
-    def stopProtocol(self) -> None:
-        self.probe.port_stopped()
-
-
-class DatagramProbe(_Verdict):
-    """One UDP request and its reply; ``on_reply(probe, datagram)`` must decide."""
-
-    _port = None
-    max_reply = 8 << 10
-
-    def __init__(self, reactor, target: ProbeTarget, exchange: str, request: bytes,
-                 on_reply: Callable[[DatagramProbe, bytes], None]) -> None:
-        super().__init__(reactor, target, exchange)
-        self.request = request
-        self.on_reply = on_reply
-        self.stage = 'waiting for the reply datagram'
-
-    def start(self) -> Deferred[ProbeResult]:
-        self._arm()
-        try:
-            self._port = self.reactor.listenUDP(0, _DatagramClient(self),
-                                                maxPacketSize=self.max_reply + 1)
-            # A connected socket makes the kernel report ICMP port unreachable
-            # to us (ECONNREFUSED) and filters datagrams from anyone else.
-            self._port.connect(self.target.host, self.target.port)
-            self._port.write(self.request)
-        except Exception as exc:  # e.g. EHOSTUNREACH on send
-            self.decide(*_classify_os_error(exc))
-        return self.done
-
-    def port_stopped(self) -> None:
-        """See framed._UdpExchange.port_stopped: epoll closes a UDP port on an
-        ICMP error without calling connectionRefused; read the error here."""
-        if self.result is not None or self._port is None:
-            return
-        code = 0
-        try:
-            code = self._port.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except (AttributeError, OSError):
-            pass
-        if code == errno.ECONNREFUSED:
-            self.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
-        elif code:
-            outcome, detail = _classify_os_error(OSError(code, os.strerror(code)))
-            self.decide(outcome, f'UDP socket error: {detail}')
-        else:
-            self.decide('error', 'UDP socket closed while waiting for the reply, cause unknown')
-
-    def _timeout_detail(self) -> str:
-        return (f'no reply within {self.target.timeout:g} s '
-                f'(datagram or reply dropped, no ICMP seen)')
-
-    def _release(self) -> None:
-        if self._port is None:
-            self.fire()
-            return
-        port, self._port = self._port, None
-        stopped = maybeDeferred(port.stopListening)
-        stopped.addErrback(lambda failure: _log.failure('stopListening failed', failure))
-        stopped.addBoth(lambda _: self.fire())
-
-
-def crashed(target: ProbeTarget, exchange: str, exc: BaseException) -> Deferred[ProbeResult]:
-    """The one result row of a probe that failed before it could run."""
-    return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0, exchange=exchange,
-                               detail=f'probe crashed: {type(exc).__name__}: {exc}'))
-
 
 def postscript_job(size: int, title: str = 'safeq-lab probe') -> bytes:
     """A PostScript page of exactly ``size`` bytes: a DSC header, one line of
@@ -610,7 +336,7 @@ class _RawServer(Protocol, TimeoutMixin):
             return
         self.reported = True
         pdl_bytes = self.pdl_total + self.pdl   # a job may end without a closing UEL
-        _report(self.factory.on_request, {
+        report(self.factory.on_request, {
             'transport': 'tcp', 'port': self.port, 'peer': self.peer, 'op': 'print-job',
             'bytes': self.total, 'pdl_bytes': pdl_bytes, 'pjl': self.pjl_seen, 'language': self.language,
             'job': self.job, 'end': self.end})

@@ -49,13 +49,10 @@ Probes
 from __future__ import annotations
 
 import bisect
-import errno
-import math
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from pyasn1.codec.ber import decoder, encoder
@@ -71,14 +68,15 @@ from pysnmp.proto import api, rfc1905
 from pysnmp.proto.api import v1, v2c
 from pysnmp.proto.proxy import rfc2576
 from pysnmp.smi.instrum import AbstractMibInstrumController
-from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
+                      connect_timeout, crashed, error_result, no_connection_detail)
 
 PROTOCOL_IDS = ('snmp', 'snmp-trap')
 
@@ -87,7 +85,6 @@ IDLE_TIMEOUT = 120         # seconds before an idle TCP manager connection is dr
 TIMER_RESOLUTION = 0.5     # seconds between pysnmp engine timer ticks (cache expiry)
 DEFAULT_COMMUNITY = 'public'
 
-OnRequest = Callable[[dict[str, Any]], None]
 
 _log = Logger()
 
@@ -557,25 +554,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
 
 # --- client probe ---------------------------------------------------------------
 
-_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENONET}
 _MISSING = (rfc1905.NoSuchObject, rfc1905.NoSuchInstance, rfc1905.EndOfMibView)
-
-
-def _classify_os_error(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, net_error.ConnectionRefusedError):
-        return 'refused', 'connection refused (TCP RST or ICMP port unreachable)'
-    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
-        return 'timeout', f'connect timed out: {exc}'
-    if isinstance(exc, net_error.NoRouteError):
-        return 'unreachable', f'no route to host: {exc}'
-    code = getattr(exc, 'osError', None) if isinstance(exc, net_error.ConnectError) else None
-    if code is None and isinstance(exc, OSError):
-        code = exc.errno
-    if code in _UNREACHABLE_ERRNOS:
-        return 'unreachable', f'{os.strerror(code)} (ICMP unreachable or no route)'
-    if code == errno.ECONNREFUSED:
-        return 'refused', 'connection refused'
-    return 'error', f'{type(exc).__name__}: {exc}'
 
 
 def _show(value) -> str:
@@ -707,20 +686,15 @@ def judge_reply(request: SnmpRequest, data: bytes) -> tuple[str, str] | None:
     return request.judge(var_binds)
 
 
-class _Exchange:
+class _Exchange(Verdict):
     """One request/response; subclasses add the transport.
 
     ``done`` fires once the verdict is known and the socket is closed.
     """
 
     def __init__(self, reactor, target: ProbeTarget, request: SnmpRequest) -> None:
-        self.reactor = reactor
-        self.target = target
+        super().__init__(reactor, target)
         self.request = request
-        self.started = reactor.seconds()
-        self.result: ProbeResult | None = None
-        self.done: Deferred[ProbeResult] = Deferred()
-        self._timer = None
 
     @property
     def exchange(self) -> str:
@@ -731,12 +705,7 @@ class _Exchange:
         return text
 
     def start(self) -> Deferred[ProbeResult]:
-        self._timer = self.reactor.callLater(self.target.timeout, self._timed_out)
-        try:
-            self._begin()
-        except Exception as exc:
-            self.decide(*_classify_os_error(exc))
-        return self.done
+        return self.launch(self._begin)
 
     def received(self, data: bytes) -> None:
         verdict = judge_reply(self.request, data)
@@ -746,96 +715,30 @@ class _Exchange:
         self.decide(outcome, detail, replied=True)
 
     def decide(self, outcome: str, detail: str = '', replied: bool = False) -> bool:
-        if self.result is not None:
-            return False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         exchange = self.exchange
         if replied:
             exchange += ' -> Response'
         if self.target.security != 'plain':
             exchange += f' ({self.target.security} not applicable: SNMPv2c is plaintext)'
-        self.result = ProbeResult(id=self.target.id, outcome=outcome,
-                                  elapsed=max(0.0, self.reactor.seconds() - self.started),
-                                  exchange=exchange, detail=detail)
-        self._release()
-        return True
-
-    def fire(self) -> None:
-        if self.result is not None and not self.done.called:
-            self.done.callback(self.result)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self.decide('timeout', self._timeout_detail())
+        return self.settle(outcome, detail, exchange)
 
     def _begin(self) -> None:
         raise NotImplementedError
 
-    def _timeout_detail(self) -> str:
-        raise NotImplementedError
 
-    def _release(self) -> None:
-        raise NotImplementedError
-
-
-class _DatagramClient(DatagramProtocol):
-    noisy = False
-
-    def __init__(self, exchange: _UdpExchange) -> None:
-        self.exchange = exchange
-
-    def datagramReceived(self, datagram: bytes, addr) -> None:
-        self.exchange.received(datagram)
-
-    def connectionRefused(self) -> None:
-        self.exchange.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
-
-    def stopProtocol(self) -> None:
-        self.exchange.port_stopped()
-
-
-class _UdpExchange(_Exchange):
-    _port = None
+class _UdpExchange(_Exchange, DatagramVerdict):
+    awaited = 'Response'
 
     def _begin(self) -> None:
-        self._port = self.reactor.listenUDP(0, _DatagramClient(self), maxPacketSize=MAX_MESSAGE)
-        # Connected: the kernel reports ICMP port unreachable as ECONNREFUSED
-        # and drops datagrams from anyone but the agent.
-        self._port.connect(self.target.host, self.target.port)
-        self._port.write(self.request.message)
+        # maxPacketSize: the largest SNMP message is also the largest datagram.
+        self.send(self.request.message, MAX_MESSAGE)
 
-    def port_stopped(self) -> None:
-        """The port closed; unless we closed it, an ICMP error did (the epoll
-        reactor closes a connected UDP port on EPOLLERR without a read)."""
-        if self.result is not None or self._port is None:
-            return
-        code = 0
-        try:
-            code = self._port.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except (AttributeError, OSError):
-            pass
-        if code == errno.ECONNREFUSED:
-            self.decide('refused', 'ICMP port unreachable (ECONNREFUSED)')
-        elif code:
-            outcome, detail = _classify_os_error(OSError(code, os.strerror(code)))
-            self.decide(outcome, f'UDP socket error: {detail}')
-        else:
-            self.decide('error', 'UDP socket closed while waiting for the Response, cause unknown')
+    def datagram(self, data: bytes) -> None:
+        self.received(data)
 
     def _timeout_detail(self) -> str:
         return (f'no Response within {self.target.timeout:g} s (an agent stays silent on a wrong '
                 f'community; or the datagram was dropped, no ICMP seen)')
-
-    def _release(self) -> None:
-        if self._port is None:
-            self.fire()
-            return
-        port, self._port = self._port, None
-        stopped = maybeDeferred(port.stopListening)
-        stopped.addErrback(lambda failure: _log.failure('stopListening failed', failure))
-        stopped.addBoth(lambda _: self.fire())
 
 
 class _StreamClient(Protocol):
@@ -844,7 +747,8 @@ class _StreamClient(Protocol):
         self.buffer = b''
 
     def connectionMade(self) -> None:
-        self.exchange.connected(self)
+        if self.exchange.connected(self):
+            self.transport.write(self.exchange.request.message)
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -863,42 +767,12 @@ class _StreamClient(Protocol):
         self.exchange.lost(reason)
 
 
-class _StreamClientFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, exchange: _TcpExchange) -> None:
-        self.exchange = exchange
-
-    def buildProtocol(self, addr) -> _StreamClient:
-        return _StreamClient(self.exchange)
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        self.exchange.connect_failed(reason)
-
-
-class _TcpExchange(_Exchange):
-    _connector = None
-    _protocol: _StreamClient | None = None
-    _open = False
-    _made = False
+class _TcpExchange(_Exchange, StreamVerdict):
 
     def _begin(self) -> None:
         self._connector = self.reactor.connectTCP(
-            self.target.host, self.target.port, _StreamClientFactory(self),
-            timeout=math.ceil(self.target.timeout) + 1)
-
-    def connected(self, protocol: _StreamClient) -> None:
-        self._connector = None
-        self._protocol = protocol
-        self._made = self._open = True
-        if self.result is not None:
-            protocol.transport.abortConnection()
-            return
-        protocol.transport.write(self.request.message)
-
-    def connect_failed(self, reason) -> None:
-        self._connector = None
-        self.decide(*_classify_os_error(reason.value))
+            self.target.host, self.target.port, ProbeClientFactory(self, partial(_StreamClient, self)),
+            timeout=connect_timeout(self.target))
 
     def lost(self, reason) -> None:
         self._open = False
@@ -909,23 +783,7 @@ class _TcpExchange(_Exchange):
         if self._made:
             return (f'connected, but no Response within {self.target.timeout:g} s '
                     f'(an agent stays silent on a wrong community)')
-        return f'no TCP connection within {self.target.timeout:g} s (SYN dropped?)'
-
-    def _release(self) -> None:
-        if self._open:
-            transport = self._protocol.transport
-            if self.result.outcome == 'ok':
-                transport.loseConnection()
-            else:
-                transport.abortConnection()
-            return   # fire() runs from connectionLost
-        if self._connector is not None:
-            connector, self._connector = self._connector, None
-            try:
-                connector.stopConnecting()
-            except net_error.NotConnectingError:
-                pass
-        self.fire()
+        return no_connection_detail(self.target)
 
 
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
@@ -936,8 +794,7 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
             return _UdpExchange(reactor, target, request).start()
         if target.transport == 'tcp':
             return _TcpExchange(reactor, target, request).start()
-        detail = f'SNMP runs over udp/tcp, not {target.transport}'
     except Exception as exc:
-        detail = f'probe crashed: {type(exc).__name__}: {exc}'
-    return succeed(ProbeResult(id=target.id, outcome='error', elapsed=0.0,
-                               exchange=f'SNMPv2c/{target.transport}', detail=detail))
+        return crashed(target, f'SNMPv2c/{target.transport}', exc)
+    return error_result(target, f'SNMPv2c/{target.transport}',
+                        f'SNMP runs over udp/tcp, not {target.transport}')

@@ -68,7 +68,6 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -78,8 +77,8 @@ from twisted.protocols.policies import TimeoutMixin
 
 from . import framed
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG, FramedError, _report
-from .raw import DatagramProbe, StreamClient, StreamProbe, crashed
+from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG, FramedError
+from .probing import DatagramProbe, OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('terminal', 'discovery')
 
@@ -101,7 +100,6 @@ PRODUCTS = {
     'terminal-pro-35': 'YSoft SafeQ Terminal Pro 3.5',
 }
 
-OnRequest = Callable[[dict[str, Any]], None]
 
 _DOCUMENTS = ('Quarterly report', 'Invoice', 'Meeting minutes', 'Contract draft', 'Boarding pass',
               'Timesheet', 'Presentation', 'Purchase order', 'Lecture notes', 'Floor plan')
@@ -190,7 +188,7 @@ class _TerminalServer(Int32StringReceiver, TimeoutMixin):
             self._close()
             return
         self.sendString(self._reply(op, seq, reply_fields, reply_body))
-        _report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
+        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
                                           'op': op, 'tls': self.tls, **record})
         if op == 'starttls':
             from . import tls as tls_helper
@@ -326,7 +324,7 @@ class _DiscoveryServer(DatagramProtocol):
             reply, record = _discovery_answer(self.persona, datagram, host.port, host.host, addr[0])
         self.transport.write(reply, addr)
         if record is not None:
-            _report(self.on_request, {'transport': 'udp', 'port': host.port, 'peer': addr[0], **record})
+            report(self.on_request, {'transport': 'udp', 'port': host.port, 'peer': addr[0], **record})
 
 
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,

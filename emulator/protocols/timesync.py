@@ -34,15 +34,13 @@ firewall test is no place for a lab whose clocks disagree). Option
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import LISTEN_BACKLOG, _report
-from .raw import DatagramProbe, StreamClient, StreamProbe, crashed
+from .framed import LISTEN_BACKLOG
+from .probing import DatagramProbe, OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('time',)
 
@@ -50,8 +48,6 @@ EPOCH_OFFSET = 2208988800      # seconds from 1900-01-01 to 1970-01-01 (RFC 868)
 ERA = 1 << 32
 TOLERANCE = 1.0
 MAX_DATAGRAM = 8 << 10         # read buffer; the request's content is ignored
-
-OnRequest = Callable[[dict[str, Any]], None]
 
 
 def encode_time(unix_seconds: float) -> bytes:
@@ -79,7 +75,7 @@ class _TimeDatagramServer(DatagramProtocol):
     def datagramReceived(self, datagram: bytes, addr) -> None:
         now = self.reactor.seconds()
         self.transport.write(encode_time(now), addr)
-        _report(self.on_request, {'transport': 'udp', 'port': self.transport.getHost().port,
+        report(self.on_request, {'transport': 'udp', 'port': self.transport.getHost().port,
                                   'peer': addr[0], 'op': 'time', 'answer': int(now),
                                   'request_bytes': len(datagram)})
 
@@ -90,7 +86,7 @@ class _TimeStreamServer(Protocol):
         now = self.factory.reactor.seconds()
         self.transport.write(encode_time(now))
         self.transport.loseConnection()
-        _report(self.factory.on_request, {'transport': 'tcp', 'port': self.transport.getHost().port,
+        report(self.factory.on_request, {'transport': 'tcp', 'port': self.transport.getHost().port,
                                           'peer': self.transport.getPeer().host, 'op': 'time',
                                           'answer': int(now)})
 

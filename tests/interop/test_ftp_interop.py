@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ import pytest
 
 from emulator.protocols import ftp
 from tests.support import free_port, request_log, run_stub
+from tests.support import free_port_pair as control_port
 
 pytestmark = pytest.mark.interop
 
@@ -36,22 +35,6 @@ def need(tool: str, package: str) -> str:
     path = shutil.which(tool)
     assert path, f"{tool} is missing: apt-get install {package}"
     return path
-
-
-def control_port() -> int:
-    """A free control port L with L-1 free too, below the ephemeral range (where L-1 may be
-    any client's port), so the stub can connect back from L-1 as it does from 20 for 21."""
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20001, 30000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port - 1))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port pair found")
 
 
 @pytest.fixture

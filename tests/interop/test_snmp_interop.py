@@ -1,23 +1,22 @@
 """snmp against net-snmp: snmpget/snmpwalk/snmpbulkwalk/snmptrap/snmpinform and snmptrapd.
 
-Our agent and receiver run as ``python -m emulator.roled``-equivalent
-processes (roled's real ``main``) on 127.0.0.1, our probe as the real
-``emulator.prober`` main; net-snmp's tools talk to them on free high ports.
+Our agent and receiver run as ``python -m emulator.roled`` processes on
+127.0.0.1, our probe as ``python -m emulator.prober``; net-snmp's tools talk
+to them on free high ports.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.support import free_port, probe_targets, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
@@ -30,11 +29,6 @@ HR_PRINTER_STATUS = '1.3.6.1.2.1.25.3.5.1.1.1'
 COLD_START = '1.3.6.1.6.3.1.1.5.1'
 LAB_STATE_CHANGE = '1.3.6.1.4.1.32473.6.0.1'
 
-# Runs roled's / prober's real main with the snmp module registered, whether
-# or not emulator/protocols/__init__.py registers it yet.
-MAIN = ('import sys; from emulator import protocols; from emulator.protocols import snmp; '
-        '[protocols.PROTOCOLS.setdefault(p, snmp) for p in snmp.PROTOCOL_IDS]; '
-        'from emulator import {module}; sys.exit({module}.main(sys.argv[1:]))')
 
 
 def tool(name: str, package: str) -> str:
@@ -44,10 +38,9 @@ def tool(name: str, package: str) -> str:
     return path
 
 
-def free_port(kind=socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+def stub(tmp_path: Path, listeners: list[dict], persona: dict | None = None):
+    """roled as the Konica Minolta MFD (an empty persona means this module's too)."""
+    return run_stub(tmp_path, listeners, persona or PERSONA, host='mfd-km', roles=('mfd-konica-minolta',))
 
 
 def free_udp_tcp_port() -> int:
@@ -69,49 +62,8 @@ def net_snmp_env(tmp_path):
     return {**os.environ, 'MIBS': '', 'SNMP_PERSISTENT_DIR': str(tmp_path / 'net-snmp')}
 
 
-@contextlib.contextmanager
-def stub(tmp_path: Path, listeners: list[dict], persona: dict | None = None):
-    log = tmp_path / 'requests.jsonl'
-    spec = tmp_path / 'spec.json'
-    spec.write_text(json.dumps({'host': 'mfd-km', 'roles': ['mfd-konica-minolta'],
-                                'listeners': listeners, 'log': str(log),
-                                'interface': '127.0.0.1', 'persona': persona or PERSONA}))
-    proc = subprocess.Popen([sys.executable, '-c', MAIN.format(module='roled'), str(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline().strip()
-        if not line.startswith('READY'):
-            raise AssertionError(f'stub did not start: {line} {proc.stderr.read()[-2000:]}')
-        yield log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-
-
-def records(log: Path, count: int = 1, wait: float = 3.0) -> list[dict]:
-    deadline = time.monotonic() + wait
-    while True:
-        found = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
 def run(argv: list[str], env, timeout: float = 15) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def probe(targets: list[dict]) -> list[dict]:
-    proc = subprocess.run([sys.executable, '-c', MAIN.format(module='prober')],
-                          input=json.dumps(targets), capture_output=True, text=True, timeout=20)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 # --- agent ---------------------------------------------------------------------
@@ -127,7 +79,7 @@ def test_snmpget_udp_and_tcp_read_the_persona(tmp_path, net_snmp_env):
                         SYS_DESCR, SYS_OBJECT_ID, HR_PRINTER_STATUS], net_snmp_env)
             assert done.returncode == 0, done.stderr
             outputs[transport] = done.stdout
-        seen = records(log, count=2)
+        seen = request_log(log, wait=3.0, count=2)
     for text in outputs.values():
         assert f'.{SYS_DESCR} = STRING: "KONICA MINOLTA bizhub C450i"' in text
         assert f'.{SYS_OBJECT_ID} = OID: .1.3.6.1.4.1.18334.1.2.1.2.1.107.1.1' in text
@@ -158,14 +110,14 @@ def test_snmpwalk_and_snmpbulkwalk(tmp_path, net_snmp_env):
 
 def test_snmpget_with_wrong_community_gets_no_answer(tmp_path, net_snmp_env):
     snmpget = tool('snmpget', 'snmp')
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     with stub(tmp_path, [{'transport': 'udp', 'port': port, 'protocol': 'snmp'}]) as log:
         done = run([snmpget, '-v2c', '-c', 'private', '-t', '1', '-r', '0',
                     f'127.0.0.1:{port}', SYS_DESCR], net_snmp_env)
         # Then the right one, proving the agent was there all along.
         good = run([snmpget, '-v2c', '-c', 'public', '-t', '1', '-r', '0',
                     f'127.0.0.1:{port}', SYS_DESCR], net_snmp_env)
-        seen = records(log)
+        seen = request_log(log, wait=3.0)
     assert done.returncode != 0 and 'Timeout' in done.stdout + done.stderr
     assert good.returncode == 0, good.stderr
     assert len(seen) == 1
@@ -176,7 +128,7 @@ def test_snmpget_with_wrong_community_gets_no_answer(tmp_path, net_snmp_env):
 def test_snmptrap_and_snmpinform_reach_our_receiver(tmp_path, net_snmp_env):
     snmptrap = tool('snmptrap', 'snmp')
     snmpinform = tool('snmpinform', 'snmp')
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     with stub(tmp_path, [{'transport': 'udp', 'port': port, 'protocol': 'snmp-trap'}],
               persona={}) as log:
         trap = run([snmptrap, '-v2c', '-c', 'public', f'127.0.0.1:{port}', '', COLD_START],
@@ -185,7 +137,7 @@ def test_snmptrap_and_snmpinform_reach_our_receiver(tmp_path, net_snmp_env):
                       f'127.0.0.1:{port}', '', COLD_START], net_snmp_env)
         v1 = run([snmptrap, '-v1', '-c', 'public', f'127.0.0.1:{port}', '1.3.6.1.4.1.8072',
                   '127.0.0.1', '6', '17', ''], net_snmp_env)
-        seen = records(log, count=3)
+        seen = request_log(log, wait=3.0, count=3)
     assert trap.returncode == 0, trap.stderr
     assert inform.returncode == 0, inform.stderr      # acknowledged
     assert v1.returncode == 0, v1.stderr
@@ -197,7 +149,7 @@ def test_snmptrap_and_snmpinform_reach_our_receiver(tmp_path, net_snmp_env):
 
 def test_snmptrapd_acknowledges_our_probe(tmp_path, net_snmp_env):
     snmptrapd = tool('snmptrapd', 'snmptrapd')
-    port = free_port()
+    port = free_port(socket.SOCK_DGRAM)
     conf = tmp_path / 'snmptrapd.conf'
     conf.write_text('authCommunity log public\n')
     log = tmp_path / 'snmptrapd.log'
@@ -213,7 +165,7 @@ def test_snmptrapd_acknowledges_our_probe(tmp_path, net_snmp_env):
             time.sleep(0.02)
         base = dict(host='127.0.0.1', transport='udp', protocol='snmp-trap', port=port,
                     timeout=2.0, flow='others-21')
-        results = probe([
+        results = probe_targets([
             {**base, 'id': 'state', 'options': {'state': 'authenticated'}},
             {**base, 'id': 'cold', 'options': {'trap_oid': COLD_START}},
             {**base, 'id': 'bad', 'timeout': 0.5, 'options': {'community': 'private'}},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from functools import partial
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -26,6 +27,8 @@ from twisted.python.failure import Failure
 from emulator import protocols
 from emulator.protocols import framed
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
+from tests import support
+from tests.support import fired, free_port
 
 PERSONA = Persona(host='spooler-1', roles=('spooler_controller', 'fts'))
 SERVER = IPv4Address('TCP', '198.18.0.2', 6010)
@@ -46,16 +49,6 @@ def unframe(data: bytes) -> list[bytes]:
         payloads.append(data[4:4 + length])
         data = data[4 + length:]
     return payloads
-
-
-def fired(d: Deferred):
-    """The result of a Deferred that must already have fired."""
-    box: list = []
-    d.addBoth(box.append)
-    assert box, 'Deferred has not fired'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 def tcp_server(reactor=None):
@@ -512,33 +505,8 @@ def test_registry_falls_back_to_framed():
 
 # --- loopback, real sockets -------------------------------------------------------
 
-def run_on_fresh_reactor(fn, limit: float = 5.0):
-    """Run ``fn(reactor)`` to completion on a new epoll reactor (not the global one)."""
-    from twisted.internet.epollreactor import EPollReactor
-    reactor = EPollReactor()
-    box: list = []
-
-    def go():
-        d = maybeDeferred(fn, reactor)
-        d.addBoth(box.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
-
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    """A port nothing listens on right now (the kernel picked it, we released it)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+# framed's loopback exchanges take milliseconds: a hang fails after 5 s.
+run_on_fresh_reactor = partial(support.run_on_fresh_reactor, limit=5.0)
 
 
 def loopback(transport, port, **overrides) -> ProbeTarget:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
 import socket
 import threading
 import zipfile
@@ -21,63 +20,17 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
 
 from emulator.protocols import ftp
 from emulator.protocols.base import Listener, Persona, ProbeTarget
+from tests.support import free_port, run_on_fresh_reactor
+from tests.support import free_port_pair as control_port
 
 PERSONA = Persona(host='terminal-server-1', roles=('terminal_server',),
                   identity={'vendor': 'Y Soft', 'passive_ports': [30000, 30999]})
 
 
 # --- helpers ------------------------------------------------------------------
-
-def run_on_fresh_reactor(fn, limit: float = 10.0):
-    """Run ``fn(reactor)`` to completion on a new epoll reactor (not the global one)."""
-    from twisted.internet.epollreactor import EPollReactor
-    reactor = EPollReactor()
-    box: list = []
-
-    def go():
-        d = maybeDeferred(fn, reactor)
-        d.addBoth(box.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def control_port() -> int:
-    """A free control port L whose data port L-1 is free too, below the ephemeral range.
-
-    A kernel-chosen listening port is odd and Linux hands the even ones to
-    connect(): L-1 would often be some client's port, and the stub would fall
-    back to an ephemeral source port (in the lab L is 21, so L-1 is 20)."""
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20001, 30000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(('127.0.0.1', port))
-                b.bind(('127.0.0.1', port - 1))
-        except OSError:
-            continue
-        return port
-    raise AssertionError('no free port pair found')
-
 
 class Blackhole:
     """A loopback port that drops SYNs: a listener with a full accept queue."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -30,6 +29,7 @@ from emulator.catalog import load_catalog
 from emulator.pki import make_test_pki
 from emulator.protocols import http
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
+from tests.support import free_port, fresh_reactor, run_on_reactor
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER = IPv4Address('TCP', '198.18.0.2', 5021)
@@ -120,33 +120,12 @@ def soap12(op: str, params: dict, ns='urn:safeq-lab:terminal') -> bytes:
 
 
 def run_on_fresh_reactor(fn, limit: float = 10.0):
-    """Run ``fn(reactor)`` to completion on a new epoll reactor (not the global one)."""
-    from twisted.internet.epollreactor import EPollReactor
-    reactor = EPollReactor()
-    box: list = []
-
-    def go():
-        d = maybeDeferred(fn, reactor)
-        d.addBoth(box.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    leftover = [c for c in reactor.getDelayedCalls() if c is not watchdog]
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
+    """Run ``fn(reactor)`` to completion on a new epoll reactor; it must leave no timer behind."""
+    reactor = fresh_reactor()
+    result = run_on_reactor(reactor, fn, limit)
+    leftover = reactor.getDelayedCalls()   # the runner's watchdog is cancelled or spent by now
     assert leftover == [], f'leaked delayed calls: {leftover}'
-    return box[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    return result
 
 
 def target(port: int, **overrides) -> ProbeTarget:

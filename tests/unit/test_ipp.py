@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import datetime
 import struct
+from functools import partial
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 
 from emulator import pki
-from emulator.protocols import ipp
+from emulator.protocols import ipp, probing
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from emulator.protocols.ipp import (BEG_COLLECTION, BOOLEAN, CHARSET, DATE_TIME, ENUM, INTEGER, JOB,
                                     KEYWORD, LANGUAGE, MIME, NAME, NAME_LANG, NO_VALUE, OCTET_STRING,
                                     OPERATION, PRINTER, RANGE, RESOLUTION, TEXT, TEXT_LANG, UNKNOWN,
                                     UNSUPPORTED, URI, Attribute, Context, Group, IppError, LangString,
                                     Message, Range, Resolution)
+from tests import support
 from tests.support import free_port, request_log, run_stub
 
 PERSONA = Persona(host='mfd-km', roles=('mfd',),
@@ -49,26 +51,8 @@ def operation_attrs(*more: Attribute) -> Group:
                              attr('attributes-natural-language', LANGUAGE, 'en'), *more])
 
 
-def run_on_fresh_reactor(fn, limit: float = 8.0):
-    """Run ``fn(reactor)`` to completion on a new epoll reactor (not the global one)."""
-    from twisted.internet.epollreactor import EPollReactor
-    reactor = EPollReactor()
-    box: list = []
-
-    def go():
-        d = maybeDeferred(fn, reactor)
-        d.addBoth(box.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
+# An IPP exchange is two requests on loopback: a hang fails after 8 s.
+run_on_fresh_reactor = partial(support.run_on_fresh_reactor, limit=8.0)
 
 
 def leftovers(reactor) -> list:
@@ -232,77 +216,68 @@ def test_unencodable_values_raise_ipp_error(attribute, message):
 
 # --- codec: properties (hypothesis) ---------------------------------------------
 
-try:
-    from hypothesis import given, settings, strategies as st
-except ImportError:  # hypothesis is a test extra; the golden table above still runs
-    st = None
 
-if st is None:
-    def test_property_round_trip_needs_hypothesis():
-        pytest.skip('pip install hypothesis for the round-trip property tests')
-else:
-
-    _ascii = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=20)
-    _utf8 = st.text(alphabet=st.characters(blacklist_categories=('Cs',)), max_size=20)
-    _int32 = st.integers(-(1 << 31), (1 << 31) - 1)
-    _datetimes = st.builds(
-        lambda dt, minutes: dt.replace(microsecond=dt.microsecond // 100000 * 100000,
-                                       tzinfo=datetime.timezone(datetime.timedelta(minutes=minutes))),
-        st.datetimes(min_value=datetime.datetime(1, 1, 2), max_value=datetime.datetime(9999, 12, 30)),
-        st.integers(-(23 * 60 + 59), 23 * 60 + 59))
-    _scalar = st.one_of(
-        st.tuples(st.sampled_from([INTEGER, ENUM]), _int32),
-        st.tuples(st.just(BOOLEAN), st.booleans()),
-        st.tuples(st.sampled_from([KEYWORD, URI, CHARSET, LANGUAGE, MIME]), _ascii),
-        st.tuples(st.sampled_from([TEXT, NAME]), _utf8),
-        st.tuples(st.sampled_from([TEXT_LANG, NAME_LANG]), st.builds(LangString, _ascii, _utf8)),
-        st.tuples(st.just(RANGE), st.builds(Range, _int32, _int32)),
-        st.tuples(st.just(RESOLUTION), st.builds(Resolution, _int32, _int32, st.sampled_from([3, 4]))),
-        st.tuples(st.just(DATE_TIME), _datetimes),
-        st.tuples(st.just(OCTET_STRING), st.binary(max_size=20)),
-        st.tuples(st.sampled_from([NO_VALUE, UNKNOWN, UNSUPPORTED]), st.none()),
-    )
+_ascii = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=20)
+_utf8 = st.text(alphabet=st.characters(blacklist_categories=('Cs',)), max_size=20)
+_int32 = st.integers(-(1 << 31), (1 << 31) - 1)
+_datetimes = st.builds(
+    lambda dt, minutes: dt.replace(microsecond=dt.microsecond // 100000 * 100000,
+                                   tzinfo=datetime.timezone(datetime.timedelta(minutes=minutes))),
+    st.datetimes(min_value=datetime.datetime(1, 1, 2), max_value=datetime.datetime(9999, 12, 30)),
+    st.integers(-(23 * 60 + 59), 23 * 60 + 59))
+_scalar = st.one_of(
+    st.tuples(st.sampled_from([INTEGER, ENUM]), _int32),
+    st.tuples(st.just(BOOLEAN), st.booleans()),
+    st.tuples(st.sampled_from([KEYWORD, URI, CHARSET, LANGUAGE, MIME]), _ascii),
+    st.tuples(st.sampled_from([TEXT, NAME]), _utf8),
+    st.tuples(st.sampled_from([TEXT_LANG, NAME_LANG]), st.builds(LangString, _ascii, _utf8)),
+    st.tuples(st.just(RANGE), st.builds(Range, _int32, _int32)),
+    st.tuples(st.just(RESOLUTION), st.builds(Resolution, _int32, _int32, st.sampled_from([3, 4]))),
+    st.tuples(st.just(DATE_TIME), _datetimes),
+    st.tuples(st.just(OCTET_STRING), st.binary(max_size=20)),
+    st.tuples(st.sampled_from([NO_VALUE, UNKNOWN, UNSUPPORTED]), st.none()),
+)
 
 
-    def _attribute(name: str, pairs) -> Attribute:
-        return Attribute(name, pairs[0][0], [v for _, v in pairs], tags=[t for t, _ in pairs])
+def _attribute(name: str, pairs) -> Attribute:
+    return Attribute(name, pairs[0][0], [v for _, v in pairs], tags=[t for t, _ in pairs])
 
 
-    def _members(values):
-        return st.dictionaries(_ascii, st.lists(values, min_size=1, max_size=3), max_size=3).map(
-            lambda d: {name: _attribute(name, pairs) for name, pairs in d.items()})
+def _members(values):
+    return st.dictionaries(_ascii, st.lists(values, min_size=1, max_size=3), max_size=3).map(
+        lambda d: {name: _attribute(name, pairs) for name, pairs in d.items()})
 
 
-    _value = st.one_of(_scalar, st.tuples(st.just(BEG_COLLECTION), _members(st.one_of(
-        _scalar, st.tuples(st.just(BEG_COLLECTION), _members(_scalar))))))
-    _attributes = st.lists(st.builds(_attribute, _ascii, st.lists(_value, min_size=1, max_size=3)), max_size=5)
-    _messages = st.builds(
-        Message, st.integers(0, 0xFFFF), _int32,
-        st.lists(st.builds(Group, st.sampled_from([OPERATION, JOB, PRINTER, 0x05, 0x07]), _attributes),
-                 max_size=3),
-        st.binary(max_size=40),
-        st.tuples(st.integers(0, 255), st.integers(0, 255)))
+_value = st.one_of(_scalar, st.tuples(st.just(BEG_COLLECTION), _members(st.one_of(
+    _scalar, st.tuples(st.just(BEG_COLLECTION), _members(_scalar))))))
+_attributes = st.lists(st.builds(_attribute, _ascii, st.lists(_value, min_size=1, max_size=3)), max_size=5)
+_messages = st.builds(
+    Message, st.integers(0, 0xFFFF), _int32,
+    st.lists(st.builds(Group, st.sampled_from([OPERATION, JOB, PRINTER, 0x05, 0x07]), _attributes),
+             max_size=3),
+    st.binary(max_size=40),
+    st.tuples(st.integers(0, 255), st.integers(0, 255)))
 
 
-    @settings(max_examples=300, deadline=None)
-    @given(_messages)
-    def test_property_decode_inverts_encode(message):
-        assert ipp.decode(ipp.encode(message)) == message
+@settings(max_examples=300, deadline=None)
+@given(_messages)
+def test_property_decode_inverts_encode(message):
+    assert ipp.decode(ipp.encode(message)) == message
 
 
-    @settings(max_examples=300, deadline=None)
-    @given(_messages, st.data())
-    def test_property_damaged_messages_raise_only_ipp_error(message, data):
-        wire = bytearray(ipp.encode(message))
-        cut = data.draw(st.integers(0, len(wire)))
-        if data.draw(st.booleans()) and cut < len(wire):
-            wire[cut] ^= data.draw(st.integers(1, 255))
-        else:
-            wire = wire[:cut]
-        try:
-            ipp.decode(bytes(wire))
-        except IppError:
-            pass
+@settings(max_examples=300, deadline=None)
+@given(_messages, st.data())
+def test_property_damaged_messages_raise_only_ipp_error(message, data):
+    wire = bytearray(ipp.encode(message))
+    cut = data.draw(st.integers(0, len(wire)))
+    if data.draw(st.booleans()) and cut < len(wire):
+        wire[cut] ^= data.draw(st.integers(1, 255))
+    else:
+        wire = wire[:cut]
+    try:
+        ipp.decode(bytes(wire))
+    except IppError:
+        pass
 
 
 # --- printer logic (no sockets) -------------------------------------------------
@@ -507,7 +482,7 @@ def _post(reactor, url: str, body: bytes, content_type: str = 'application/ipp',
 
     async def go():
         response = await agent.request(method, url.encode(), Headers({'content-type': [content_type]}),
-                                       ipp._Body(body) if method == b'POST' else None)
+                                       probing.BytesProducer(body) if method == b'POST' else None)
         reader = ipp._BodyReader()
         response.deliverBody(reader)
         payload = await reader.done

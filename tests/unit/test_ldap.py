@@ -31,7 +31,7 @@ from emulator import protocols
 from emulator.pki import make_test_pki
 from emulator.protocols import ldap, tls
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
-from tests.support import free_port, request_log, run_stub
+from tests.support import fired, free_port, request_log, run_on_reactor, run_stub, tls_clocked_reactor
 
 SERVER = IPv4Address('TCP', '198.18.0.2', 10389)
 CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
@@ -53,15 +53,6 @@ def other_pki(tmp_path_factory):
 def persona(pki: dict | None = None) -> Persona:
     return Persona(host='terminal-server', roles=('terminal-server',), address='127.0.0.1',
                    identity={'vendor': 'YSoft'}, **(pki or {}))
-
-
-def fired(d: Deferred):
-    box: list = []
-    d.addBoth(box.append)
-    assert box, 'Deferred has not fired'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 def decode_all(data: bytes) -> list[pureldap.LDAPMessage]:
@@ -678,29 +669,8 @@ def test_probe_never_errbacks_on_udp():
 # --- loopback, real sockets -------------------------------------------------------------
 
 def run_on_fresh_reactor(fn, monkeypatch, limit: float = 10.0):
-    """Run ``fn(reactor)`` to completion on a new epoll reactor (not the global one)."""
-    from twisted.internet.epollreactor import EPollReactor
-    from twisted.protocols import tls as twisted_tls
-    reactor = EPollReactor()
-    # Twisted's TLS layer flushes small writes on the *global* reactor's clock
-    # (twisted.protocols.tls._get_default_clock, a documented test hook).
-    monkeypatch.setattr(twisted_tls, '_get_default_clock', lambda: reactor)
-    box: list = []
-
-    def go():
-        d = maybeDeferred(fn, reactor)
-        d.addBoth(box.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
+    """Run ``fn(reactor)`` to completion on a new epoll reactor that TLS uses too."""
+    return run_on_reactor(tls_clocked_reactor(monkeypatch), fn, limit)
 
 
 def loopback(port, **overrides) -> ProbeTarget:

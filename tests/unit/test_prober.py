@@ -6,39 +6,22 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 
 from emulator import prober, protocols
 from emulator.protocols import framed, icmp
 from emulator.protocols.base import ProbeResult, ProbeTarget
+from tests.support import fired, run_prober
 
-REPO = Path(__file__).resolve().parents[2]
 BLACKHOLE = '192.0.2.1'  # TEST-NET-1: never routed, so connects would hang
-
-
-def fired(d: Deferred):
-    box: list = []
-    d.addBoth(box.append)
-    assert box, 'Deferred has not fired'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 def blackholed(count: int, timeout: float = 2.0, **overrides) -> list[ProbeTarget]:
     return [ProbeTarget(id=f'p{i}', host=BLACKHOLE, transport='tcp', protocol='safeq',
                         port=6000 + i, timeout=timeout, **overrides) for i in range(count)]
-
-
-def run_prober(stdin: str, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'emulator.prober', *args], input=stdin,
-                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
 # --- run_probes on a clock ------------------------------------------------------

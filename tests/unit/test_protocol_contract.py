@@ -12,7 +12,7 @@ import pytest
 from emulator import pki
 from emulator.catalog import load_catalog
 from emulator.protocols import module_for
-from tests.support import free_port, run_stub
+from tests.support import run_stub
 
 GARBAGE = b"\x00\xff\x16\x03GARBAGE \r\n\r\n" * 64
 
@@ -24,6 +24,18 @@ def served_kinds():
             if ep.channel == "service" and ep.port is not None and module_for(ep.protocol).listen is not None:
                 kinds.add((ep.protocol, ep.transport, ep.security))
     return sorted(kinds)
+
+
+def distinct_free_ports(kind, count):
+    """Ports free now and distinct from each other (free_port() may hand the same one out twice)."""
+    sockets = [socket.socket(socket.AF_INET, kind) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def probe(targets):
@@ -54,8 +66,10 @@ def test_every_served_protocol_answers_its_probe_and_survives_garbage(tmp_path):
                                            "time", "terminal", "discovery", "safeq"}
     material = pki.make_test_pki(tmp_path / "pki", host="stub.lab", address="127.0.0.1")
     listeners, targets = [], []
+    ports = {"tcp": distinct_free_ports(socket.SOCK_STREAM, len(kinds)),
+             "udp": distinct_free_ports(socket.SOCK_DGRAM, len(kinds))}
     for index, (protocol, transport, security) in enumerate(kinds):
-        port = free_port(socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM)
+        port = ports[transport][index]
         listeners.append({"transport": transport, "port": port, "protocol": protocol, "security": security})
         targets.append({"id": f"{protocol}/{transport}/{security}", "host": "127.0.0.1", "transport": transport,
                         "protocol": protocol, "port": port, "security": security, "timeout": 10.0,

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from emulator.protocols import raw
 from emulator.protocols.base import Listener, Persona, ProbeTarget
+from tests.support import fired, run_on_fresh_reactor
 
 PERSONA = Persona(host='mfd-km', roles=('mfd',),
                   identity={'make_model': 'KONICA MINOLTA bizhub C300i'})
@@ -30,15 +31,6 @@ SIZE = 70_000
 
 
 # --- helpers ------------------------------------------------------------------
-
-def fired(d: Deferred):
-    box: list = []
-    d.addBoth(box.append)
-    assert box, 'Deferred has not fired'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
 
 def server(persona=PERSONA):
     clock = MemoryReactorClock()
@@ -254,28 +246,6 @@ def test_probe_rejects_udp_targets_with_a_result():
 
 
 # --- loopback, real sockets -----------------------------------------------------
-
-def run_on_fresh_reactor(fn, limit: float = 10.0):
-    """Run ``fn(reactor)`` to completion on a new epoll reactor (not the global one)."""
-    from twisted.internet.epollreactor import EPollReactor
-    reactor = EPollReactor()
-    box: list = []
-
-    def go():
-        d = maybeDeferred(fn, reactor)
-        d.addBoth(box.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
 
 def loopback(port: int, **overrides) -> ProbeTarget:
     return target(host='127.0.0.1', port=port, **overrides)

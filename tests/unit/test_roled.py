@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from emulator import roled
 from emulator.protocols import framed
 from emulator.protocols.base import Listener, Persona, ProbeResult
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {
@@ -65,12 +66,6 @@ class FakeReactor(MemoryReactorClock):
 
     def listenUDP(self, port, protocol, interface='', maxPacketSize=8192):
         return self._bind('udp', port, protocol, interface)
-
-
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def write_spec(tmp_path, spec) -> Path:

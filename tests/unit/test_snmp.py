@@ -19,10 +19,11 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 
 from emulator.protocols import snmp
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
+from tests import support
+from tests.support import free_port
 from pysnmp.proto import rfc1905
 from pysnmp.proto.api import v1, v2c
 
@@ -44,40 +45,23 @@ def run_on_fresh_reactor(fn, limit: float = 8.0):
     finished (delayed calls, file descriptors beyond the reactor's own), so
     tests can prove nothing leaked.
     """
-    from twisted.internet.epollreactor import EPollReactor
-    reactor = EPollReactor()
-    box: list = []
     leftovers: list = []
-    baseline: set = set()
 
-    def go():
-        baseline.update(reactor.getReaders() + reactor.getWriters())
-        d = maybeDeferred(fn, reactor)
+    def traced(reactor):
+        # Taken as fn starts: the reactor's own waker and the runner's watchdog.
+        delayed = set(reactor.getDelayedCalls())
+        baseline = set(reactor.getReaders() + reactor.getWriters())
 
         def finished(result):
-            leftovers.extend(c for c in reactor.getDelayedCalls() if c is not watchdog)
+            # Taken before the reactor stops: shutdown closes every socket.
+            leftovers.extend(c for c in reactor.getDelayedCalls() if c not in delayed)
             leftovers.extend(s for s in reactor.getReaders() + reactor.getWriters()
                              if s not in baseline)
-            box.append(result)
-            reactor.stop()
+            return result
 
-        d.addBoth(finished)
+        return maybeDeferred(fn, reactor).addBoth(finished)
 
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0], leftovers
-
-
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    return support.run_on_fresh_reactor(traced, limit), leftovers
 
 
 def target(port, transport='udp', protocol='snmp', **overrides) -> ProbeTarget:

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from emulator import pki
 from emulator.protocols import framed, terminal
 from emulator.protocols.base import Listener, Persona, ProbeTarget
+from tests.support import run_on_reactor
 
 PERSONA = Persona(host='terminal-server-1', roles=('terminal-server',), address='198.18.0.4',
                   identity={'version': '6.0.87'})
@@ -38,15 +39,6 @@ def unframe(data: bytes) -> list[tuple[dict, bytes]]:
         out.append(framed.decode(data[4:4 + length]))
         data = data[4 + length:]
     return out
-
-
-def fired(d: Deferred):
-    box: list = []
-    d.addBoth(box.append)
-    assert box, 'Deferred has not fired'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 def server(security='plain', persona=PERSONA):
@@ -238,37 +230,6 @@ def test_listen_refuses_odd_listeners():
 # --- loopback, real sockets -----------------------------------------------------------
 
 @pytest.fixture
-def fresh_reactor(monkeypatch):
-    """A new epoll reactor per test. Twisted's TLS layer aggregates small writes
-    on the *global* reactor's clock (twisted.protocols.tls._get_default_clock,
-    documented as the hook to patch in tests), so point it at ours."""
-    from twisted.internet.epollreactor import EPollReactor
-    import twisted.protocols.tls as twisted_tls
-    reactor = EPollReactor()
-    monkeypatch.setattr(twisted_tls, '_get_default_clock', lambda: reactor)
-    return reactor
-
-
-def run(reactor, fn, limit: float = 10.0):
-    box: list = []
-
-    def go():
-        d = maybeDeferred(fn, reactor)
-        d.addBoth(box.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
-
-@pytest.fixture
 def tls_persona(tmp_path):
     material = pki.make_test_pki(tmp_path / 'pki', host='stub.lab', address='127.0.0.1')
     return Persona(host='stub', roles=('payment-system',), address='127.0.0.1', **material)
@@ -287,7 +248,7 @@ def session(reactor, persona, listener, records, **target_fields):
         finally:
             await maybeDeferred(port.stopListening)
 
-    return run(reactor, lambda r: Deferred.fromCoroutine(body(r)))
+    return run_on_reactor(reactor, lambda r: Deferred.fromCoroutine(body(r)))
 
 
 @pytest.mark.parametrize('security', ['plain', 'tls', 'starttls', 'optional'])
@@ -346,7 +307,7 @@ def test_loopback_plain_probe_against_tls_port(fresh_reactor, tls_persona):
         finally:
             await maybeDeferred(port.stopListening)
 
-    result = run(fresh_reactor, lambda r: Deferred.fromCoroutine(body(r)))
+    result = run_on_reactor(fresh_reactor, lambda r: Deferred.fromCoroutine(body(r)))
     assert result.outcome in ('protocol_error', 'timeout'), result
     assert records == []
 
@@ -365,7 +326,7 @@ def test_loopback_stub_keeps_serving_after_malformed_clients(fresh_reactor):
         finally:
             await maybeDeferred(port.stopListening)
 
-    result = run(fresh_reactor, lambda r: Deferred.fromCoroutine(body(r)))
+    result = run_on_reactor(fresh_reactor, lambda r: Deferred.fromCoroutine(body(r)))
     assert result.outcome == 'ok', result
     assert [r['op'] for r in records] == ['login', 'jobs', 'logout']
 
@@ -389,7 +350,7 @@ def test_loopback_discovery(fresh_reactor):
         finally:
             await maybeDeferred(port.stopListening)
 
-    error, result = run(fresh_reactor, lambda r: Deferred.fromCoroutine(body(r)))
+    error, result = run_on_reactor(fresh_reactor, lambda r: Deferred.fromCoroutine(body(r)))
     assert framed.decode(error)[0]['ok'] is False
     assert result.outcome == 'ok', result
     assert result.peer_seen == '127.0.0.1' and 'terminal-server-1' in result.exchange
@@ -401,6 +362,6 @@ def test_loopback_discovery_closed_port(fresh_reactor):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(('127.0.0.1', 0))
         number = s.getsockname()[1]
-    result = run(fresh_reactor, lambda r: terminal.probe(
+    result = run_on_reactor(fresh_reactor, lambda r: terminal.probe(
         r, target(host='127.0.0.1', port=number, transport='udp', protocol='discovery', timeout=1.0)))
     assert result.outcome in ('refused', 'timeout'), result

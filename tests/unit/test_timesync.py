@@ -16,20 +16,12 @@ from twisted.python.failure import Failure
 
 from emulator.protocols import timesync
 from emulator.protocols.base import Listener, Persona, ProbeTarget
+from tests.support import fired, run_on_fresh_reactor
 
 PERSONA = Persona(host='terminal-server-1', roles=('terminal-server',))
 SERVER = IPv4Address('TCP', '198.18.0.3', 37)
 CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
 NOW = 1_780_000_000.25          # a lab clock reading (2026)
-
-
-def fired(d: Deferred):
-    box: list = []
-    d.addBoth(box.append)
-    assert box, 'Deferred has not fired'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 def clock_at(seconds: float) -> MemoryReactorClock:
@@ -204,28 +196,6 @@ def test_tcp_probe_short_answer_is_a_protocol_error():
 
 
 # --- loopback, real sockets -----------------------------------------------------
-
-def run_on_fresh_reactor(fn, limit: float = 10.0):
-    """Run ``fn(reactor)`` to completion on a new epoll reactor (not the global one)."""
-    from twisted.internet.epollreactor import EPollReactor
-    reactor = EPollReactor()
-    box: list = []
-
-    def go():
-        d = maybeDeferred(fn, reactor)
-        d.addBoth(box.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    watchdog = reactor.callLater(limit, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    if watchdog.active():
-        watchdog.cancel()
-    assert box, f'did not finish within {limit} s'
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
 
 class SkewedClock:
     """The stub's reactor, but its clock is ``skew`` seconds off."""

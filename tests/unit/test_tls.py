@@ -1,17 +1,7 @@
 """TLS through the lab CA: the framed stub on a secured port, verified by the probe."""
-import json
-import subprocess
-import sys
-
 from emulator import pki
 from tests.support import free_port, run_stub
-
-
-def probe(targets):
-    proc = subprocess.run([sys.executable, "-m", "emulator.prober"], input=json.dumps(targets),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+from tests.support import probe_targets as probe
 
 
 def test_secured_port_speaks_tls_verified_by_chain_and_host_name(tmp_path):
