@@ -5,6 +5,7 @@ network namespace (`unshare --net`), so the host's own rules are never touched.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections import defaultdict
@@ -155,6 +156,8 @@ def validate(ruleset: Ruleset) -> None:
 
     A real load, not `--test`: iptables-nft's test mode accepts jumps to chains that do not exist.
     """
+    if os.geteuid() != 0:
+        raise LabError("checking a ruleset needs root (it is loaded into a throwaway network namespace): run it with sudo")
     if ruleset.format == "iptables":
         command = [_tool("iptables-restore", "iptables")]
     else:

@@ -21,6 +21,7 @@ BRIDGE_PREFIX = "sqlab"  # every bridge the lab creates is sqlab<N>; `safeq-lab 
 # Mininet names interfaces "<host>-eth0"; Linux caps interface names at 15 chars.
 HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 ZONE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+TOPOLOGY_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 FIRST_HOST_OFFSET = 10  # .1 is the firewall; hosts start at .10 unless given an address
 
 
@@ -159,6 +160,8 @@ def _parse_link(path, where, raw) -> LinkShape:
 
 def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
     _check_keys(path, "top level", raw, ("name", "description", "firewall", "zones"), ("name", "zones"))
+    if not isinstance(raw["name"], str) or not TOPOLOGY_NAME.match(raw["name"]):
+        raise _fail(path, "name", f"{raw['name']!r}: lowercase letters, digits and '-' only")
     firewall = raw.get("firewall", "fw")
     if not isinstance(firewall, str) or not HOST_NAME.match(firewall):
         raise _fail(path, "firewall", f"{firewall!r} is not a valid node name (lowercase, at most 10 chars)")

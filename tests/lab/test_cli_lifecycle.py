@@ -133,3 +133,20 @@ def test_zone_link_loss_drops_that_zones_traffic(lab_host, tmp_path):
     lines = [l for l in proc.stdout.splitlines() if " allow " in l]
     assert lines and all("BLOCKED" in l for l in lines)
     assert footprint() == CLEAN
+
+
+def test_an_nft_ruleset_is_applied_like_an_iptables_one(lab_host, tmp_path):
+    topo = small_topology(tmp_path)
+    nft = tmp_path / "site.nft"
+    generated = run_cli("rules", "generate", "--topology", topo, "--format", "nft", "-o", str(nft))
+    assert generated.returncode == 0, generated.stderr
+    good = run_cli("audit", "--topology", topo, "--rules", str(nft))
+    assert good.returncode == 0, good.stdout[-2000:] + good.stderr
+    assert f"rules: {nft}" in good.stdout
+    # the same ruleset without its FTP helper: the scan upload's data channel breaks, nothing else
+    nft.write_text("\n".join(l for l in nft.read_text().splitlines() if "ct helper set" not in l) + "\n")
+    broken = run_cli("audit", "--topology", topo, "--rules", str(nft))
+    assert broken.returncode == 1
+    bad = [l for l in broken.stdout.splitlines() if " BROKEN" in l and not l.startswith("summary")]
+    assert bad and all(" ftp " in l and "data channel" in l for l in bad), bad
+    assert footprint() == CLEAN

@@ -40,3 +40,9 @@ def test_catalog_lists_and_filters():
     assert proc.stdout.strip().splitlines()[-1].split()[0] != "0"
     # a port matches the rows naming it and the FTP data ranges holding it
     assert all("5022/" in line or "1024-65535/" in line for line in proc.stdout.strip().splitlines()[:-1])
+
+
+def test_rules_check_without_root_says_so(tmp_path):
+    ruleset = tmp_path / "r.rules"
+    ruleset.write_text("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
+    assert_one_line(run_patched("os.geteuid = lambda: 1000", "rules", "check", str(ruleset)), "needs root", "sudo")

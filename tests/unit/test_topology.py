@@ -49,6 +49,7 @@ def test_unknown_topology_names_the_choices():
     ("name: t\nzones:\n  - {name: a, subnet: 198.18.1.0/24, hosts: [{name: h1, roles: [user]}, {name: h1, roles: [mfd]}]}\n", "duplicate node name"),
     ("name: t\nzones:\n  - {name: a, subnet: 198.18.1.0/24, hosts: [{name: averyveryverylongname, roles: [user]}]}\n", "at most 10 chars"),
     ("name: t\nzones: [\n", "not valid YAML"),
+    ("name: ../../etc\nzones:\n  - {name: a, subnet: 198.18.1.0/24, hosts: [{name: h1, roles: [user]}]}\n", "name: '../../etc'"),
     ("name: t\nzones:\n  - {name: a, subnet: 198.18.1.0/24, link: {loss: 150}, hosts: [{name: h1, roles: [user]}]}\n", "percentage"),
 ])
 def test_bad_topologies_name_file_and_field(tmp_path, text, message):
