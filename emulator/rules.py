@@ -96,8 +96,9 @@ def _generate_nft(topology: Topology, checks: list[Check]) -> str:
              "table inet safeq_lab {"]
     ftp = _ftp_servers(topology, checks)
     if ftp:
+        # the helper is attached after conntrack has seen the packet (priority filter, not raw)
         lines += ['  ct helper ftp_helper { type "ftp" protocol tcp; }',
-                  "  chain prerouting {", "    type filter hook prerouting priority raw; policy accept;"]
+                  "  chain prerouting {", "    type filter hook prerouting priority filter; policy accept;"]
         lines += [f"    ip daddr {a} tcp dport {p} ct helper set \"ftp_helper\" comment \"ftp data channels via conntrack helper\""
                   for a, p in ftp]
         lines.append("  }")
