@@ -83,7 +83,7 @@ def _generate_iptables(topology: Topology, checks: list[Check]) -> str:
               "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
               "-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
     for (src, dst, transport, port), flow_ids in _grouped(topology, checks):
-        match = (f"-p icmp -m icmp --icmp-type 8" if transport == "icmp"
+        match = ("-p icmp -m icmp --icmp-type 8" if transport == "icmp"
                  else f"-p {transport} -m {transport} --dport {port}")
         lines.append(f"-A FORWARD -s {src}/32 -d {dst}/32 {match} -m conntrack --ctstate NEW "
                      f"-m comment --comment \"{_comment(flow_ids)}\" -j ACCEPT")

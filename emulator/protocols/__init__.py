@@ -16,7 +16,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 
-from . import framed, icmp
+from . import framed
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 
 # catalog wire protocol id -> module name in this package. Ids not listed here (SafeQ's

@@ -48,12 +48,10 @@ import secrets
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG
+from .serving import StubConnection, StubFactory, listen_plain_tcp
 from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
 from .raw import postscript_job
 
@@ -93,7 +91,7 @@ def parse_control(data: bytes) -> dict[str, Any]:
 
 # --- server stub ----------------------------------------------------------------
 
-class _LpdServer(LineReceiver, TimeoutMixin):
+class _LpdServer(StubConnection, LineReceiver):
     delimiter = b'\n'
     MAX_LENGTH = MAX_LINE
 
@@ -110,13 +108,7 @@ class _LpdServer(LineReceiver, TimeoutMixin):
         self.files = 0
         self.info: dict[str, Any] = {}
 
-    def callLater(self, period, func):
-        return self.factory.reactor.callLater(period, func)
 
-    def connectionMade(self) -> None:
-        self.port = self.transport.getHost().port
-        self.peer = self.transport.getPeer().host
-        self.setTimeout(IDLE_TIMEOUT)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == 'closing':
@@ -257,27 +249,14 @@ class _LpdServer(LineReceiver, TimeoutMixin):
                                           'peer': self.peer, **fields})
 
 
-class _LpdFactory(Factory):
-    noisy = False
-
-    def __init__(self, reactor, persona: Persona, on_request: OnRequest | None) -> None:
-        self.reactor = reactor
-        self.persona = persona
-        self.on_request = on_request
-
-    def buildProtocol(self, addr) -> _LpdServer:
-        return _LpdServer(self)
+class _LpdFactory(StubFactory):
+    protocol = _LpdServer
 
 
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = ''):
     """Serve LPD on ``listener`` (plain TCP only: RFC 1179 has no TLS)."""
-    if listener.transport != 'tcp':
-        raise ValueError(f'lpr is a TCP protocol, not {listener.transport}')
-    if listener.security != 'plain':
-        raise ValueError(f'lpr has no TLS; listener security {listener.security!r}')
-    return reactor.listenTCP(listener.port, _LpdFactory(reactor, persona, on_request),
-                             backlog=LISTEN_BACKLOG, interface=interface)
+    return listen_plain_tcp(reactor, listener, _LpdFactory(reactor, persona, on_request), 'lpr', interface)
 
 
 # --- client probe ---------------------------------------------------------------------

@@ -74,12 +74,11 @@ import secrets
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.policies import TimeoutMixin
+from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG
+from .serving import StubConnection, StubFactory, listen_plain_tcp
 from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('raw',)
@@ -175,7 +174,7 @@ def reply_fields(lines: list[str]) -> dict[str, str]:
 # =============================================================================
 
 @implementer(IHalfCloseableProtocol)
-class _RawServer(Protocol, TimeoutMixin):
+class _RawServer(StubConnection, Protocol):
 
     def __init__(self, factory: _RawFactory) -> None:
         self.factory = factory
@@ -195,14 +194,7 @@ class _RawServer(Protocol, TimeoutMixin):
         self.closing = False
         self.end = 'close'
 
-    def callLater(self, period, func):
-        return self.factory.reactor.callLater(period, func)
 
-    def connectionMade(self) -> None:
-        # Kept now: the socket is gone by the time connectionLost reports.
-        self.port = self.transport.getHost().port
-        self.peer = self.transport.getPeer().host
-        self.setTimeout(IDLE_TIMEOUT)
 
     # --- input ---------------------------------------------------------------
 
@@ -342,27 +334,15 @@ class _RawServer(Protocol, TimeoutMixin):
             'job': self.job, 'end': self.end})
 
 
-class _RawFactory(Factory):
-    noisy = False
-
-    def __init__(self, reactor, persona: Persona, on_request: OnRequest | None) -> None:
-        self.reactor = reactor
-        self.persona = persona
-        self.on_request = on_request
-
-    def buildProtocol(self, addr) -> _RawServer:
-        return _RawServer(self)
+class _RawFactory(StubFactory):
+    protocol = _RawServer
 
 
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = ''):
     """Serve RAW/JetDirect on ``listener`` (plain TCP only)."""
-    if listener.transport != 'tcp':
-        raise ValueError(f'raw is a TCP protocol, not {listener.transport}')
-    if listener.security != 'plain':
-        raise ValueError(f'raw (JetDirect) has no TLS; listener security {listener.security!r}')
-    return reactor.listenTCP(listener.port, _RawFactory(reactor, persona, on_request),
-                             backlog=LISTEN_BACKLOG, interface=interface)
+    return listen_plain_tcp(reactor, listener, _RawFactory(reactor, persona, on_request), 'raw (JetDirect)',
+                            interface)
 
 
 # =============================================================================

@@ -71,13 +71,13 @@ import secrets
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.protocol import DatagramProtocol
 from twisted.protocols.basic import Int32StringReceiver
-from twisted.protocols.policies import TimeoutMixin
 
 from . import framed
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG, FramedError
+from .framed import FramedError
+from .serving import StubConnection, StubFactory
 from .probing import DatagramProbe, OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('terminal', 'discovery')
@@ -152,7 +152,7 @@ class _RequestError(Exception):
     """A request the server answers with an error reply and a close."""
 
 
-class _TerminalServer(Int32StringReceiver, TimeoutMixin):
+class _TerminalServer(StubConnection, Int32StringReceiver):
     MAX_LENGTH = framed.MAX_FRAME
 
     def __init__(self, factory: _TerminalFactory) -> None:
@@ -162,13 +162,7 @@ class _TerminalServer(Int32StringReceiver, TimeoutMixin):
         self.tls = factory.security == 'tls'
         self.closing = False
 
-    def callLater(self, period, func):
-        return self.factory.reactor.callLater(period, func)
 
-    def connectionMade(self) -> None:
-        self.port = self.transport.getHost().port
-        self.peer = self.transport.getPeer().host
-        self.setTimeout(IDLE_TIMEOUT)
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
@@ -273,18 +267,8 @@ class _TerminalServer(Int32StringReceiver, TimeoutMixin):
         self.setTimeout(None)
 
 
-class _TerminalFactory(Factory):
-    noisy = False
-
-    def __init__(self, reactor, persona: Persona, security: str,
-                 on_request: OnRequest | None) -> None:
-        self.reactor = reactor
-        self.persona = persona
-        self.security = security
-        self.on_request = on_request
-
-    def buildProtocol(self, addr) -> _TerminalServer:
-        return _TerminalServer(self)
+class _TerminalFactory(StubFactory):
+    protocol = _TerminalServer
 
 
 # --- server: discovery --------------------------------------------------------------
@@ -337,14 +321,14 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
                                  interface=interface, maxPacketSize=framed.MAX_DATAGRAM + 1)
     if listener.transport != 'tcp':
         raise ValueError(f'terminal sessions run over TCP, not {listener.transport}')
-    factory = _TerminalFactory(reactor, persona, listener.security, on_request)
+    factory = _TerminalFactory(reactor, persona, on_request, listener.security)
     if listener.security == 'tls':
         from . import tls as tls_helper
         return tls_helper.listen_tls(reactor, listener.port, factory, persona, interface=interface)
     if listener.security in ('starttls', 'optional'):
         from . import tls as tls_helper
         tls_helper.server_options(persona)   # fail at bind time, not at the first STARTTLS
-    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
+    return reactor.listenTCP(listener.port, factory, backlog=framed.LISTEN_BACKLOG, interface=interface)
 
 
 # --- client probes ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from emulator.protocols import ftp
-from tests.support import free_port, request_log, run_stub
+from tests.support import request_log, run_stub
 from tests.support import free_port_pair as control_port
 
 pytestmark = pytest.mark.interop

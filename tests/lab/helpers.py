@@ -1,7 +1,6 @@
 """Helpers shared by lab tests: the lab's footprint on the host, and CLI runs."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

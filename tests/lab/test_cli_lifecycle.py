@@ -1,15 +1,12 @@
 """The command line as a user meets it: exit codes, one-line errors, teardown on every path."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from emulator.state import RUN_DIR
 from tests.lab.helpers import SAFEQ_LAB, footprint, run_cli, small_topology
 
 pytestmark = pytest.mark.lab

@@ -17,7 +17,7 @@ from twisted.internet.testing import (MemoryReactorClock, StringTransport,
                                       StringTransportWithDisconnection)
 from twisted.python.failure import Failure
 
-from emulator.protocols import lpd, raw
+from emulator.protocols import serving, lpd, raw
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import fired, run_on_fresh_reactor
 
@@ -156,9 +156,9 @@ def test_server_does_not_log_an_aborted_or_cut_job():
 def test_server_drops_idle_connection():
     clock, proto, transport, _ = server()
     proto.dataReceived(b'\x02lp\n')
-    clock.advance(lpd.IDLE_TIMEOUT - 1)
+    clock.advance(serving.IDLE_TIMEOUT - 1)
     proto.dataReceived(b'\x03')                            # any byte counts as activity
-    clock.advance(lpd.IDLE_TIMEOUT - 1)
+    clock.advance(serving.IDLE_TIMEOUT - 1)
     assert not transport.disconnected
     clock.advance(1)
     assert transport.disconnected

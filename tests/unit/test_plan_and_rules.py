@@ -1,6 +1,5 @@
 """The audit plan and the generated ruleset, from the catalog and the default topology."""
 import re
-import shutil
 
 import pytest
 
@@ -8,7 +7,7 @@ import roles
 from emulator import rules
 from emulator.catalog import load_catalog
 from emulator.errors import LabError
-from emulator.plan import audit_plan, flow_checks
+from emulator.plan import audit_plan
 from emulator.topology import load_topology
 
 

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 from emulator import pki
 from emulator.catalog import load_catalog

@@ -19,7 +19,7 @@ from twisted.internet.testing import (MemoryReactorClock, StringTransport,
                                       StringTransportWithDisconnection)
 from twisted.python.failure import Failure
 
-from emulator.protocols import raw
+from emulator.protocols import serving, raw
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import fired, run_on_fresh_reactor
 
@@ -170,7 +170,7 @@ def test_silent_connection_is_not_a_job():
 def test_server_drops_idle_connection_and_logs_the_partial_job():
     clock, proto, transport, records = server()
     proto.dataReceived(raw.UEL + b'@PJL ENTER LANGUAGE=POSTSCRIPT\n%!PS\n')
-    clock.advance(raw.IDLE_TIMEOUT)
+    clock.advance(serving.IDLE_TIMEOUT)
     assert transport.disconnected
     proto.connectionLost(Failure(ConnectionDone()))
     assert records[0]['end'] == 'timeout' and records[0]['pdl_bytes'] == 5

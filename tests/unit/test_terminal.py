@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from emulator import pki
-from emulator.protocols import framed, terminal
+from emulator.protocols import serving, framed, terminal
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import run_on_reactor
 
@@ -186,7 +186,7 @@ def test_starttls_listener_needs_a_certificate():
 
 def test_server_drops_idle_connection():
     clock, proto, transport, _ = server()
-    clock.advance(terminal.IDLE_TIMEOUT)
+    clock.advance(serving.IDLE_TIMEOUT)
     assert transport.disconnected
     proto.connectionLost(Failure(ConnectionError()))
     assert clock.getDelayedCalls() == []

@@ -1,0 +1,47 @@
+"""Server-side plumbing shared by stream stubs: the factory that carries reactor, persona and the
+witness callback, and the connection basics (port, peer, idle timeout). No protocol logic here."""
+from __future__ import annotations
+
+from twisted.internet.protocol import Factory
+from twisted.protocols.policies import TimeoutMixin
+
+from .base import Listener, Persona
+from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG
+from .probing import OnRequest
+
+
+class StubFactory(Factory):
+    """Builds `protocol(factory)` connections that share the reactor, persona and on_request."""
+
+    noisy = False
+
+    def __init__(self, reactor, persona: Persona, on_request: OnRequest | None, security: str = 'plain') -> None:
+        self.reactor = reactor
+        self.persona = persona
+        self.on_request = on_request
+        self.security = security
+
+    def buildProtocol(self, addr):
+        return self.protocol(self)
+
+
+class StubConnection(TimeoutMixin):
+    """Mixin: remembers the local port and the peer's address, drops silent connections."""
+
+    def callLater(self, period, func):  # TimeoutMixin's timer on the injected reactor
+        return self.factory.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        # Kept now: the socket is gone by the time connectionLost reports.
+        self.port = self.transport.getHost().port
+        self.peer = self.transport.getPeer().host
+        self.setTimeout(IDLE_TIMEOUT)
+
+
+def listen_plain_tcp(reactor, listener: Listener, factory: Factory, name: str, interface: str = ''):
+    """Listen for a protocol that only exists as plain TCP (no TLS variant: LPD, JetDirect)."""
+    if listener.transport != 'tcp':
+        raise ValueError(f'{name} is a TCP protocol, not {listener.transport}')
+    if listener.security != 'plain':
+        raise ValueError(f'{name} has no TLS; listener security {listener.security!r}')
+    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
