@@ -8,8 +8,8 @@ if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: run it as root (e.g. sudo ./setup.sh): it installs Debian packages and the lab needs namespaces" >&2
   exit 1
 fi
-packages=(mininet bridge-utils iptables nftables iproute2 iputils-ping tcpdump util-linux kmod
-          python3 python3-venv python3-dev build-essential libnetfilter-queue-dev
+packages=(mininet bridge-utils iptables nftables iproute2 iputils-ping tcpdump util-linux kmod procps
+          python3 python3-venv
           curl lftp ldap-utils snmp snmptrapd rdate cups-ipp-utils openssl nmap netcat-openbsd)
 missing=()
 for p in "${packages[@]}"; do

@@ -133,7 +133,7 @@ class Lab:
         state.record(self.topology, pids=[], note="building")
         net.build()
         net.start()
-        firewall.cmd("sysctl -qw net.ipv4.ip_forward=1")
+        firewall.cmd("echo 1 > /proc/sys/net/ipv4/ip_forward")  # per-namespace; no procps needed
         state.record(self.topology, pids=[n.pid for n in net.hosts])
         self._apply_loss()
 
