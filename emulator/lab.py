@@ -25,7 +25,7 @@ from emulator.rules import Ruleset, apply_commands
 from emulator.topology import LinkShape, Topology
 
 DAEMON_READY_TIMEOUT = 60.0
-PROBE_CONCURRENCY = 256
+PROBE_CONCURRENCY = 1024  # one wave: a dropped SYN costs one timeout per host, not one per 256 probes
 PROBE_JOB_TIMEOUT = 600.0
 
 

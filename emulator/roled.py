@@ -20,6 +20,7 @@ through, and the daemon says it saw that client on that port.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -225,6 +226,14 @@ class ProbeControlFactory(Factory):
         self.reactor = reactor
 
 
+def _raise_file_limit(wanted: int = 8192) -> None:
+    # An audit probes ~1000 ports at once from some hosts; the common soft limit of 1024 fds is too few.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -238,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
+    _raise_file_limit()
     reactor.suggestThreadPoolSize(64)  # FTP probes run ftplib in threads: let many run at once
 
     try:
