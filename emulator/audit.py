@@ -1,47 +1,67 @@
-"""The audit: probe every planned check in a running lab and judge each one.
+"""The audit: run every planned check in a running lab, gather the evidence, judge, attribute.
 
-Verdicts are a pure function of the check and the probe outcome (`judge`), tested without a lab.
+Phases, each with the firewall's own record (emulator.witness) emptied before it:
+1. required flows: every host runs its probes at once (full protocol exchanges), with the
+   filtering nodes tracing first packets (emulator.trace) so a drop can be tied to its rule;
+2. exposure sweep: every host knocks on every port it has no business with (no tracing: tens of
+   thousands of packets), then the record says which knocks each node let through;
+3. the exposures found are knocked again with tracing on, to name the rule that let them in.
+Verdicts come from `evidence.judge`, a pure function; formatting lives in emulator.report.
 """
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 
+from emulator import attribution, trace, witness
 from emulator.catalog import Catalog
+from emulator.evidence import FIREWALL_FINDINGS, LAB_FAULTS, PASSED, Evidence, HopRecord, Judgement, Verdict, judge
 from emulator.pki import server_name
-from emulator.plan import Check
+from emulator.plan import Check, CheckKind
 from emulator.protocols.base import ProbeResult, ProbeTarget
+from emulator.rules import Ruleset
 from emulator.topology import Topology
 
 PROBE_TIMEOUT = 5.0
-PASSED = ("ALLOWED", "UNENCRYPTED")
-REACHED = ("ok", "protocol_error")  # the port answered through the firewall, whatever it said
+KNOCK_SETTLE = 0.5  # seconds for the last knocks to cross the firewall before its record is read
 
-# Exit status bits of `safeq-lab audit`.
+# Exit status bits of `safeq-lab audit` (4 is bad input, set by the CLI).
 EXIT_BLOCKED = 1
 EXIT_EXPOSED = 2
+EXIT_LAB_FAULT = 8
+
+# SafeQ's proprietary links carry job metadata of 40-60 kB per job (vendor document); print
+# jobs are larger. Protocols not named here send their module's own realistic default.
+PAYLOAD_SIZES = {"safeq": 48 * 1024, "lpr": 64 * 1024, "raw": 64 * 1024, "ipp": 64 * 1024}
 
 
 @dataclass(frozen=True)
 class FlowVerdict:
     check: Check
-    expected: str  # 'allow' | 'block' | '-'
-    observed: str  # probe outcome, or 'local' / 'n/a'
-    verdict: str  # ALLOWED | UNENCRYPTED | BLOCKED | BROKEN | EXPOSED | CLOSED | LOCAL | NO-PEER | NOT-EXERCISED
+    verdict: Verdict
+    observed: str = ""      # the probe's outcome; 'knock' for an exposure knock
     exchange: str = ""
     detail: str = ""
     elapsed: float = 0.0
-    certificate: str = ""  # 'pre-installed' when the server presented the lab's pre-installed certificate
+    certificate: str = ""   # 'pre-installed' when the server presented the lab's pre-installed certificate
+    node: str = ""          # the filtering node whose record decided a finding
+    direction: str = ""     # which packet that node stopped: 'request', 'reply' or 'data'
+    rule: str = ""          # the rule (file:line: text, or the chain policy) that decided it
+    fix: str = ""           # for a blocked required flow: the rule that would admit it, in the input's format
+
+    @property
+    def expected(self) -> str:
+        return {CheckKind.REQUIRED: "allow", CheckKind.EXPOSURE: "block"}.get(self.check.kind, "-")
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        ep = self.check.endpoint
-        data["check"] = {"kind": self.check.kind, "flow": self.check.flow_id, "client": self.check.client_host,
-                         "server": self.check.server_host, "endpoint": ep.label() if ep else None,
-                         "variant": self.check.variant,
-                         "protocol": ep.protocol if ep else None}
-        return data
+        c, ep = self.check, self.check.endpoint
+        return {"check": {"kind": str(c.kind), "flow": c.flow_id, "client": c.client_host, "server": c.server_host,
+                          "endpoint": ep.label() if ep else None, "protocol": ep.protocol if ep else None,
+                          "variant": c.variant, "path": [e.node for e in c.enforcers]},
+                "expected": self.expected, "verdict": str(self.verdict), "observed": self.observed,
+                "exchange": self.exchange, "detail": self.detail, "elapsed": round(self.elapsed, 4),
+                "certificate": self.certificate, "node": self.node, "rule": self.rule, "fix": self.fix}
 
 
 @dataclass
@@ -50,64 +70,32 @@ class AuditReport:
     rules: str
     verdicts: list[FlowVerdict]
     timings: dict[str, float] = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)
 
     @property
     def counts(self) -> Counter:
-        return Counter(v.verdict for v in self.verdicts)
+        return Counter(str(v.verdict) for v in self.verdicts)
 
     @property
     def exit_status(self) -> int:
         counts = self.counts
-        status = EXIT_BLOCKED if counts["BLOCKED"] or counts["BROKEN"] else 0
-        return status | (EXIT_EXPOSED if counts["EXPOSED"] else 0)
+        status = EXIT_BLOCKED if counts[Verdict.BLOCKED] or counts[Verdict.BROKEN] else 0
+        status |= EXIT_EXPOSED if counts[Verdict.EXPOSED] else 0
+        return status | (EXIT_LAB_FAULT if any(counts[v] for v in LAB_FAULTS) else 0)
 
-    def to_dict(self) -> dict:
-        return {"topology": self.topology, "rules": self.rules, "counts": dict(self.counts),
-                "exit_status": self.exit_status, "timings": self.timings,
-                "verdicts": [v.to_dict() for v in self.verdicts]}
-
-
-def judge(check: Check, result: ProbeResult | None, catalog: Catalog, client_address: str | None = None) -> FlowVerdict:
-    if check.kind == "local":
-        return FlowVerdict(check, "-", "local", "LOCAL", detail=check.detail)
-    if check.kind == "no-peer":
-        return FlowVerdict(check, "-", "n/a", "NO-PEER", detail=check.detail)
-    if check.kind == "not-exercisable":
-        return FlowVerdict(check, "-", "n/a", "NOT-EXERCISED", detail=check.detail)
-    common = dict(exchange=result.exchange, elapsed=result.elapsed)
-    if check.kind == "exposure":
-        if result.outcome in REACHED:
-            return FlowVerdict(check, "block", result.outcome, "EXPOSED", detail=check.detail, **common)
-        return FlowVerdict(check, "block", result.outcome, "CLOSED", detail=result.detail, **common)
-    # a required flow
-    if result.outcome == "ok":
-        if client_address and result.peer_seen and result.peer_seen != client_address:
-            return FlowVerdict(check, "allow", "ok", "BROKEN",
-                               detail=f"server saw {result.peer_seen}, not {client_address} (NAT or proxy in the path)", **common)
-        if check.endpoint.security == "plain" and _has_secured_alternative(catalog, check):
-            return FlowVerdict(check, "allow", "ok", "UNENCRYPTED",
-                               detail="passes in clear although the flow has a secured port", **common)
-        return FlowVerdict(check, "allow", "ok", "ALLOWED", **common)
-    if result.outcome == "protocol_error":
-        return FlowVerdict(check, "allow", result.outcome, "BROKEN", detail=result.detail, **common)
-    return FlowVerdict(check, "allow", result.outcome, "BLOCKED", detail=result.detail, **common)
+    def to_dict(self, include_closed: bool = False) -> dict:
+        return {"schema": 2, "topology": self.topology, "rules": self.rules, "profile": self.profile,
+                "counts": dict(self.counts), "exit_status": self.exit_status, "timings": self.timings,
+                "verdicts": [v.to_dict() for v in self.verdicts
+                             if include_closed or v.verdict != Verdict.CLOSED]}
 
 
-def _has_secured_alternative(catalog: Catalog, check: Check) -> bool:
-    flow = catalog.flow(check.flow_id)
-    return any(ep.security != "plain" for ep in flow.endpoints)
-
-
-# SafeQ's proprietary links carry job metadata of 40-60 kB per job (vendor document); print
-# jobs are larger. Protocols not named here send their module's own realistic default.
-PAYLOAD_SIZES = {"safeq": 48 * 1024, "lpr": 64 * 1024, "raw": 64 * 1024, "ipp": 64 * 1024}
-
-
+# -- probing -------------------------------------------------------------------------------------
 def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROBE_TIMEOUT,
                   ca_file: str = "") -> dict[str, list[ProbeTarget]]:
     by_host: dict[str, list[ProbeTarget]] = {h.name: [] for h in topology.hosts}
     for index, check in enumerate(checks):
-        if not check.probed:
+        if check.kind != CheckKind.REQUIRED:
             continue
         ep = check.endpoint
         by_host[check.client_host].append(ProbeTarget(
@@ -119,63 +107,213 @@ def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROB
     return by_host
 
 
-def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROBE_TIMEOUT) -> AuditReport:
+def knocks_by_host(checks: list[Check], topology: Topology) -> dict[str, list[list]]:
+    by_host: dict[str, list[list]] = defaultdict(list)
+    for check in checks:
+        if check.kind == CheckKind.EXPOSURE:
+            ep = check.endpoint
+            by_host[check.client_host].append([topology.host(check.server_host).address, ep.transport, ep.port])
+    return by_host
+
+
+# -- evidence -------------------------------------------------------------------------------------
+def _server_witness(request_log: list[dict]) -> dict[tuple[str, str, int], set[str]]:
+    saw: dict[tuple[str, str, int], set[str]] = defaultdict(set)
+    for record in request_log:
+        try:
+            saw[(record["host"], record["transport"], int(record["port"]))].add(record["peer"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return saw
+
+
+def evidence_for(check: Check, topology: Topology, result: ProbeResult | None,
+                 records: dict[str, witness.FirewallRecord], saw, dead: dict[str, str]) -> Evidence:
+    ep = check.endpoint
+    src, dst = topology.host(check.client_host).address, topology.host(check.server_host).address
+    hops = []
+    for enforcer in check.enforcers:
+        record = records.get(enforcer.node) or witness.FirewallRecord(enforcer.node)
+        fate = record.fate(src, dst, ep.transport, ep.port)
+        data = ()
+        if ep.protocol == "ftp" and check.kind == CheckKind.REQUIRED:
+            data = tuple(k for k in record.dropped_between(src, dst) if k[3] != ep.port)
+        hops.append(HopRecord(enforcer.node, enforcer.hook, fate.seen, fate.passed, fate.replied, data))
+    server_saw = None
+    if check.kind == CheckKind.REQUIRED and ep.transport != "icmp":
+        server_saw = frozenset(saw.get((check.server_host, ep.transport, ep.port), ()))
+    return Evidence(result, tuple(hops), server_saw, check.server_host not in dead, src,
+                    encrypted=ep.security in ("tls", "starttls"))
+
+
+def _read_records(lab, nodes) -> dict[str, witness.FirewallRecord]:
+    records = {node: witness.parse_record(node, lab.nft(node, ["list", "table", "inet", witness.TABLE], json=True))
+               for node in nodes}
+    for node in nodes:
+        lab.nft_load(node, witness.flush_text())
+    return records
+
+
+def _knock(lab, plan: dict[str, list[list]]) -> list[str]:
+    errors = lab.run_knocks(plan)
+    time.sleep(KNOCK_SETTLE)
+    return errors
+
+
+# -- the audit ------------------------------------------------------------------------------------
+def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROBE_TIMEOUT,
+              rulesets: dict[str, Ruleset] | None = None, explain_all: bool = False) -> AuditReport:
+    """Probe, sweep and judge every check against the rules already applied to the lab."""
     topology, catalog = lab.topology, lab.catalog
+    nodes = sorted({e.node for c in checks for e in c.enforcers})
+    for node in nodes:
+        lab.nft_load(node, witness.table_text())
+    timings: dict[str, float] = {}
+
     started = time.monotonic()
-    results = lab.run_probes(probe_targets(checks, topology, timeout, lab.ca_file))
-    probe_time = time.monotonic() - started
-    verdicts = []
+    lab.start_trace(nodes)
+    try:
+        results = lab.run_probes(probe_targets(checks, topology, timeout, lab.ca_file))
+    finally:
+        traces = lab.stop_trace()
+    records = _read_records(lab, nodes)
+    timings["probe"] = time.monotonic() - started
+
+    started = time.monotonic()
+    exposures = [c for c in checks if c.kind == CheckKind.EXPOSURE]
+    knock_errors = _knock(lab, knocks_by_host(exposures, topology))
+    sweep = _read_records(lab, nodes)
+    timings["sweep"] = time.monotonic() - started
+
+    dead = lab.dead_daemons()
+    saw = _server_witness(lab.request_log())
+    verdicts: list[FlowVerdict] = []
     pre_installed = lab.pre_installed_hosts
     for index, check in enumerate(checks):
-        client = topology.host(check.client_host).address if check.client_host and check.probed else None
-        verdict = judge(check, results.get(str(index)), catalog, client)
-        if (check.kind == "required" and check.endpoint.security in ("tls", "starttls")
-                and check.server_host in pre_installed):
-            verdict = replace(verdict, certificate="pre-installed")
-        verdicts.append(verdict)
-    report = AuditReport(topology.name, rules_source, verdicts, dict(lab.timings))
-    report.timings["probe"] = probe_time
-    return report
+        result = results.get(str(index))
+        evidence = None
+        if check.kind == CheckKind.REQUIRED:
+            evidence = evidence_for(check, topology, result, records, saw, dead)
+        elif check.kind == CheckKind.EXPOSURE:
+            evidence = evidence_for(check, topology, None, sweep, saw, dead)
+        judgement = judge(check, evidence, catalog)
+        verdicts.append(_verdict(check, judgement, result, pre_installed))
+
+    # the exposures found, knocked again under tracing so the rule that let them in is named
+    started = time.monotonic()
+    found = [v.check for v in verdicts if v.verdict == Verdict.EXPOSED]
+    if found:
+        lab.start_trace(nodes)
+        try:
+            _knock(lab, knocks_by_host(found, topology))
+        finally:
+            traces = _merge(traces, lab.stop_trace())
+    timings["attribute"] = time.monotonic() - started
+    verdicts = attribute(verdicts, topology, explainer(lab, nodes, rulesets or {}, traces), rulesets or {}, explain_all)
+    if knock_errors:
+        verdicts.append(FlowVerdict(Check(CheckKind.EXPOSURE, None, None, None, None), Verdict.LAB_ERROR,
+                                    detail=f"{len(knock_errors)} knocks could not be sent: {knock_errors[0]}"))
+    return AuditReport(topology.name, rules_source, verdicts, timings, topology.profile.to_dict())
 
 
-# -- console output ---------------------------------------------------------------------------------
-_COLUMNS = ("flow", "client", "server", "port", "protocol", "expected", "observed", "exchange", "verdict")
+def _verdict(check: Check, judgement: Judgement, result: ProbeResult | None, pre_installed: set[str]) -> FlowVerdict:
+    certificate = ""
+    if (judgement.verdict in (Verdict.ALLOWED, Verdict.UNENCRYPTED) and check.endpoint.security in ("tls", "starttls")
+            and check.server_host in pre_installed):
+        certificate = "pre-installed"
+    observed = result.outcome if result else ("knock" if check.kind == CheckKind.EXPOSURE else "")
+    return FlowVerdict(check, judgement.verdict, str(observed), result.exchange if result else "",
+                       judgement.detail, result.elapsed if result else 0.0, certificate, judgement.node,
+                       judgement.direction)
 
 
-def _short(text: str, width: int = 72) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+def _merge(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
+    return {node: a.get(node, "") + "\n" + b.get(node, "") for node in set(a) | set(b)}
 
 
-def format_report(report: AuditReport, show_closed: bool = False) -> str:
-    rows = []
-    for v in report.verdicts:
-        if v.verdict == "CLOSED" and not show_closed:
+# -- why: the rule that decided -------------------------------------------------------------------
+@dataclass
+class Explainer:
+    """Rule maps (loaded rules -> the user's file lines) and the traced packets of one audit."""
+
+    rule_maps: dict[str, attribution.RuleMap]
+    indexes: dict[str, attribution.SourceIndex]
+    packets: dict[str, list[trace.PacketTrace]]
+
+    def decision(self, node: str, src: str, dst: str, transport: str, port: int | None,
+                 fates: tuple[trace.Fate, ...], reply: bool = False, data_from: int | None = None):
+        """The traced decision of `node` on the first matching packet whose fate is one of `fates`."""
+        for packet in self.packets.get(node, ()):
+            if packet.decision is None or packet.fate not in fates or packet.protocol != transport:
+                continue
+            if data_from is not None:  # an FTP data connection between the two hosts, either way
+                if {packet.saddr, packet.daddr} == {src, dst} and packet.dport != data_from:
+                    return packet.decision
+                continue
+            if reply:
+                if (packet.saddr, packet.daddr) == (dst, src) and (port is None or packet.sport == port):
+                    return packet.decision
+            elif (packet.saddr, packet.daddr) == (src, dst) and (transport == "icmp" or packet.dport == port):
+                return packet.decision
+        return None
+
+    def describe(self, node: str, decision) -> str:
+        rule_map = self.rule_maps.get(node)
+        if decision is None:
+            return f"{node}: the trace recorded no decision for this packet"
+        if rule_map is None:
+            return f"{node}: {decision.text or decision.chain + ' policy ' + str(decision.verdict)}"
+        return f"{node} {rule_map.explain(decision).describe()}"
+
+
+def explainer(lab, nodes, rulesets: dict[str, Ruleset], traces: dict[str, str]) -> Explainer:
+    rule_maps, indexes = {}, {}
+    for node in nodes:
+        ruleset = rulesets.get(node)
+        if ruleset is None:
             continue
+        indexes[node] = attribution.index_source(ruleset)
+        rule_maps[node] = attribution.attribute(lab.rule_listing(node), indexes[node])
+    return Explainer(rule_maps, indexes, {node: trace.parse_trace(text) for node, text in traces.items()})
+
+
+_DROPPED = (trace.Fate.DROP, trace.Fate.REJECT)
+
+
+def attribute(verdicts: list[FlowVerdict], topology: Topology, why: Explainer,
+              rulesets: dict[str, Ruleset], explain_all: bool = False) -> list[FlowVerdict]:
+    """Name the rule behind every finding (every probed check with explain_all), and the rule that
+    would admit each blocked flow, in the format of the node's own rules file."""
+    out = []
+    for v in verdicts:
         c = v.check
-        notes = [v.detail] if v.detail and v.verdict not in PASSED else []
-        notes += ["pre-installed certificate"] if v.certificate else []
-        rows.append((c.flow_id or "(exposure)", c.client_host or "-", c.server_host or "-", c.label,
-                     c.endpoint.protocol if c.endpoint else "-", v.expected, v.observed, _short(v.exchange or "-"),
-                     v.verdict + (f"  {'; '.join(notes)}" if notes else "")))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(_COLUMNS)]
-    widths[-1] = 0
-    def line(cells):
-        return "  ".join(str(cell).ljust(w) for cell, w in zip(cells, widths)).rstrip()
-    out = [line(_COLUMNS)] + [line(r) for r in rows]
-    counts = report.counts
-    exposure_total = sum(1 for v in report.verdicts if v.check.kind == "exposure")
-    out.append("")
-    out.append(f"topology {report.topology}, rules: {report.rules}")
-    out.append("summary: " + ", ".join(f"{k} {counts[k]}" for k in
-               ("ALLOWED", "UNENCRYPTED", "BLOCKED", "BROKEN", "LOCAL", "NO-PEER", "NOT-EXERCISED") if counts[k])
-               + f"; exposure probes {exposure_total}: EXPOSED {counts['EXPOSED']}, CLOSED {counts['CLOSED']}")
-    pre_installed = sum(1 for v in report.verdicts if v.certificate == "pre-installed")
-    if pre_installed:
-        out.append(f"certificates: {pre_installed} TLS flow checks still present the pre-installed lab certificate "
-                   "(the vendor says to replace them: --certs DIR with your CA and host certificates)")
-    out.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
-    verdict = ("PASS: every required flow passes and nothing is exposed" if report.exit_status == 0 else
-               "FAIL: " + "; ".join(msg for bit, msg in ((EXIT_BLOCKED, f"{counts['BLOCKED'] + counts['BROKEN']} required flow checks blocked or broken"),
-                                                        (EXIT_EXPOSED, f"{counts['EXPOSED']} exposures")) if report.exit_status & bit))
-    out.append(verdict)
-    return "\n".join(out)
+        wanted = v.verdict in (Verdict.BLOCKED, Verdict.EXPOSED) or (explain_all and v.verdict in PASSED)
+        if not wanted or not c.enforcers:
+            out.append(v)
+            continue
+        ep = c.endpoint
+        src, dst = topology.host(c.client_host).address, topology.host(c.server_host).address
+        if v.verdict == Verdict.BLOCKED:
+            reply, data = v.direction == "reply", v.direction == "data"
+            decision = why.decision(v.node, src, dst, ep.transport, ep.port, _DROPPED, reply=reply,
+                                    data_from=ep.port if data else None)
+            rule, fix = why.describe(v.node, decision), ""
+            ruleset = rulesets.get(v.node)
+            if ruleset is not None and not data:
+                hook = next((e.hook for e in c.enforcers if e.node == v.node), "forward")
+                index = why.indexes.get(v.node)
+                chain = (index.base_chain(hook) if index else None) or hook
+                a, b = (dst, src) if reply else (src, dst)
+                fix = attribution.allow_rule(ruleset.format, a, b, ep.transport, ep.port, chain,
+                                             insert=bool(decision and decision.kind == trace.DecisionKind.RULE))
+        else:  # let through: the accepting rule of every node on the path
+            rule = "; ".join(why.describe(e.node, why.decision(e.node, src, dst, ep.transport, ep.port,
+                                                               (trace.Fate.ACCEPT,)))
+                             for e in c.enforcers)
+            fix = ""
+        out.append(replace(v, rule=rule, fix=fix))
+    return out
+
+
+def is_finding(v: FlowVerdict) -> bool:
+    return v.verdict in FIREWALL_FINDINGS or v.verdict in LAB_FAULTS

@@ -40,14 +40,19 @@ def _build_parser() -> argparse.ArgumentParser:
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
     gen = rules_sub.add_parser("generate", help="write the least-privilege ruleset for a topology")
     _topology_arg(gen)
-    gen.add_argument("--format", choices=("iptables", "nft"), default="iptables")
-    gen.add_argument("-o", "--output", help="file to write (default: standard output)")
+    gen.add_argument("--format", choices=("iptables", "nft", "aerleon"), default="iptables",
+                     help="aerleon: an Aerleon policy and its definitions, to render for your own firewall (needs -o DIR)")
+    gen.add_argument("--node", help="the firewall node or host-firewall host to write rules for (default: the first firewall node)")
+    gen.add_argument("-o", "--output", help="file to write (default: standard output); a directory for aerleon")
     check = rules_sub.add_parser("check", help="validate a ruleset file without building a lab")
     check.add_argument("file")
 
     audit = sub.add_parser("audit", help="build the lab, probe every flow, print verdicts, tear down")
     _topology_arg(audit)
     _rules_arg(audit)
+    audit.add_argument("--against", metavar="[NODE=]FILE", action="append", default=[],
+                       help="differential audit: run the same lab with these rules too and list only the checks "
+                            "whose verdict changed, with the rule responsible on each side")
     audit.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     audit.add_argument("--all", action="store_true", help="also list exposure probes that were correctly blocked")
     audit.add_argument("--timeout", type=float, default=5.0, help="seconds a probe may take; a dropped SYN costs this once, not per flow (default 5)")
@@ -69,8 +74,10 @@ def _topology_arg(p):
 
 
 def _rules_arg(p):
-    p.add_argument("--rules", "-r", metavar="FILE",
-                   help="your iptables-save or nft ruleset for the firewall node (default: the generated least-privilege rules)")
+    p.add_argument("--rules", "-r", metavar="[NODE=]FILE", action="append", default=[],
+                   help="your iptables-save or nft ruleset: FILE for the (first) firewall node, NODE=FILE for another "
+                        "firewall node or for a host's own firewall; repeatable (default: the topology's rules "
+                        "files, else the generated least-privilege rules)")
     p.add_argument("--certs", metavar="DIR",
                    help="your certificates: DIR/ca.pem and DIR/<host>.pem + DIR/<host>.key replace the pre-installed lab ones")
 
@@ -126,14 +133,28 @@ def _flow_dict(flow) -> dict:
             "why_not": flow.why_not}
 
 
-def _plan(topology_name: str):
+def _plan(topology_name: str, host_rules: dict[str, str] | None = None):
     from emulator.catalog import load_catalog
     from emulator.plan import audit_plan
     from emulator.topology import load_topology
 
     catalog = load_catalog()
     topology = load_topology(topology_name)
+    if host_rules:
+        topology = topology.with_host_rules(host_rules)
     return catalog, topology, audit_plan(catalog, topology)
+
+
+def _rules_entries(entries: list[str]) -> dict[str | None, str]:
+    """`FILE` or `NODE=FILE` entries -> {node or None: file}; a node named twice is a mistake."""
+    given: dict[str | None, str] = {}
+    for entry in entries:
+        node, sep, path = entry.partition("=")
+        node, path = (node, path) if sep and "/" not in node else (None, entry)
+        if node in given:
+            raise LabError(f"--rules names {node or 'the firewall node'} twice; give one file per node")
+        given[node] = path
+    return given
 
 
 def _cmd_rules(args) -> int:
@@ -144,7 +165,20 @@ def _cmd_rules(args) -> int:
         print(f"{args.file}: valid {ruleset.format} ruleset")
         return 0
     _catalog, topology, checks = _plan(args.topology)
-    ruleset = rules.generate(topology, checks, args.format)
+    if args.format == "aerleon":
+        from emulator import aerleon_policy  # aerleon is only needed for this format
+
+        files = aerleon_policy.policy_files(topology, checks)
+        if not args.output:
+            raise LabError("the aerleon format writes several files: give a directory with -o DIR")
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(text)
+        print(f"wrote {', '.join(sorted(files))} to {out} (render with aerleon for your firewall)", file=sys.stderr)
+        return 0
+    ruleset = rules.generate(topology, checks, args.format, node=args.node)
     if args.output:
         Path(args.output).write_text(ruleset.text)
         print(f"wrote {args.output} ({ruleset.text.count(chr(10))} lines, {args.format})", file=sys.stderr)
@@ -153,35 +187,75 @@ def _cmd_rules(args) -> int:
     return 0
 
 
-def _ruleset(args, topology, checks):
+def _rulesets(entries: list[str], topology, checks, certs: str | None = None) -> dict:
+    """node -> Ruleset for every filtering node: given on the command line, else the topology's
+    rules file, else (firewall nodes) the generated least-privilege rules."""
     from emulator import pki, rules
 
-    if args.certs:  # checked before anything is built
-        pki.load_pki_dir(args.certs, [h.name for h in topology.hosts])
-    if args.rules:
-        return rules.load_rules_file(args.rules)
-    return rules.generate(topology, checks)
+    if certs:  # checked before anything is built
+        pki.load_pki_dir(certs, [h.name for h in topology.hosts])
+    given = _rules_entries(entries)
+    if None in given:
+        given[topology.firewall] = given.pop(None)
+    unknown = set(given) - set(topology.filtering_nodes)
+    if unknown:
+        raise LabError(f"--rules names {', '.join(sorted(unknown))}: not a firewall node or host of topology "
+                       f"{topology.name} (nodes: {', '.join(topology.filtering_nodes)})")
+    chosen = {}
+    for node, path in topology.rules_files.items():
+        chosen[node] = rules.load_rules_file(str(path))
+    for node, path in given.items():
+        chosen[node] = rules.load_rules_file(path)
+    for fw in topology.firewalls:
+        if fw.name not in chosen:
+            chosen[fw.name] = rules.generate(topology, checks, node=fw.name)
+    return chosen
+
+
+def _host_rules(entries: list[str], topology_name: str) -> dict[str, str]:
+    """Host firewalls given on the command line: they change the plan (the host filters its traffic)."""
+    from emulator.topology import load_topology
+
+    topology = load_topology(topology_name)
+    firewalls = {fw.name for fw in topology.firewalls}
+    return {node: path for node, path in _rules_entries(entries).items() if node and node not in firewalls}
+
+
+def _describe_rules(rulesets: dict) -> str:
+    return "; ".join(f"{node}: {r.source}" for node, r in rulesets.items())
 
 
 def _cmd_audit(args) -> int:
-    from emulator.audit import format_report, run_audit
+    from emulator.audit import run_audit
     from emulator.lab import Lab, preflight
+    from emulator.report import format_diff, format_report
 
     preflight()
-    catalog, topology, checks = _plan(args.topology)
-    ruleset = _ruleset(args, topology, checks)
+    catalog, topology, checks = _plan(args.topology, _host_rules(args.rules + args.against, args.topology))
+    rulesets = _rulesets(args.rules, topology, checks, args.certs)
+    against = _rulesets(args.against, topology, checks) if args.against else None
     started = time.monotonic()
     with Lab(topology, catalog, certs_dir=args.certs) as lab:
-        lab.apply_rules(ruleset)
+        lab.apply_rules(rulesets)
         print(f"safeq-lab: {topology.name} up in {time.monotonic() - started:.1f}s ({len(topology.hosts)} hosts); "
-              f"probing {sum(c.kind == 'required' for c in checks)} required flow checks and "
-              f"{sum(c.kind == 'exposure' for c in checks)} exposure probes", file=sys.stderr, flush=True)
-        report = run_audit(lab, checks, ruleset.source, timeout=args.timeout)
+              f"probing {sum(c.kind == 'required' for c in checks)} required flow checks and knocking "
+              f"{sum(c.kind == 'exposure' for c in checks)} exposure ports", file=sys.stderr, flush=True)
+        report = run_audit(lab, checks, _describe_rules(rulesets), timeout=args.timeout, rulesets=rulesets,
+                           explain_all=against is not None)
+        if against is not None:
+            lab.apply_rules(against)
+            second = run_audit(lab, checks, _describe_rules(against), timeout=args.timeout, rulesets=against,
+                               explain_all=True)
     report.timings.update(lab.timings)
     report.timings["total"] = time.monotonic() - started
+    if against is not None:
+        print(format_diff(report, second))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"before": report.to_dict(), "after": second.to_dict()}, indent=1))
+        return second.exit_status
     print(format_report(report, show_closed=args.all))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
+        Path(args.json).write_text(json.dumps(report.to_dict(include_closed=args.all), indent=1))
     return report.exit_status
 
 
@@ -189,16 +263,16 @@ def _cmd_up(args) -> int:
     from emulator.lab import Lab, preflight
 
     preflight()
-    _catalog, topology, checks = _plan(args.topology)
-    ruleset = _ruleset(args, topology, checks)
+    _catalog, topology, checks = _plan(args.topology, _host_rules(args.rules, args.topology))
+    rulesets = _rulesets(args.rules, topology, checks, args.certs)
     with Lab(topology, certs_dir=args.certs) as lab:
-        lab.apply_rules(ruleset)
+        lab.apply_rules(rulesets)
         from mininet.cli import CLI
         from mininet.log import setLogLevel
 
         setLogLevel("output")  # the CLI prints host command output at this level
 
-        print(f"safeq-lab: {topology.name} is up with rules from {ruleset.source}; "
+        print(f"safeq-lab: {topology.name} is up with rules from {_describe_rules(rulesets)}; "
               f"hosts: {', '.join(h.name for h in topology.hosts)}. Type `exit` to tear it down.")
         CLI(lab.net)
     return 0

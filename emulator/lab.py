@@ -1,10 +1,16 @@
-"""The lab: a Mininet network built from a topology, role daemons in its hosts, a firewall node.
+"""The lab: a Mininet network built from a topology, role daemons in its hosts, firewall nodes.
 
 `with Lab(topology) as lab:` builds everything and tears everything down on exit, whatever
 happened (exception, Ctrl-C, SIGTERM). Mininet code lives here only; it never parses protocols.
+
+Every firewall node routes for its zones; several are joined by the topology's transit segment,
+each with static routes to the others' zones. Any filtering node (firewall node, or host with a
+host firewall) holds one ruleset at a time (`apply_rules`) and can be traced (`start_trace`):
+`nft monitor trace` in its namespace records which rule decided each traced packet.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import selectors
@@ -13,20 +19,34 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import roles
 from emulator import pki, state
 from emulator.catalog import Catalog, load_catalog
 from emulator.errors import LabError
-import roles
 from emulator.protocols.base import ProbeResult, ProbeTarget
-from emulator.rules import Ruleset, apply_commands
+from emulator.rules import Ruleset, apply_commands, load_rules_file
 from emulator.topology import LinkShape, Topology
+from emulator.trace import MONITOR_COMMAND, TRACE_TABLE, TRACE_TABLE_NAME
 
 DAEMON_READY_TIMEOUT = 60.0
 PROBE_CONCURRENCY = 1024  # one wave: a dropped SYN costs one timeout per host, not one per 256 probes
 PROBE_JOB_TIMEOUT = 600.0
+COMMAND_TIMEOUT = 60.0
+TRACE_LISTEN_TIMEOUT = 10.0  # until `nft monitor trace` has joined the kernel's trace group
+TRACE_DRAIN_TIMEOUT = 5.0  # without progress, before the monitor is stopped with events still queued
+# nft sets its monitor socket's receive buffer to 16 MiB (32 MiB accounted): ~28,000 trace events,
+# about 2,800 first packets (10 events each through a firewall node). A burst beyond that is lost
+# (ENOBUFS), so the lab raises the buffer of the monitor's socket (pidfd_getfd + SO_RCVBUFFORCE):
+# memory is only used while events wait, and the monitor writes ~30,000 events/s (measured).
+TRACE_BUFFER = 128 * 1024 * 1024
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTRACE = 9  # the netfilter netlink group trace events are multicast to
+SYS_PIDFD_GETFD = 438  # the same number on every architecture (Linux >= 5.6)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def preflight() -> None:
@@ -72,16 +92,30 @@ class Lab:
         self.ca_file = ""
         self.net = None
         self.daemons: dict[str, subprocess.Popen] = {}
+        self.rulesets: dict[str, Ruleset] = {}  # node -> the ruleset it holds now
         self.timings: dict[str, float] = {}
         self.run_dir = state.RUN_DIR / topology.name
+        self._stopped: set[str] = set()  # daemons stopped on purpose (stop_daemon)
+        self._monitors: dict[str, subprocess.Popen] = {}  # node -> its `nft monitor trace`
+        self.trace_buffer: dict[str, bool] = {}  # node -> its monitor's receive buffer was raised to TRACE_BUFFER
+        self.trace_lost: dict[str, int] = {}  # node -> trace events its monitor lost in the last trace
+
+    @property
+    def rule_nodes(self) -> tuple[str, ...]:
+        """The nodes that hold a ruleset: firewall nodes, then hosts with a host firewall."""
+        return self.topology.filtering_nodes
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "Lab":
         preflight()
+        # the topology's own rules files are checked before anything is created
+        preset = {node: load_rules_file(str(path)) for node, path in self.topology.rules_files.items()}
         state.claim(self.topology)
         try:
             started = time.monotonic()
             self._build()
+            if preset:
+                self.apply_rules(preset)
             self.timings["build"] = time.monotonic() - started
             started = time.monotonic()
             self._start_daemons()
@@ -96,17 +130,28 @@ class Lab:
 
     def close(self) -> None:
         started = time.monotonic()
-        for proc in self.daemons.values():
-            _terminate(proc)
-        self.daemons.clear()
-        if self.net is not None:
-            try:
-                self.net.stop()
-            finally:
-                self.net = None
-        state.release(self.topology)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        try:
+            for proc in self._monitors.values():
+                _terminate(proc)
+            self._monitors.clear()
+            for proc in self.daemons.values():
+                _terminate(proc)
+            self.daemons.clear()
+        finally:
+            if self.net is not None:
+                try:
+                    self.net.stop()
+                finally:
+                    self.net = None
+            state.release(self.topology)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         self.timings["teardown"] = time.monotonic() - started
+
+    def _record_state(self, note: str = "running") -> None:
+        """Everything this run started, so that `safeq-lab clean` can end it after a kill."""
+        pids = [n.pid for n in self.net.hosts] if self.net is not None else []
+        pids += [p.pid for p in self.daemons.values()] + [p.pid for p in self._monitors.values()]
+        state.record(self.topology, pids=pids, note=note)
 
     # -- build ----------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -120,31 +165,43 @@ class Lab:
         topo = self.topology
         net = Mininet(topo=None, controller=None, switch=LinuxBridge, build=False, autoSetMacs=False)
         self.net = net
-        firewall = net.addHost(topo.firewall, cls=Node, ip=None)
+        firewalls = {fw.name: net.addHost(fw.name, cls=Node, ip=None) for fw in topo.firewalls}
         for index, zone in enumerate(topo.zones, start=1):
             bridge = net.addSwitch(topo.bridge(zone), dpid=f"{index:x}", stp=False)
             prefix = zone.subnet.prefixlen
-            net.addLink(firewall, bridge, cls=_link_class(zone.link, TCLink, Link),
+            net.addLink(firewalls[topo.zone_firewall(zone).name], bridge, cls=_link_class(zone.link, TCLink, Link),
                         intfName1=topo.firewall_interface(zone), params1={"ip": f"{zone.gateway}/{prefix}"},
                         **_link_params(zone.link))
             for spec in zone.hosts:
                 host = net.addHost(spec.name, ip=f"{spec.address}/{prefix}", defaultRoute=f"via {zone.gateway}")
                 net.addLink(host, bridge, cls=_link_class(spec.link, TCLink, Link), **_link_params(spec.link))
-        state.record(self.topology, pids=[], note="building")
+        if topo.transit is not None:
+            transit = net.addSwitch(topo.transit_bridge, dpid=f"{len(topo.zones) + 1:x}", stp=False)
+            for fw in topo.firewalls:
+                net.addLink(firewalls[fw.name], transit, intfName1=fw.transit_interface,
+                            params1={"ip": f"{fw.transit_address}/{topo.transit.prefixlen}"})
+        self._record_state("building")
         net.build()
         net.start()
-        firewall.cmd("echo 1 > /proc/sys/net/ipv4/ip_forward")  # per-namespace; no procps needed
-        state.record(self.topology, pids=[n.pid for n in net.hosts])
+        for fw in topo.firewalls:
+            node = firewalls[fw.name]
+            node.cmd("echo 1 > /proc/sys/net/ipv4/ip_forward")  # per-namespace; no procps needed
+            for other in topo.firewalls:
+                for zone_name in (other.zones if other.name != fw.name else ()):
+                    self._node_cmd(node, ["ip", "route", "add", str(topo.zone(zone_name).subnet),
+                                          "via", other.transit_address], what="a route to " + zone_name)
+        self._record_state()
         self._apply_loss()
 
-    def _apply_loss(self) -> None:
-        # sch_netem is not in every kernel; random loss at the firewall works everywhere.
-        fw = self.net.get(self.topology.firewall)
+    def _apply_loss(self, nodes=None) -> None:
+        # sch_netem is not in every kernel; random loss at the zone's firewall node works everywhere.
         for zone in self.topology.zones:
-            if zone.link.loss:
-                self._fw_cmd(fw, ["iptables", "-t", "mangle", "-A", "FORWARD", "-i", self.topology.firewall_interface(zone),
-                                  "-m", "statistic", "--mode", "random", "--probability",
-                                  f"{zone.link.loss / 100:.4f}", "-j", "DROP"])
+            owner = self.topology.zone_firewall(zone).name
+            if zone.link.loss and (nodes is None or owner in nodes):
+                self._node_cmd(self.net.get(owner), [
+                    "iptables", "-t", "mangle", "-A", "FORWARD", "-i", self.topology.firewall_interface(zone),
+                    "-m", "statistic", "--mode", "random", "--probability", f"{zone.link.loss / 100:.4f}", "-j", "DROP"],
+                    what=f"the link loss of zone {zone.name}")
 
     def _issue_certificates(self) -> None:
         """The lab CA signs every host's certificate; a customer's pairs (--certs) replace them."""
@@ -176,12 +233,15 @@ class Lab:
             spec_file = self.run_dir / f"{spec.name}.json"
             spec_file.write_text(json.dumps(daemon))
             node = self.net.get(spec.name)
-            with open(self.run_dir / f"{spec.name}.stderr", "w") as stderr:
+            with open(self._stderr_file(spec.name), "w") as stderr:
                 self.daemons[spec.name] = node.popen([self.python, "-m", "emulator.roled", str(spec_file)],
                                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                                      stderr=stderr, text=True)
-        state.record(self.topology, pids=[n.pid for n in self.net.hosts] + [p.pid for p in self.daemons.values()])
+        self._record_state()
         self._await_ready()
+
+    def _stderr_file(self, host: str) -> Path:
+        return self.run_dir / f"{host}.stderr"
 
     def _await_ready(self) -> None:
         # Readiness is each daemon's own word from inside its host, never a probe across the firewall.
@@ -199,42 +259,196 @@ class Lab:
                 selector.unregister(key.fileobj)
                 pending.discard(name)
                 if not line.startswith("READY"):
-                    stderr = (self.run_dir / f"{name}.stderr").read_text().strip().splitlines()
-                    raise LabError(f"role daemon on {name} failed: {line or (stderr[-1] if stderr else 'exited')}")
+                    raise LabError(f"role daemon on {name} failed: {line or self._last_stderr_line(name) or 'exited'}")
         selector.close()
 
-    # -- rules ---------------------------------------------------------------------------------
-    def apply_rules(self, ruleset: Ruleset) -> None:
-        fw = self.net.get(self.topology.firewall)
-        for argv, stdin in apply_commands(ruleset):
-            self._fw_cmd(fw, argv, stdin, what=ruleset.source)
-        self._apply_loss()
+    # -- daemons ---------------------------------------------------------------------------------
+    def daemon_alive(self, host: str) -> bool:
+        proc = self.daemons.get(host)
+        return proc is not None and proc.poll() is None
 
-    def _fw_cmd(self, fw, argv, stdin=None, what="firewall"):
-        proc = fw.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _, err = proc.communicate(stdin, timeout=60)
+    def dead_daemons(self) -> dict[str, str]:
+        """host -> why its daemon is gone (its last stderr line), for every daemon that is not running."""
+        dead = {}
+        for host, proc in self.daemons.items():
+            code = proc.poll()
+            if code is None:
+                continue
+            said = self._last_stderr_line(host)
+            if host in self._stopped:
+                dead[host] = f"stopped by the lab{': ' + said if said else ''}"
+            else:
+                dead[host] = said or f"exited with status {code}"
+        return dead
+
+    def stop_daemon(self, host: str) -> None:
+        """Stop one host's daemon (a stub down): its ports close and it probes no more."""
+        if host not in self.daemons:
+            raise LabError(f"no daemon runs on {host!r}; hosts: {', '.join(self.daemons)}")
+        self._stopped.add(host)
+        _terminate(self.daemons[host])
+
+    def _last_stderr_line(self, host: str) -> str:
+        try:
+            lines = self._stderr_file(host).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    # -- rules ---------------------------------------------------------------------------------
+    def apply_rules(self, rulesets: Ruleset | Mapping[str, Ruleset]) -> None:
+        """Replace the ruleset of each named node (a single Ruleset: the first firewall node's).
+
+        A node may be a firewall node or any host (a host firewall). A traced node's monitor is
+        restarted around the change (appending to its trace) with the trace table loaded after
+        the new rules: a ruleset flushes the node's tables, and a monitor only names the rules
+        that existed when it started.
+        """
+        if isinstance(rulesets, Ruleset):
+            rulesets = {self.topology.firewall: rulesets}
+        rulesets = dict(rulesets)
+        known = {fw.name for fw in self.topology.firewalls} | {h.name for h in self.topology.hosts}
+        unknown = sorted(set(rulesets) - known)
+        if unknown:
+            raise LabError(f"cannot apply rules to {', '.join(unknown)}: not a node of topology {self.topology.name} "
+                           f"(rule nodes: {', '.join(self.rule_nodes)})")
+        for name, ruleset in rulesets.items():
+            node = self.net.get(name)
+            traced = name in self._monitors
+            if traced:  # the monitor knows the rules it started with: a new one names the new rules
+                monitor = self._monitors.pop(name)
+                self.trace_lost[name] = self.trace_lost.get(name, 0) + _drain_trace_listener(monitor)
+                _terminate(monitor)
+            for argv, stdin in apply_commands(ruleset):
+                self._node_cmd(node, argv, stdin, what=ruleset.source)
+            self.rulesets[name] = ruleset
+            self._apply_loss(nodes={name})
+            if traced:
+                self._start_monitor(name, mode="a")
+
+    def _node_cmd(self, node, argv, stdin=None, what="firewall") -> str:
+        proc = node.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(stdin, timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise LabError(f"applying {what} on node {node.name} timed out: {argv[0]}") from None
         if proc.returncode != 0:
             first = next((l for l in err.splitlines() if l.strip()), "failed")
-            raise LabError(f"applying {what} on the firewall node failed: {argv[0]}: {first}")
+            raise LabError(f"applying {what} on node {node.name} failed: {argv[0]}: {first}")
+        return out
+
+    def nft(self, node: str, args: list[str], json: bool = False, handles: bool = False) -> str:
+        """`nft [-j] [-a] ARGS...` inside a node; its output."""
+        argv = ["nft"] + (["-j"] if json else []) + (["-a"] if handles else []) + list(args)
+        return self._node_cmd(self.net.get(node), argv, what=" ".join(argv))
+
+    def nft_load(self, node: str, text: str) -> None:
+        """`nft -f -` inside a node: add tables or commands to whatever it holds."""
+        self._node_cmd(self.net.get(node), ["nft", "-f", "-"], text, what="nft commands")
+
+    def rule_listing(self, node: str) -> str:
+        """The node's whole ruleset as the kernel holds it: `nft -j -a list ruleset`."""
+        return self.nft(node, ["list", "ruleset"], json=True, handles=True)
+
+    # -- tracing: the firewall's own record of which rule decided ---------------------------------
+    def trace_file(self, node: str) -> Path:
+        return self.run_dir / f"{node}.trace"
+
+    def start_trace(self, nodes=None) -> None:
+        """Trace first packets on each node (default: every rule node) until stop_trace.
+
+        Loads the trace table after the node's rules and starts `nft -a monitor trace` in the
+        node's namespace, writing to <run_dir>/<node>.trace; returns once every monitor has
+        joined the kernel's trace group, so no event of what follows is missed.
+        """
+        if self._monitors:
+            raise LabError(f"tracing already runs on {', '.join(self._monitors)}: stop_trace first")
+        nodes = list(self.rule_nodes if nodes is None else nodes)
+        self.trace_lost = {}
+        try:
+            for name in nodes:
+                self._start_monitor(name)
+        except BaseException:
+            self._end_trace()
+            raise
+
+    def _start_monitor(self, name: str, mode: str = "w") -> None:
+        self.nft_load(name, TRACE_TABLE)
+        with open(self.trace_file(name), mode) as out:
+            # nft flushes its output after every event (measured), so a plain file will do
+            proc = self.net.get(name).popen(list(MONITOR_COMMAND), stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT)
+        self._monitors[name] = proc
+        self._record_state()
+        _await_trace_listener(name, proc)
+        self.trace_buffer[name] = _enlarge_trace_buffer(proc.pid)
+
+    def stop_trace(self) -> dict[str, str]:
+        """Stop the monitors once they wrote every queued event, unload the trace table; node -> trace text.
+
+        `trace_lost` then says how many events each node's monitor lost (0: the trace is complete).
+        """
+        if not self._monitors:
+            return {}
+        try:
+            for name, proc in self._monitors.items():
+                self.trace_lost[name] = self.trace_lost.get(name, 0) + _drain_trace_listener(proc)
+        finally:
+            nodes = self._end_trace()
+        return {name: self.trace_file(name).read_text(errors="replace") for name in nodes}
+
+    def _end_trace(self) -> list[str]:
+        nodes = list(self._monitors)
+        for proc in self._monitors.values():
+            _terminate(proc)
+        self._monitors.clear()
+        self._record_state()
+        for name in nodes:
+            node = self.net.get(name)
+            listed = self._node_cmd(node, ["nft", "list", "tables"], what="nft list tables")
+            if f"table inet {TRACE_TABLE_NAME}" in (line.strip() for line in listed.splitlines()):
+                self._node_cmd(node, ["nft", "delete", "table", "inet", TRACE_TABLE_NAME], what="trace table")
+        return nodes
 
     # -- probes ------------------------------------------------------------------------------------
     def _control_socket(self, host: str) -> Path:
         return self.run_dir / f"{host}.ctl"
 
-    def run_probes(self, targets_by_host: dict[str, list[ProbeTarget]],
-                   concurrency: int = PROBE_CONCURRENCY) -> dict[str, ProbeResult]:
-        """Every host probes from inside its namespace (its daemon does), all hosts at once."""
-        def run(host: str) -> list[ProbeResult]:
-            job = json.dumps({"targets": [t.to_dict() for t in targets_by_host[host]],
-                              "concurrency": concurrency}).encode() + b"\n"
+    def _control(self, host: str, job: dict) -> dict:
+        """One job to a host's daemon over its control socket; {'error': ...} when it cannot answer."""
+        if not self.daemon_alive(host):
+            why = self.dead_daemons().get(host, "no daemon")
+            return {"error": f"its daemon is not running ({why})"}
+        try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
                 control.settimeout(PROBE_JOB_TIMEOUT)
                 control.connect(str(self._control_socket(host)))
-                control.sendall(job)
+                control.sendall(json.dumps(job).encode() + b"\n")
                 reply = control.makefile("rb").readline()
-            answer = json.loads(reply) if reply else {"error": "the daemon closed the control socket"}
+        except OSError as exc:
+            return {"error": f"control socket: {exc.strerror or exc}"}
+        if not reply:
+            return {"error": "the daemon closed the control socket"}
+        try:
+            return json.loads(reply)
+        except ValueError:
+            return {"error": "the daemon's answer is not JSON"}
+
+    def run_probes(self, targets_by_host: dict[str, list[ProbeTarget]],
+                   concurrency: int = PROBE_CONCURRENCY) -> dict[str, ProbeResult]:
+        """Every host probes from inside its namespace (its daemon does), all hosts at once.
+
+        A host whose daemon cannot run its job gets outcome 'error' on each of its targets (a
+        lab fault on those checks), the other hosts' results stand.
+        """
+        def run(host: str) -> list[ProbeResult]:
+            targets = targets_by_host[host]
+            answer = self._control(host, {"targets": [t.to_dict() for t in targets], "concurrency": concurrency})
             if "error" in answer:
-                raise LabError(f"probing from {host} failed: {answer['error']}")
+                detail = f"prober on {host} unavailable: {answer['error']}"
+                return [ProbeResult(t.id, "error", 0.0, detail=detail) for t in targets]
             return [ProbeResult.from_dict(r) for r in answer["results"]]
 
         hosts = [h for h, targets in targets_by_host.items() if targets]
@@ -243,6 +457,21 @@ class Lab:
             for batch in pool.map(run, hosts):
                 results.update((r.id, r) for r in batch)
         return results
+
+    def run_knocks(self, plan: Mapping[str, list]) -> list[str]:
+        """Each host sends the first packet of a connection to each of its [address, transport, port]; the errors."""
+        def run(host: str) -> list[str]:
+            answer = self._control(host, {"knock": [list(k) for k in plan[host]]})
+            if "error" in answer:
+                return [f"knocks from {host} unavailable: {answer['error']}"]
+            return [f"{host}: {e}" for e in answer.get("errors", [])]
+
+        hosts = [h for h, knocks in plan.items() if knocks]
+        errors: list[str] = []
+        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+            for batch in pool.map(run, hosts):
+                errors += batch
+        return errors
 
     def request_log(self) -> list[dict]:
         """What the stubs recorded: the servers' witness of each request."""
@@ -257,6 +486,83 @@ class Lab:
 
     def node(self, name: str):
         return self.net.get(name)
+
+
+def _trace_sockets(pid: int) -> list[dict]:
+    """The netfilter netlink sockets of the process's namespace that joined the trace group."""
+    found = []
+    try:
+        lines = Path(f"/proc/{pid}/net/netlink").read_text().splitlines()
+    except OSError:
+        return found
+    bit = 1 << (NFNLGRP_NFTRACE - 1)
+    for line in lines[1:]:
+        cols = line.split()
+        # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+        if len(cols) >= 10 and int(cols[1]) == NETLINK_NETFILTER and int(cols[3], 16) & bit:
+            found.append({"portid": int(cols[2]), "rmem": int(cols[4]), "drops": int(cols[8]), "inode": int(cols[9])})
+    return found
+
+
+def _enlarge_trace_buffer(pid: int, size: int = TRACE_BUFFER) -> bool:
+    """Raise the receive buffer of the monitor's trace socket (nft offers no option); False if it could not."""
+    inodes = {f"socket:[{s['inode']}]" for s in _trace_sockets(pid)}
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    enlarged = False
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") not in inodes:
+                    continue
+            except OSError:
+                continue
+            ours = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+            if ours < 0:
+                return False
+            with socket.socket(fileno=ours) as sock:  # a second descriptor of the monitor's socket
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+            enlarged = True
+    finally:
+        os.close(pidfd)
+    return enlarged
+
+
+def _await_trace_listener(node: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + TRACE_LISTEN_TIMEOUT
+    while not _trace_sockets(proc.pid):
+        if proc.poll() is not None:
+            raise LabError(f"nft monitor trace on {node} exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise LabError(f"nft monitor trace on {node} did not start listening within {TRACE_LISTEN_TIMEOUT:.0f}s")
+        time.sleep(0.005)
+
+
+def _drain_trace_listener(proc: subprocess.Popen) -> int:
+    """Wait until the kernel holds no more events for the monitor and it is idle; the events it lost.
+
+    Gives up only when nothing moved for TRACE_DRAIN_TIMEOUT (a large burst takes seconds to write).
+    """
+    deadline, idle, last, lost = time.monotonic() + TRACE_DRAIN_TIMEOUT, 0, None, 0
+    while proc.poll() is None and time.monotonic() < deadline and idle < 2:
+        sockets = _trace_sockets(proc.pid)
+        queued = sum(s["rmem"] for s in sockets)
+        lost = sum(s["drops"] for s in sockets)
+        idle = idle + 1 if queued == 0 and _sleeping(proc.pid) else 0
+        if queued != last:
+            deadline, last = time.monotonic() + TRACE_DRAIN_TIMEOUT, queued
+        time.sleep(0.01)
+    return lost
+
+
+def _sleeping(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+    except (OSError, IndexError):
+        return False
 
 
 def _link_class(shape: LinkShape, shaped_cls, plain_cls):

@@ -1,29 +1,55 @@
-"""Catalog x topology: what each host serves, and which checks an audit runs.
+"""Catalog x topology x deployment profile: what each host serves, and which checks an audit runs.
 
 Pure data: no Mininet, no sockets. The lab runs what this module plans.
+
+* Required checks: one per catalog flow, host pair and endpoint the site's profile uses.
+* Exposure checks: from every host to every other host it reaches through a firewall (a
+  firewall node or the target's own host firewall), on every port of the target's zone that
+  the catalog names and on the common administrative and database ports, except the ports the
+  scout has a required flow to. A port where nothing listens counts too: the firewall letting
+  the packet through is the finding.
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
 
-from emulator.catalog import Catalog, Endpoint, Flow
-from emulator.protocols.base import Listener
+import yaml
+
 import roles
+from emulator.catalog import HERE, Catalog, Endpoint, Flow
+from emulator.catalog.alternatives import load_alternatives
+from emulator.profile import DeploymentProfile
+from emulator.protocols.base import Listener
 from emulator.topology import HostSpec, Topology
 
-@dataclass(frozen=True)
+EXPOSURE_PORTS_PATH = HERE / "exposure_ports.yaml"
+
+
+class CheckKind(StrEnum):
+    REQUIRED = "required"            # must pass: a catalog flow the site uses
+    EXPOSURE = "exposure"            # must be blocked: nothing the site uses needs it
+    LOCAL = "local"                  # client and server roles share a host
+    NOT_EXERCISABLE = "not-exercisable"
+    NO_PEER = "no-peer"
+
+
+@dataclass(frozen=True, slots=True)
 class Check:
     """One verdict line of an audit: a flow (or an exposure probe) between two hosts."""
 
-    kind: str  # 'required' | 'exposure' | 'local' | 'not-exercisable' | 'no-peer'
+    kind: CheckKind
     flow_id: str | None
     client_host: str | None
     server_host: str | None
     endpoint: Endpoint | None
     detail: str = ""
     variant: str = ""  # a protocol mode the flow is checked in, e.g. FTP 'passive' / 'active'
+    enforcers: tuple = ()  # the filtering nodes on the path, in order (topology.enforcers)
 
     @property
     def label(self) -> str:
@@ -36,16 +62,36 @@ class Check:
 
     @property
     def probed(self) -> bool:
-        return self.kind in ("required", "exposure")
+        return self.kind in (CheckKind.REQUIRED, CheckKind.EXPOSURE)
+
+    @property
+    def filtered(self) -> bool:
+        """True when some firewall (node or host) stands between client and server."""
+        return bool(self.enforcers)
 
 
-def listeners_for(catalog: Catalog, host: HostSpec) -> list[Listener]:
-    return roles.listeners(host.roles, catalog)
+def listeners_for(catalog: Catalog, host: HostSpec, profile: DeploymentProfile | None = None) -> list[Listener]:
+    return roles.listeners(host.roles, catalog, profile)
+
+
+# -- what the profile makes of a catalog endpoint ------------------------------------------------
+def excluded_by_profile(flow: Flow, ep: Endpoint, profile: DeploymentProfile) -> str:
+    """Why the site's profile does not use this endpoint of a flow between two hosts ('' = it does)."""
+    for group in load_alternatives().values():
+        if group.covers(flow, ep) and not group.chosen(flow, ep, profile.choices.get(group.name)):
+            picked = ", ".join(profile.choices.get(group.name) or group.default)
+            return f"an alternative the site does not use ({group.name}: {picked})"
+    if ep.protocol == "jmx" and not profile.jmx_remote:
+        return f"JMX listens on localhost only from MU38 (profile version {profile.version})"
+    if profile.secured_only and ep.security == "plain" and any(e.security != "plain" for e in flow.endpoints):
+        return "the plain variant of a flow with a secured port (profile: secured-only)"
+    return ""
 
 
 def flow_checks(catalog: Catalog, topology: Topology) -> list[Check]:
-    """One check per catalog flow, host pair and endpoint, for the flows this topology holds."""
+    """One check per catalog flow, host pair and endpoint the site uses, for the flows this topology holds."""
     checks: list[Check] = []
+    profile = topology.profile
     active_ftp = _active_ftp_flows(catalog)
     for flow in catalog.flows:
         clients = topology.hosts_with_role(flow.client) if flow.client else []
@@ -53,24 +99,32 @@ def flow_checks(catalog: Catalog, topology: Topology) -> list[Check]:
         if not servers or (flow.client and not clients):
             continue  # the topology does not deploy this flow's roles
         if not flow.exercisable:
-            checks.append(Check("not-exercisable", flow.id, None, servers[0].name, None, flow.why_not))
+            checks.append(Check(CheckKind.NOT_EXERCISABLE, flow.id, None, servers[0].name, None, flow.why_not))
             continue
         pairs = [(c, s) for c in clients for s in servers if c.name != s.name]
         if not pairs:
             if flow.client == flow.server:
-                checks.append(Check("no-peer", flow.id, clients[0].name, None, None,
+                checks.append(Check(CheckKind.NO_PEER, flow.id, clients[0].name, None, None,
                                     f"a {flow.client} cluster flow: the topology has one {flow.client} host"))
             else:
-                checks.append(Check("local", flow.id, clients[0].name, clients[0].name, None,
+                checks.append(Check(CheckKind.LOCAL, flow.id, clients[0].name, clients[0].name, None,
                                     "client and server share a host: loopback, not on the network"))
             continue
+        used = [ep for ep in _probed_endpoints(flow) if not excluded_by_profile(flow, ep, profile)]
+        if not used:
+            why = excluded_by_profile(flow, _probed_endpoints(flow)[0], profile)
+            checks.append(Check(CheckKind.NOT_EXERCISABLE, flow.id, None, servers[0].name, None,
+                                f"not used by this site: {why}"))
+            continue
         for client, server in pairs:
-            for ep in _probed_endpoints(flow):
+            enforcers = tuple(topology.enforcers(client.name, server.name))
+            for ep in used:
                 for variant in _variants(ep, flow, active_ftp):
-                    checks.append(Check("required", flow.id, client.name, server.name, ep, variant=variant))
+                    checks.append(Check(CheckKind.REQUIRED, flow.id, client.name, server.name, ep,
+                                        variant=variant, enforcers=enforcers))
         for client in clients:
             if any(client.name == s.name for s in servers):
-                checks.append(Check("local", flow.id, client.name, client.name, None,
+                checks.append(Check(CheckKind.LOCAL, flow.id, client.name, client.name, None,
                                     "also served on the client's own host: loopback, not on the network"))
     return checks
 
@@ -95,29 +149,67 @@ def _variants(ep: Endpoint, flow: Flow, active_ftp: set[str]) -> tuple[str, ...]
     return ("passive", "active") if flow.id in active_ftp else ("passive",)
 
 
-def exposure_checks(catalog: Catalog, topology: Topology, required: list[Check]) -> list[Check]:
-    """Ports a zone has no business reaching, probed from the zone's first host.
+# -- exposure -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def administrative_ports() -> tuple[Endpoint, ...]:
+    raw = yaml.safe_load(Path(EXPOSURE_PORTS_PATH).read_text()) or {}
+    return tuple(Endpoint(transport=transport, protocol=name, port=int(port))
+                 for transport, named in raw.items() for name, port in named.items())
 
-    A port is a zone's business when any required flow goes from a host of that zone to it.
-    """
+
+def _zone_ports(catalog: Catalog, topology: Topology) -> dict[str, dict[tuple[str, int], Endpoint]]:
+    """Per zone: every catalog port its hosts' roles serve, plus the administrative ports."""
+    ports: dict[str, dict[tuple[str, int], Endpoint]] = {}
+    for zone in topology.zones:
+        found = {(ep.transport, ep.port): ep for ep in administrative_ports()}
+        for host in zone.hosts:
+            for role in host.roles:
+                for _flow, ep in catalog.served_endpoints(role):
+                    if ep.port is not None and ep.transport != "icmp":
+                        found[(ep.transport, ep.port)] = Endpoint(ep.transport, ep.protocol, ep.security, ep.port)
+        ports[zone.name] = found
+    return ports
+
+
+def _unused_reasons(catalog: Catalog, topology: Topology) -> dict[tuple[str, str, str, int], str]:
+    """(scout, target, transport, port) -> why a catalog flow on it is not required (profile)."""
+    reasons = {}
+    for flow in catalog.flows:
+        if not flow.exercisable:
+            continue
+        for ep in _probed_endpoints(flow):
+            why = excluded_by_profile(flow, ep, topology.profile)
+            if not why or ep.port is None:
+                continue
+            for client in topology.hosts_with_role(flow.client):
+                for server in topology.hosts_with_role(flow.server):
+                    reasons.setdefault((client.name, server.name, ep.transport, ep.port), f"flow {flow.id}: {why}")
+    return reasons
+
+
+def exposure_checks(catalog: Catalog, topology: Topology, required: list[Check]) -> list[Check]:
+    """Every port a host has no business reaching on another host behind a firewall."""
     business = defaultdict(set)
     for check in required:
-        if check.kind == "required" and check.endpoint.port is not None:
-            zone = topology.host(check.client_host).zone
-            business[zone].add((check.server_host, check.endpoint.transport, check.endpoint.port))
+        if check.kind == CheckKind.REQUIRED and check.endpoint.port is not None:
+            business[(check.client_host, check.server_host)].add((check.endpoint.transport, check.endpoint.port))
+    zone_ports = _zone_ports(catalog, topology)
+    unused = _unused_reasons(catalog, topology)
     checks = []
-    for zone in topology.zones:
-        scout = zone.hosts[0]
+    for scout in topology.hosts:
         for target in topology.hosts:
-            if target.zone == zone.name:
-                continue  # same-zone traffic never crosses the firewall
-            for listener in listeners_for(catalog, target):
-                if (target.name, listener.transport, listener.port) in business[zone.name]:
+            if target.name == scout.name:
+                continue
+            enforcers = tuple(topology.enforcers(scout.name, target.name))
+            if not enforcers:
+                continue  # nothing between them could block anything: not a firewall question
+            needed = business[(scout.name, target.name)]
+            for (transport, port), ep in sorted(zone_ports[target.zone].items()):
+                if (transport, port) in needed:
                     continue
-                ep = Endpoint(transport=listener.transport, protocol=listener.protocol,
-                              security=listener.security, port=listener.port)
-                checks.append(Check("exposure", None, scout.name, target.name, ep,
-                                    f"no catalog flow from zone {zone.name} to {target.name} {ep.label()}"))
+                why = unused.get((scout.name, target.name, transport, port)) or \
+                    f"no catalog flow from {scout.name} to {target.name} on {ep.label()}"
+                checks.append(Check(CheckKind.EXPOSURE, None, scout.name, target.name, ep, why, enforcers=enforcers))
     return checks
 
 

@@ -34,6 +34,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
 from . import protocols
+from .knock import knock, parse_knocks
 from .prober import DEFAULT_CONCURRENCY, run_probes
 from .protocols.base import Listener, Persona, ProbeTarget
 from .protocols.tls import TLSMaterialMissing
@@ -166,7 +167,7 @@ def start_listeners(reactor, spec: Spec | dict[str, Any]) -> list[IListeningPort
     for listener in spec.listeners:
         try:
             ports.append(protocols.listen(reactor, listener, spec.persona,
-                                          on_request=on_request, interface=spec.interface))
+                                          on_request=on_request, interface=listener.bind or spec.interface))
         except (CannotListenError, OSError, TLSMaterialMissing) as exc:
             stop_listeners(ports)
             reason = getattr(exc, 'socketError', None) or exc
@@ -193,7 +194,8 @@ def _log_to_stderr() -> None:
 
 
 class ProbeControl(LineReceiver):
-    """One JSON job per line: {"targets": [...], "concurrency": n} -> {"results": [...]} or {"error": "..."}."""
+    """One JSON job per line: {"targets": [...], "concurrency": n} -> {"results": [...]} or {"error": "..."};
+    {"knock": [[address, transport, port], ...]} -> {"knocked": n, "errors": [...]}."""
 
     MAX_LENGTH = 64 * 1024 * 1024
     delimiter = b'\n'
@@ -201,6 +203,10 @@ class ProbeControl(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         try:
             job = json.loads(line)
+            if 'knock' in job:
+                sent, errors = knock(parse_knocks(job['knock']))
+                self._answer({'knocked': sent, 'errors': errors[:20]})
+                return
             targets = [ProbeTarget.from_dict(t) for t in job['targets']]
             concurrency = int(job.get('concurrency', DEFAULT_CONCURRENCY))
             running = run_probes(self.factory.reactor, targets, concurrency)

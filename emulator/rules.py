@@ -30,16 +30,49 @@ class Ruleset:
             raise LabError(f"unknown rules format {self.format!r}; use one of {', '.join(FORMATS)}")
 
 
-def _crossing(topology: Topology, checks: list[Check]) -> list[Check]:
-    """Required checks whose traffic crosses the firewall (client and server in different zones)."""
-    return [c for c in checks if c.kind == "required"
-            and topology.host(c.client_host).zone != topology.host(c.server_host).zone]
+def _node(topology: Topology, node: str | None) -> str:
+    node = node or topology.firewall
+    if node not in topology.filtering_nodes:
+        raise LabError(f"{node!r} holds no ruleset in topology {topology.name}: rules are generated for its firewall "
+                       f"nodes and hosts with a host firewall ({', '.join(topology.filtering_nodes)})")
+    return node
 
 
-def _grouped(topology: Topology, checks: list[Check]):
-    """(src address, dst address, transport, port|None) -> flow ids, in a stable order."""
+def enforced(topology: Topology, checks: list[Check], node: str | None = None, hook: str | None = None) -> list[Check]:
+    """Required checks whose traffic meets `node`'s ruleset (in `hook`, or any), in plan order.
+
+    `node` defaults to the first firewall node. A firewall node enforces the flows it forwards
+    (client and server behind different nodes cross both); a host firewall enforces what its
+    host serves (input) and sends (output). Same-segment flows meet no firewall node.
+    """
+    node = _node(topology, node)
+    paths: dict[tuple[str, str], tuple] = {}
+    chosen = []
+    for c in checks:
+        if c.kind != "required":
+            continue
+        pair = (c.client_host, c.server_host)
+        if pair not in paths:
+            paths[pair] = topology.enforcers(*pair)
+        if any(e.node == node and (hook is None or e.hook == hook) for e in paths[pair]):
+            chosen.append(c)
+    return chosen
+
+
+def _admitted(topology: Topology, checks: list[Check], node: str | None) -> list[Check]:
+    """The checks `node` needs an accept for: what it forwards (firewall node) or receives (host)."""
+    node = _node(topology, node)
+    return enforced(topology, checks, node, "forward" if topology.is_firewall(node) else "input")
+
+
+def grouped(topology: Topology, checks: list[Check], node: str | None = None):
+    """(src address, dst address, transport, port|None) -> flow ids of the accepts `node` needs, in a stable order.
+
+    `node` defaults to the first firewall node: there it is what the node forwards, on a host
+    with a host firewall what that host receives.
+    """
     groups: dict[tuple, list[str]] = defaultdict(list)
-    for c in _crossing(topology, checks):
+    for c in _admitted(topology, checks, node):
         key = (topology.host(c.client_host).address, topology.host(c.server_host).address,
                c.endpoint.transport, c.endpoint.port)
         if c.flow_id not in groups[key]:
@@ -47,9 +80,27 @@ def _grouped(topology: Topology, checks: list[Check]):
     return sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] or 0))
 
 
-def _ftp_servers(topology: Topology, checks: list[Check]) -> list[tuple[str, int]]:
+_grouped = grouped  # the name other modules used before it was public
+
+
+def _ftp_servers(topology: Topology, checks: list[Check], node: str | None = None) -> list[tuple[str, int]]:
+    """(server address, control port) of the FTP flows `node` sees, whose data channels need the helper."""
     return sorted({(topology.host(c.server_host).address, c.endpoint.port)
-                   for c in _crossing(topology, checks) if c.endpoint.protocol == "ftp"})
+                   for c in enforced(topology, checks, node) if c.endpoint.protocol == "ftp"})
+
+
+def _ftp_helpers(topology: Topology, checks: list[Check], node: str) -> tuple[list, list]:
+    """Where `node` attaches the FTP helper: (prerouting, output) lists of (server address, port).
+
+    Connections a node forwards or receives pass prerouting; those its own host opens pass output.
+    """
+    if topology.is_firewall(node):
+        return _ftp_servers(topology, checks, node), []
+    incoming = {(topology.host(c.server_host).address, c.endpoint.port)
+                for c in enforced(topology, checks, node, "input") if c.endpoint.protocol == "ftp"}
+    outgoing = {(topology.host(c.server_host).address, c.endpoint.port)
+                for c in enforced(topology, checks, node, "output") if c.endpoint.protocol == "ftp"}
+    return sorted(incoming), sorted(outgoing)
 
 
 def _comment(flow_ids: list[str]) -> str:
@@ -57,58 +108,73 @@ def _comment(flow_ids: list[str]) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def generate(topology: Topology, checks: list[Check], fmt: str = "iptables") -> Ruleset:
-    """Stateful, default-drop ruleset allowing exactly the catalog flows between zones.
+def generate(topology: Topology, checks: list[Check], fmt: str = "iptables", node: str | None = None) -> Ruleset:
+    """Stateful, default-drop ruleset for one node allowing exactly the catalog flows that node sees.
+
+    `node` defaults to the first firewall node. For a firewall node: FORWARD accepts for the
+    required flows it routes. For a host with a host firewall: INPUT accepts for the required
+    flows it serves, OUTPUT open. Only 'required' checks produce accepts.
 
     FTP data channels (the catalog's 1024-65535 ranges) are admitted as RELATED through the
     kernel's FTP conntrack helper instead of opening the whole range: least privilege.
     """
-    if fmt == "iptables":
-        text = _generate_iptables(topology, checks)
-    elif fmt == "nft":
-        text = _generate_nft(topology, checks)
-    else:
+    node = _node(topology, node)
+    if fmt not in FORMATS:
         raise LabError(f"unknown rules format {fmt!r}; use one of {', '.join(FORMATS)}")
-    return Ruleset(fmt, text, f"generated for topology {topology.name}")
+    single = topology.filtering_nodes == (node,)
+    what = (f"topology {topology.name}" if single else
+            f"{'firewall node' if topology.is_firewall(node) else 'host firewall of'} {node} in topology {topology.name}")
+    text = (_generate_iptables if fmt == "iptables" else _generate_nft)(topology, checks, node, what)
+    return Ruleset(fmt, text, f"generated for {what}")
 
 
-def _generate_iptables(topology: Topology, checks: list[Check]) -> str:
-    lines = [f"# safeq-lab least-privilege ruleset for topology {topology.name} (iptables-restore format)",
+def _generate_iptables(topology: Topology, checks: list[Check], node: str, what: str) -> str:
+    chain = "FORWARD" if topology.is_firewall(node) else "INPUT"
+    prerouting, output = _ftp_helpers(topology, checks, node)
+    lines = [f"# safeq-lab least-privilege ruleset for {what} (iptables-restore format)",
              "*raw", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
-    for address, port in _ftp_servers(topology, checks):
-        lines.append(f"-A PREROUTING -d {address}/32 -p tcp -m tcp --dport {port} "
-                     f"-m comment --comment \"ftp data channels via conntrack helper\" -j CT --helper ftp")
+    for hook, helpers in (("PREROUTING", prerouting), ("OUTPUT", output)):
+        for address, port in helpers:
+            lines.append(f"-A {hook} -d {address}/32 -p tcp -m tcp --dport {port} "
+                         f"-m comment --comment \"ftp data channels via conntrack helper\" -j CT --helper ftp")
     lines += ["COMMIT", "*filter", ":INPUT DROP [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT ACCEPT [0:0]",
               "-A INPUT -i lo -j ACCEPT",
-              "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-              "-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
-    for (src, dst, transport, port), flow_ids in _grouped(topology, checks):
+              "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
+    if chain == "FORWARD":
+        lines.append("-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+    for (src, dst, transport, port), flow_ids in grouped(topology, checks, node):
         match = ("-p icmp -m icmp --icmp-type 8" if transport == "icmp"
                  else f"-p {transport} -m {transport} --dport {port}")
-        lines.append(f"-A FORWARD -s {src}/32 -d {dst}/32 {match} -m conntrack --ctstate NEW "
+        lines.append(f"-A {chain} -s {src}/32 -d {dst}/32 {match} -m conntrack --ctstate NEW "
                      f"-m comment --comment \"{_comment(flow_ids)}\" -j ACCEPT")
     lines += ["COMMIT", ""]
     return "\n".join(lines)
 
 
-def _generate_nft(topology: Topology, checks: list[Check]) -> str:
-    lines = [f"# safeq-lab least-privilege ruleset for topology {topology.name} (nft -f format)",
+def _generate_nft(topology: Topology, checks: list[Check], node: str, what: str) -> str:
+    chain = "forward" if topology.is_firewall(node) else "input"
+    lines = [f"# safeq-lab least-privilege ruleset for {what} (nft -f format)",
              "table inet safeq_lab {"]
-    ftp = _ftp_servers(topology, checks)
-    if ftp:
-        # the helper is attached after conntrack has seen the packet (priority filter, not raw)
-        lines += ['  ct helper ftp_helper { type "ftp" protocol tcp; }',
-                  "  chain prerouting {", "    type filter hook prerouting priority filter; policy accept;"]
-        lines += [f"    ip daddr {a} tcp dport {p} ct helper set \"ftp_helper\" comment \"ftp data channels via conntrack helper\""
-                  for a, p in ftp]
-        lines.append("  }")
-    lines += ["  chain input {", "    type filter hook input priority filter; policy drop;",
-              "    iif lo accept", "    ct state established,related accept", "  }",
-              "  chain forward {", "    type filter hook forward priority filter; policy drop;",
-              "    ct state established,related accept"]
-    for (src, dst, transport, port), flow_ids in _grouped(topology, checks):
+    prerouting, output = _ftp_helpers(topology, checks, node)
+    if prerouting or output:
+        lines.append('  ct helper ftp_helper { type "ftp" protocol tcp; }')
+    # the helper is attached after conntrack has seen the packet (priority filter, not raw)
+    for hook, helpers in (("prerouting", prerouting), ("output", output)):
+        if helpers:
+            lines += [f"  chain {hook} {{", f"    type filter hook {hook} priority filter; policy accept;"]
+            lines += [f"    ip daddr {a} tcp dport {p} ct helper set \"ftp_helper\" comment \"ftp data channels via conntrack helper\""
+                      for a, p in helpers]
+            lines.append("  }")
+    accepts = []
+    for (src, dst, transport, port), flow_ids in grouped(topology, checks, node):
         match = "icmp type echo-request" if transport == "icmp" else f"{transport} dport {port}"
-        lines.append(f"    ip saddr {src} ip daddr {dst} {match} ct state new accept comment \"{_comment(flow_ids)}\"")
+        accepts.append(f"    ip saddr {src} ip daddr {dst} {match} ct state new accept comment \"{_comment(flow_ids)}\"")
+    lines += ["  chain input {", "    type filter hook input priority filter; policy drop;",
+              "    iif lo accept", "    ct state established,related accept"]
+    lines += accepts if chain == "input" else []
+    lines += ["  }", "  chain forward {", "    type filter hook forward priority filter; policy drop;"]
+    if chain == "forward":
+        lines += ["    ct state established,related accept"] + accepts
     lines += ["  }", "}", ""]
     return "\n".join(lines)
 

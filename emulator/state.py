@@ -1,7 +1,9 @@
 """What a running lab owns, written down so that `safeq-lab clean` can undo a killed run.
 
-One state file per topology under /run/safeq-lab: the owning pid, the bridges it creates
-and the pids of its host shells and daemons (killing those ends their namespaces and veths).
+One state file per topology under /run/safeq-lab: the owning pid, the bridges it creates (one
+per zone, plus the transit segment joining several firewall nodes), its firewall nodes, and the
+pids of its host and firewall shells, role daemons and `nft monitor trace` processes (killing
+those ends their namespaces and veths).
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ def claim(topology: Topology) -> None:
 def record(topology: Topology, pids: list[int], note: str = "running") -> None:
     _state_file(topology.name).write_text(json.dumps({
         "pid": os.getpid(), "topology": topology.name, "note": note,
-        "bridges": topology.bridges, "pids": pids, "time": time.time(),
+        "bridges": topology.bridges, "firewalls": [fw.name for fw in topology.firewalls],
+        "pids": pids, "time": time.time(),
     }))
 
 

@@ -1,4 +1,9 @@
-"""Declarative lab topologies: zones, hosts, the roles each host runs, link shapes.
+"""Declarative lab topologies: zones, hosts, the roles each host runs, firewalls, link shapes.
+
+Every zone sits behind exactly one firewall node (its gateway, at .1 of the zone). With several
+firewall nodes, one transit segment joins them and each routes to the others' zones through it,
+so a flow between zones of two nodes crosses both. Any host may also carry a host firewall
+(`rules:`), which filters what enters (INPUT) and leaves (OUTPUT) that host.
 
 Pure data and validation; nothing here touches Mininet (see emulator.lab).
 """
@@ -6,12 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from emulator.errors import LabError
+from emulator.profile import DeploymentProfile, parse_profile
 
 TOPOLOGIES_DIR = Path(__file__).resolve().parent.parent / "topologies"
 LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range
@@ -23,6 +30,9 @@ HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 ZONE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 TOPOLOGY_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 FIRST_HOST_OFFSET = 10  # .1 is the firewall; hosts start at .10 unless given an address
+INTERFACE_MAX = 15  # Linux's limit on interface names
+TRANSIT = "transit"  # a firewall node's transit interface is <node>-transit
+HOOKS = ("output", "forward", "input")
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,28 @@ class HostSpec:
     address: str
     roles: tuple[str, ...]
     link: LinkShape = LinkShape()
+    rules: Path | None = None  # the host's own firewall (INPUT/OUTPUT), loaded when the lab is built
+
+
+@dataclass(frozen=True)
+class FirewallNode:
+    """A routing firewall: the gateway of its zones, and a member of the transit segment when there are several."""
+
+    name: str
+    zones: tuple[str, ...]
+    transit_address: str | None = None  # None with a single firewall node (no transit segment)
+    rules: Path | None = None  # default rules for this node, loaded when the lab is built
+
+    @property
+    def transit_interface(self) -> str:
+        return f"{self.name}-{TRANSIT}"
+
+
+class Enforcer(NamedTuple):
+    """A ruleset a packet of a flow meets: the node holding it and the hook it is met in."""
+
+    node: str
+    hook: str  # 'output' (client's host firewall) | 'forward' (a firewall node) | 'input' (server's host firewall)
 
 
 @dataclass(frozen=True)
@@ -61,8 +93,15 @@ class Topology:
     name: str
     description: str
     path: Path
-    firewall: str
+    firewall: str  # the first firewall node's name (the only one in single-firewall topologies)
     zones: tuple[Zone, ...]
+    firewalls: tuple[FirewallNode, ...] = ()  # () when built by hand: one node `firewall` owning every zone
+    transit: ipaddress.IPv4Network | None = None  # the segment joining several firewall nodes
+    profile: DeploymentProfile = field(default_factory=DeploymentProfile)
+
+    def __post_init__(self):
+        if not self.firewalls:
+            object.__setattr__(self, "firewalls", (FirewallNode(self.firewall, tuple(z.name for z in self.zones)),))
 
     @property
     def hosts(self) -> list[HostSpec]:
@@ -83,16 +122,85 @@ class Topology:
     def hosts_with_role(self, role: str) -> list[HostSpec]:
         return [h for h in self.hosts if role in h.roles]
 
-    def firewall_interface(self, zone: Zone) -> str:
-        return f"{self.firewall}-{zone.name}"[:15]
+    def hosts_with_rules(self) -> list[HostSpec]:
+        return [h for h in self.hosts if h.rules is not None]
 
+    # -- firewalls ---------------------------------------------------------------------------------
+    def firewall_node(self, name: str) -> FirewallNode:
+        for node in self.firewalls:
+            if node.name == name:
+                return node
+        raise LabError(f"topology {self.name} has no firewall node {name!r}; "
+                       f"firewall nodes: {', '.join(n.name for n in self.firewalls)}")
+
+    def is_firewall(self, name: str) -> bool:
+        return any(node.name == name for node in self.firewalls)
+
+    def zone_firewall(self, zone: Zone | str) -> FirewallNode:
+        """The firewall node that is the gateway of this zone."""
+        zone_name = zone if isinstance(zone, str) else zone.name
+        for node in self.firewalls:
+            if zone_name in node.zones:
+                return node
+        raise LabError(f"topology {self.name} has no zone {zone_name!r}")
+
+    def firewall_interface(self, zone: Zone | str) -> str:
+        zone_name = zone if isinstance(zone, str) else zone.name
+        return f"{self.zone_firewall(zone_name).name}-{zone_name}"
+
+    @property
+    def filtering_nodes(self) -> tuple[str, ...]:
+        """Every node that holds a ruleset: the firewall nodes, then the hosts with a host firewall."""
+        return tuple(n.name for n in self.firewalls) + tuple(h.name for h in self.hosts_with_rules())
+
+    @property
+    def rules_files(self) -> dict[str, Path]:
+        """node -> the rules file the topology gives it (loaded when the lab is built)."""
+        files = {n.name: n.rules for n in self.firewalls if n.rules is not None}
+        files.update((h.name, h.rules) for h in self.hosts_with_rules())
+        return files
+
+    def _spec(self, host: HostSpec | str) -> HostSpec:
+        return self.host(host) if isinstance(host, str) else host
+
+    def firewalls_between(self, client: HostSpec | str, server: HostSpec | str) -> tuple[str, ...]:
+        """The firewall nodes a packet from client to server is forwarded by, in path order."""
+        client, server = self._spec(client), self._spec(server)
+        if client.zone == server.zone:
+            return ()  # one segment: the bridge carries it, no firewall node routes it
+        first, last = self.zone_firewall(client.zone).name, self.zone_firewall(server.zone).name
+        return (first,) if first == last else (first, last)
+
+    def crosses_firewall(self, client: HostSpec | str, server: HostSpec | str) -> bool:
+        return bool(self.firewalls_between(client, server))
+
+    def enforcers(self, client: HostSpec | str, server: HostSpec | str) -> tuple[Enforcer, ...]:
+        """Every ruleset the client's first packet to the server meets, in path order.
+
+        The client's host firewall (output), each firewall node crossed (forward), the server's
+        host firewall (input). Nothing when client and server are one host (loopback).
+        """
+        client, server = self._spec(client), self._spec(server)
+        if client.name == server.name:
+            return ()
+        path = [Enforcer(client.name, "output")] if client.rules is not None else []
+        path += [Enforcer(node, "forward") for node in self.firewalls_between(client, server)]
+        if server.rules is not None:
+            path.append(Enforcer(server.name, "input"))
+        return tuple(path)
+
+    # -- bridges ---------------------------------------------------------------------------------
     def bridge(self, zone: Zone) -> str:
         # Short on purpose: Mininet names the bridge's ports "<bridge>-eth<N>" (15 chars at most).
         return f"{BRIDGE_PREFIX}{self.zones.index(zone) + 1}"
 
     @property
+    def transit_bridge(self) -> str | None:
+        return f"{BRIDGE_PREFIX}{len(self.zones) + 1}" if self.transit is not None else None
+
+    @property
     def bridges(self) -> list[str]:
-        return [self.bridge(z) for z in self.zones]
+        return [self.bridge(z) for z in self.zones] + ([self.transit_bridge] if self.transit is not None else [])
 
 
 def available_topologies() -> list[str]:
@@ -158,24 +266,117 @@ def _parse_link(path, where, raw) -> LinkShape:
     return LinkShape(**values)
 
 
+def _parse_rules_file(path: Path, where: str, value) -> Path:
+    """A node's rules file, relative to the topology file; it must exist (its content is checked when loaded)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, where, f"expected the path of a rules file, got {value!r}")
+    rules = path.parent / value
+    if not rules.is_file():
+        raise _fail(path, where, f"rules file {rules} does not exist")
+    return rules
+
+
+def _parse_firewalls(path: Path, raw) -> list[dict]:
+    """The firewall nodes as given (name, zones or None for 'every zone', rules, address); zones checked later."""
+    if "firewall" in raw and "firewalls" in raw:
+        raise _fail(path, "top level", "give either `firewall` (one node for every zone) or `firewalls`, not both")
+    if "firewalls" not in raw:
+        name = raw.get("firewall", "fw")
+        if not isinstance(name, str) or not HOST_NAME.match(name):
+            raise _fail(path, "firewall", f"{name!r} is not a valid node name (lowercase, at most 10 chars)")
+        return [{"name": name, "zones": None, "rules": None, "address": None, "where": "firewall"}]
+    if not isinstance(raw["firewalls"], list) or not raw["firewalls"]:
+        raise _fail(path, "firewalls", "expected a non-empty list of firewall nodes")
+    nodes, owner = [], {}
+    for fi, fraw in enumerate(raw["firewalls"]):
+        fwhere = f"firewalls[{fi}]"
+        _check_keys(path, fwhere, fraw, ("name", "zones", "rules", "transit_address", "description"), ("name", "zones"))
+        name = fraw["name"]
+        if not isinstance(name, str) or not HOST_NAME.match(name):
+            raise _fail(path, f"{fwhere}.name", f"{name!r} is not a valid node name (lowercase letters/digits/'-', at most 10 chars)")
+        if any(n["name"] == name for n in nodes):
+            raise _fail(path, f"{fwhere}.name", f"duplicate firewall node {name!r}")
+        zones = fraw["zones"]
+        if not isinstance(zones, list) or not zones or not all(isinstance(z, str) for z in zones):
+            raise _fail(path, f"{fwhere}.zones", "expected a non-empty list of zone names")
+        for zone in zones:
+            if zone in owner:
+                raise _fail(path, f"{fwhere}.zones", f"zone {zone!r} already belongs to firewall node {owner[zone]}; "
+                                                     "every zone has exactly one firewall node")
+            owner[zone] = name
+        rules = _parse_rules_file(path, f"{fwhere}.rules", fraw["rules"]) if "rules" in fraw else None
+        nodes.append({"name": name, "zones": tuple(zones), "rules": rules, "address": fraw.get("transit_address"),
+                      "where": fwhere})
+    return nodes
+
+
+def _parse_transit(path: Path, raw, nodes: list[dict], subnets) -> tuple[ipaddress.IPv4Network | None, list[str | None]]:
+    """The transit segment and each node's address on it (None, [None] with a single node)."""
+    if len(nodes) == 1:
+        if "transit" in raw:
+            raise _fail(path, "transit", f"a transit segment joins several firewall nodes; this topology has one ({nodes[0]['name']})")
+        if nodes[0]["address"] is not None:
+            raise _fail(path, f"{nodes[0]['where']}.transit_address", "only firewall nodes joined by a transit segment have one")
+        return None, [None]
+    if "transit" not in raw:
+        raise _fail(path, "transit", f"missing: {len(nodes)} firewall nodes need a transit subnet of {LAB_RANGE} joining them")
+    try:
+        transit = ipaddress.ip_network(str(raw["transit"]))
+    except ValueError as exc:
+        raise _fail(path, "transit", str(exc)) from None
+    if transit.version != 4 or not transit.subnet_of(LAB_RANGE):
+        raise _fail(path, "transit", f"{transit} is outside the lab range {LAB_RANGE}")
+    for zone_name, subnet in subnets:
+        if transit.overlaps(subnet):
+            raise _fail(path, "transit", f"{transit} overlaps zone {zone_name} ({subnet})")
+    usable = list(transit.hosts())
+    if len(usable) < len(nodes):
+        raise _fail(path, "transit", f"{transit} has no room for {len(nodes)} firewall nodes")
+    addresses: list[str | None] = []
+    for index, node in enumerate(nodes):
+        if node["address"] is None:
+            addresses.append(str(usable[index]))
+            continue
+        try:
+            address = ipaddress.ip_address(str(node["address"]))
+        except ValueError as exc:
+            raise _fail(path, f"{node['where']}.transit_address", str(exc)) from None
+        if address not in usable:
+            raise _fail(path, f"{node['where']}.transit_address", f"{address} is not a host address of the transit {transit}")
+        addresses.append(str(address))
+    if len(set(addresses)) != len(addresses):
+        raise _fail(path, "firewalls", "two firewall nodes share a transit address; give each its own transit_address")
+    return transit, addresses
+
+
 def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
-    _check_keys(path, "top level", raw, ("name", "description", "firewall", "zones"), ("name", "zones"))
+    _check_keys(path, "top level", raw, ("name", "description", "firewall", "firewalls", "transit", "profile", "zones"),
+                ("name", "zones"))
     if not isinstance(raw["name"], str) or not TOPOLOGY_NAME.match(raw["name"]):
         raise _fail(path, "name", f"{raw['name']!r}: lowercase letters, digits and '-' only")
-    firewall = raw.get("firewall", "fw")
-    if not isinstance(firewall, str) or not HOST_NAME.match(firewall):
-        raise _fail(path, "firewall", f"{firewall!r} is not a valid node name (lowercase, at most 10 chars)")
+    nodes = _parse_firewalls(path, raw)
+    owner = {z: n["name"] for n in nodes if n["zones"] is not None for z in n["zones"]}
     if not isinstance(raw["zones"], list) or not raw["zones"]:
         raise _fail(path, "zones", "expected a non-empty list of zones")
-    zones, seen_hosts, subnets = [], {firewall}, []
+    zones, seen_hosts, subnets = [], {n["name"] for n in nodes}, []
     for zi, zraw in enumerate(raw["zones"]):
         zwhere = f"zones[{zi}]"
         _check_keys(path, zwhere, zraw, ("name", "subnet", "link", "hosts", "description"), ("name", "subnet", "hosts"))
         zname = zraw["name"]
         if not isinstance(zname, str) or not ZONE_NAME.match(zname):
             raise _fail(path, f"{zwhere}.name", f"{zname!r}: lowercase letters/digits, at most 12 chars")
-        if len(f"{firewall}-{zname}") > 15:
-            raise _fail(path, f"{zwhere}.name", f"interface name {firewall}-{zname} exceeds 15 chars; shorten it")
+        if any(z.name == zname for z in zones):
+            raise _fail(path, f"{zwhere}.name", f"duplicate zone {zname!r}")
+        if len(nodes) == 1 and nodes[0]["zones"] is None:
+            firewall = nodes[0]["name"]
+        elif zname in owner:
+            firewall = owner[zname]
+        else:
+            raise _fail(path, f"{zwhere}.name", f"zone {zname!r} has no firewall node: list it in the zones of one of firewalls")
+        if len(nodes) > 1 and zname == TRANSIT:
+            raise _fail(path, f"{zwhere}.name", f"{TRANSIT!r} names the firewall nodes' transit interfaces; rename the zone")
+        if len(f"{firewall}-{zname}") > INTERFACE_MAX:
+            raise _fail(path, f"{zwhere}.name", f"interface name {firewall}-{zname} exceeds {INTERFACE_MAX} chars; shorten it")
         try:
             subnet = ipaddress.ip_network(str(zraw["subnet"]))
         except ValueError as exc:
@@ -193,7 +394,7 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
         hosts = []
         for hi, hraw in enumerate(zraw["hosts"]):
             hwhere = f"{zwhere}.hosts[{hi}]"
-            _check_keys(path, hwhere, hraw, ("name", "roles", "address", "link", "description"), ("name", "roles"))
+            _check_keys(path, hwhere, hraw, ("name", "roles", "address", "link", "rules", "description"), ("name", "roles"))
             hname = hraw["name"]
             if not isinstance(hname, str) or not HOST_NAME.match(hname):
                 raise _fail(path, f"{hwhere}.name", f"{hname!r}: lowercase letters/digits/'-', at most 10 chars")
@@ -217,9 +418,26 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
                 if FIRST_HOST_OFFSET + hi >= len(usable):
                     raise _fail(path, f"{hwhere}", f"subnet {subnet} has no room for another host")
                 address = usable[FIRST_HOST_OFFSET - 1 + hi]
-            hosts.append(HostSpec(hname, zname, str(address), tuple(roles), _parse_link(path, f"{hwhere}.link", hraw.get("link"))))
+            rules = _parse_rules_file(path, f"{hwhere}.rules", hraw["rules"]) if "rules" in hraw else None
+            hosts.append(HostSpec(hname, zname, str(address), tuple(roles),
+                                  _parse_link(path, f"{hwhere}.link", hraw.get("link")), rules))
         addresses = [h.address for h in hosts]
         if len(set(addresses)) != len(addresses):
             raise _fail(path, f"{zwhere}.hosts", "two hosts share an address")
         zones.append(Zone(zname, subnet, gateway, tuple(hosts), _parse_link(path, f"{zwhere}.link", zraw.get("link"))))
-    return Topology(str(raw["name"]), str(raw.get("description", "")), path, firewall, tuple(zones))
+    zone_names = [z.name for z in zones]
+    for node in nodes:
+        for zone in node["zones"] or ():
+            if zone not in zone_names:
+                raise _fail(path, f"{node['where']}.zones", f"unknown zone {zone!r}; zones: {', '.join(zone_names)}")
+    transit, transit_addresses = _parse_transit(path, raw, nodes, subnets)
+    firewalls = []
+    for node, transit_address in zip(nodes, transit_addresses):
+        owned = tuple(z for z in zone_names if node["zones"] is None or z in node["zones"])
+        if transit is not None and len(f"{node['name']}-{TRANSIT}") > INTERFACE_MAX:
+            raise _fail(path, f"{node['where']}.name", f"interface name {node['name']}-{TRANSIT} exceeds "
+                                                       f"{INTERFACE_MAX} chars; shorten the node name")
+        firewalls.append(FirewallNode(node["name"], owned, transit_address, node["rules"]))
+    profile = parse_profile(path, raw.get("profile"))
+    return Topology(str(raw["name"]), str(raw.get("description", "")), path, firewalls[0].name, tuple(zones),
+                    tuple(firewalls), transit, profile)

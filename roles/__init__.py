@@ -6,14 +6,17 @@ faithful stub changes every role that serves that protocol at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
 from emulator.catalog import Catalog, Endpoint, Flow, Role, load_catalog
+from emulator.profile import DeploymentProfile
 from emulator.protocols.base import Listener
+
+LOCALHOST = "127.0.0.1"
 
 # Where one host serves a port for several flows or roles, the more specific protocol wins the
 # listener (an IPP printer and an HTTP install endpoint on one port are one HTTP server in reality).
@@ -35,9 +38,14 @@ def profile(role_id: str, catalog: Catalog | None = None) -> RoleProfile:
                        tuple(f for f in catalog.flows if f.client == role_id))
 
 
-def listeners(role_ids, catalog: Catalog | None = None) -> list[Listener]:
-    """Every (transport, port) a host running these roles listens on, one listener each."""
+def listeners(role_ids, catalog: Catalog | None = None, site: DeploymentProfile | None = None) -> list[Listener]:
+    """Every (transport, port) a host running these roles listens on, one listener each.
+
+    With a profile whose SafeQ version keeps JMX on localhost (MU38 and later), JMX listeners bind
+    to 127.0.0.1 as the real services do, so a firewall that lets JMX through reaches a closed port.
+    """
     catalog = catalog or load_catalog()
+    site = site or DeploymentProfile()
     chosen: dict[tuple[str, int], Listener] = {}
     for role_id in role_ids:
         for _flow, ep in profile(role_id, catalog).serves:
@@ -51,6 +59,8 @@ def listeners(role_ids, catalog: Catalog | None = None) -> list[Listener]:
                 # one port, plain for some flows and upgraded for others: serve both
                 if {current.security, candidate.security} <= _UPGRADABLE:
                     chosen[(ep.transport, ep.port)] = Listener(ep.transport, ep.port, ep.protocol, "optional")
+    if not site.jmx_remote:
+        chosen = {key: replace(item, bind=LOCALHOST) if item.protocol == "jmx" else item for key, item in chosen.items()}
     return sorted(chosen.values(), key=lambda item: (item.port, item.transport))
 
 
@@ -76,8 +86,8 @@ def identity(role_ids) -> dict:
 
 
 def daemon_spec(host_name: str, role_ids, log_path: str, catalog: Catalog | None = None,
-                persona: dict | None = None) -> dict:
+                persona: dict | None = None, site: DeploymentProfile | None = None) -> dict:
     """What `python -m emulator.roled` needs to impersonate these roles on one host."""
     return {"host": host_name, "roles": list(role_ids),
-            "listeners": [item.to_dict() for item in listeners(role_ids, catalog)], "log": log_path,
+            "listeners": [item.to_dict() for item in listeners(role_ids, catalog, site)], "log": log_path,
             "persona": {**(persona or {}), "identity": identity(role_ids)}}

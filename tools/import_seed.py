@@ -1,7 +1,7 @@
 """One-off generator: vendor table -> emulator/catalog/flows.yaml + roles.yaml.
 
 This script is kept ONLY as the record of how the catalog seed was first produced from
-tests/data/network-communication.txt.  The YAML files are the source of truth: they were
+the vendor's network-communication table (not redistributed: pass its path).  The YAML files are the source of truth: they were
 reviewed and hand-fixed after generation, and the emulator never parses the vendor text.
 Do not re-run it over the reviewed files (it would drop the hand edits and comments);
 if you do run it, write elsewhere and diff:
@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED = ROOT / 'tests' / 'data' / 'network-communication.txt'
+SEED = ROOT.parent / 'shared' / 'seed' / 'network-communication.txt'  # the vendor's table, outside the repo
 COLUMNS = ('client_text', 'server_text', 'unsecured', 'secured', 'application', 'network', 'data')
 
 # --- roles: (id, name, kind, vendor wordings exactly as in the table) -------------------------
@@ -416,7 +416,7 @@ def dump_roles() -> str:
 
 FLOWS_HEADER = """\
 # SafeQ 6 network flows: one entry per row of the vendor's "Network Communication" table
-# (copy in tests/data/network-communication.txt). Reviewed data owned by this project; the
+# (not redistributed with the project). Reviewed data owned by this project; the
 # vendor text is never parsed at run time. Loaded and validated by emulator.catalog.
 #
 # id          section slug + 2-digit row; row is the 1-based position within the section

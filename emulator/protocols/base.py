@@ -12,9 +12,23 @@ from __future__ import annotations
 import ipaddress
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
-OUTCOMES = ('ok', 'refused', 'timeout', 'protocol_error', 'unreachable', 'error')
+
+class Outcome(StrEnum):
+    """What a probe observed; equal to its JSON string, so records stay plain JSON."""
+
+    OK = 'ok'
+    REFUSED = 'refused'                # TCP RST or ICMP port unreachable
+    TIMEOUT = 'timeout'                # no connection (SYN or datagram unanswered)
+    SILENT = 'silent'                  # connected, then no complete answer: reached, not closed
+    PROTOCOL_ERROR = 'protocol_error'  # an answer, but not the exchange the flow needs
+    UNREACHABLE = 'unreachable'        # ICMP host/net unreachable or no route
+    ERROR = 'error'                    # the probe itself failed: a lab fault, never a firewall finding
+
+
+OUTCOMES = tuple(o.value for o in Outcome)
 PROBE_TRANSPORTS = ('tcp', 'udp', 'icmp')
 # Only TCP and UDP need a userspace stub; ICMP echo is answered by the kernel.
 LISTEN_TRANSPORTS = ('tcp', 'udp')
@@ -152,6 +166,7 @@ class Listener:
     port: int
     protocol: str
     security: str = 'plain'
+    bind: str = ''   # '' = every address of the host; '127.0.0.1' = localhost only (e.g. JMX from MU38)
 
     def __post_init__(self) -> None:
         owner = 'Listener'
@@ -159,6 +174,7 @@ class Listener:
         _need_port(owner, self.port)
         _need_str(owner, 'protocol', self.protocol)
         _need_choice(owner, 'security', self.security, SECURITIES)
+        _need_str(owner, 'bind', self.bind, allow_empty=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Listener:

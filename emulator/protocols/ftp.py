@@ -620,7 +620,7 @@ class _Session:
         try:
             line = ftp.getline()
         except TimeoutError:
-            raise _Verdict('timeout', f'control: TCP connected but no FTP greeting within '
+            raise _Verdict('silent', f'control: TCP connected but no FTP greeting within '
                                       f'{timeout:g} s') from None
         if not _REPLY_LINE.match(line):
             raise _Verdict('protocol_error', f'greeting: not an FTP reply: {line[:80]!r}')

@@ -1511,6 +1511,10 @@ class _HttpExchange(Verdict):
         if self._run is not None and not self._run.called:
             self._run.cancel()
 
+    @property
+    def reached(self) -> bool:
+        return bool(self.made)
+
     def _timeout_detail(self) -> str:
         if self.made:
             return f'connected, but no complete answer within {self.target.timeout:g} s'

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from .base import ProbeResult, ProbeTarget
+from .base import Outcome, ProbeResult, ProbeTarget
 
 OnRequest = Callable[[dict[str, Any]], None]
 
@@ -149,7 +149,13 @@ class Verdict:
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.decide('timeout', self._timeout_detail())
+        # A completed handshake followed by silence reached the port: never to be read as closed.
+        self.decide(Outcome.SILENT if self.reached else Outcome.TIMEOUT, self._timeout_detail())
+
+    @property
+    def reached(self) -> bool:
+        """True once the server's side answered at the transport level (TCP handshake done)."""
+        return False
 
     def _timeout_detail(self) -> str:
         raise NotImplementedError
@@ -191,6 +197,10 @@ class StreamVerdict(Verdict):
     _open = False       # a connection exists and has not been lost yet
     _made = False       # the TCP handshake completed at some point
     protocol: Protocol | None = None
+
+    @property
+    def reached(self) -> bool:
+        return self._made
 
     def connected(self, protocol: Protocol) -> bool:
         """The TCP connection is up; True if the exchange should begin."""

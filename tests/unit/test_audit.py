@@ -1,10 +1,16 @@
-"""Verdicts are a pure function of the check and the probe outcome."""
+"""Verdicts are a pure function of the check and its evidence: a table over every outcome."""
 import pytest
 
-from emulator.audit import AuditReport, format_report, judge, EXIT_BLOCKED, EXIT_EXPOSED
-from emulator.catalog import load_catalog
-from emulator.plan import Check
-from emulator.protocols.base import ProbeResult
+from emulator.audit import AuditReport, EXIT_BLOCKED, EXIT_EXPOSED, EXIT_LAB_FAULT, FlowVerdict
+from emulator.catalog import Endpoint, load_catalog
+from emulator.evidence import Evidence, HopRecord, Verdict, judge
+from emulator.plan import Check, CheckKind
+from emulator.protocols.base import OUTCOMES, Outcome, ProbeResult
+from emulator.report import diff, format_report
+from emulator.topology import Enforcer
+
+CLIENT = "198.18.3.10"
+FW = (Enforcer("fw", "forward"),)
 
 
 @pytest.fixture(scope="module")
@@ -16,54 +22,158 @@ def first_flow(catalog, predicate):
     return next(f for f in catalog.flows if f.exercisable and predicate(f))
 
 
-def required(flow, ep):
-    return Check("required", flow.id, "a", "b", ep)
+def plain_only(catalog):
+    flow = first_flow(catalog, lambda f: all(e.security == "plain" for e in f.endpoints)
+                      and f.endpoints[0].transport == "tcp")
+    return flow, flow.endpoints[0]
 
 
-def result(outcome, peer="198.18.3.10"):
-    return ProbeResult(id="0", outcome=outcome, elapsed=0.01, exchange="framed", detail="d", peer_seen=peer)
+def required(flow, ep, enforcers=FW):
+    return Check(CheckKind.REQUIRED, flow.id, "pc1", "site1", ep, enforcers=enforcers)
+
+
+def exposure(enforcers=FW):
+    return Check(CheckKind.EXPOSURE, None, "pc1", "site1", Endpoint("tcp", "jmx", port=9898),
+                 "no catalog flow", enforcers=enforcers)
+
+
+def result(outcome, peer=CLIENT, detail="d"):
+    return ProbeResult(id="0", outcome=outcome, elapsed=0.01, exchange="framed", detail=detail, peer_seen=peer)
+
+
+def hop(seen=True, passed=True, replied=True, data=(), node="fw"):
+    return HopRecord(node, "forward", seen, passed, replied, data)
+
+
+def evidence(outcome="ok", hops=(hop(),), saw=frozenset({CLIENT}), up=True, encrypted=False, peer=CLIENT):
+    return Evidence(result(outcome, peer) if outcome else None, tuple(hops), saw, up, CLIENT, encrypted)
 
 
 def test_required_ok_is_allowed_or_unencrypted(catalog):
-    only_plain = first_flow(catalog, lambda f: all(e.security == "plain" for e in f.endpoints))
-    assert judge(required(only_plain, only_plain.endpoints[0]), result("ok"), catalog, "198.18.3.10").verdict == "ALLOWED"
+    flow, ep = plain_only(catalog)
+    assert judge(required(flow, ep), evidence(), catalog).verdict == Verdict.ALLOWED
     both = first_flow(catalog, lambda f: any(e.security == "plain" for e in f.endpoints)
                       and any(e.security == "tls" for e in f.endpoints))
     plain = next(e for e in both.endpoints if e.security == "plain")
     tls = next(e for e in both.endpoints if e.security == "tls")
-    assert judge(required(both, plain), result("ok"), catalog, "198.18.3.10").verdict == "UNENCRYPTED"
-    assert judge(required(both, tls), result("ok"), catalog, "198.18.3.10").verdict == "ALLOWED"
+    assert judge(required(both, plain), evidence(), catalog).verdict == Verdict.UNENCRYPTED
+    assert judge(required(both, tls), evidence(encrypted=True), catalog).verdict == Verdict.ALLOWED
 
 
-@pytest.mark.parametrize("outcome, verdict", [("timeout", "BLOCKED"), ("refused", "BLOCKED"),
-                                              ("unreachable", "BLOCKED"), ("protocol_error", "BROKEN")])
-def test_required_failures(catalog, outcome, verdict):
-    flow = first_flow(catalog, lambda f: True)
-    assert judge(required(flow, flow.endpoints[0]), result(outcome), catalog).verdict == verdict
+def test_optional_tls_run_in_clear_is_counted_as_unencrypted(catalog):
+    flow = first_flow(catalog, lambda f: any(e.security == "optional" for e in f.endpoints))
+    ep = next(e for e in flow.endpoints if e.security == "optional")
+    assert judge(required(flow, ep), evidence(), catalog).verdict == Verdict.UNENCRYPTED
+
+
+@pytest.mark.parametrize("outcome", [o for o in OUTCOMES if o not in ("ok", "error")])
+def test_a_firewall_drop_is_blocked_whatever_the_client_saw(catalog, outcome):
+    flow, ep = plain_only(catalog)
+    j = judge(required(flow, ep), evidence(outcome, hops=(hop(passed=False),)), catalog)
+    assert j.verdict == Verdict.BLOCKED and j.node == "fw" and j.direction == "request"
+
+
+@pytest.mark.parametrize("outcome", [o for o in OUTCOMES if o not in ("ok", "error")])
+def test_a_failure_the_firewall_passed_is_broken_never_blocked(catalog, outcome):
+    flow, ep = plain_only(catalog)
+    j = judge(required(flow, ep), evidence(outcome, hops=(hop(replied=True),)), catalog)
+    assert j.verdict == Verdict.BROKEN and outcome in j.detail
+
+
+def test_the_probes_own_failure_is_a_lab_error_not_a_finding(catalog):
+    flow, ep = plain_only(catalog)
+    for hops in ((hop(),), (hop(passed=False),)):
+        assert judge(required(flow, ep), evidence("error", hops=hops), catalog).verdict == Verdict.LAB_ERROR
+
+
+def test_a_stub_that_is_down_is_no_service_not_blocked(catalog):
+    flow, ep = plain_only(catalog)
+    for outcome in ("refused", "timeout"):
+        j = judge(required(flow, ep), evidence(outcome, hops=(hop(replied=False),), up=False), catalog)
+        assert j.verdict == Verdict.NO_SERVICE
+
+
+def test_a_dropped_reply_is_blocked_at_the_node_that_dropped_it(catalog):
+    flow, ep = plain_only(catalog)
+    hops = (hop(node="bfw"), hop(replied=False, node="fw"))
+    j = judge(required(flow, ep, (Enforcer("bfw", "forward"), Enforcer("fw", "forward"))),
+              evidence("timeout", hops=hops), catalog)
+    assert (j.verdict, j.node, j.direction) == (Verdict.BLOCKED, "fw", "reply")
+
+
+def test_the_first_node_that_dropped_decides(catalog):
+    flow, ep = plain_only(catalog)
+    hops = (hop(node="bfw"), hop(passed=False, node="fw"))
+    j = judge(required(flow, ep), evidence("timeout", hops=hops), catalog)
+    assert (j.verdict, j.node) == (Verdict.BLOCKED, "fw")
+
+
+def test_a_dropped_ftp_data_channel_is_blocked(catalog):
+    flow = first_flow(catalog, lambda f: any(e.protocol == "ftp" for e in f.endpoints))
+    ep = next(e for e in flow.endpoints if e.protocol == "ftp")
+    data = ((CLIENT, "198.18.1.12", "tcp", 30001),)
+    j = judge(required(flow, ep), evidence("protocol_error", hops=(hop(data=data),)), catalog)
+    assert (j.verdict, j.direction) == (Verdict.BLOCKED, "data")
 
 
 def test_a_rewritten_source_address_is_broken(catalog):
-    flow = first_flow(catalog, lambda f: True)
-    v = judge(required(flow, flow.endpoints[0]), result("ok", peer="198.18.1.1"), catalog, "198.18.3.10")
-    assert v.verdict == "BROKEN" and "NAT" in v.detail
+    flow, ep = plain_only(catalog)
+    j = judge(required(flow, ep), evidence(peer="198.18.1.1"), catalog)
+    assert j.verdict == Verdict.BROKEN and "NAT" in j.detail
+    j = judge(required(flow, ep), evidence(peer=None, saw=frozenset({"198.18.1.1"})), catalog)
+    assert j.verdict == Verdict.BROKEN and "198.18.1.1" in j.detail
 
 
-@pytest.mark.parametrize("outcome, verdict", [("ok", "EXPOSED"), ("protocol_error", "EXPOSED"),
-                                              ("timeout", "CLOSED"), ("refused", "CLOSED")])
-def test_exposure(catalog, outcome, verdict):
-    flow = first_flow(catalog, lambda f: True)
-    check = Check("exposure", None, "pc1", "site1", flow.endpoints[0])
-    assert judge(check, result(outcome), catalog).verdict == verdict
+def test_the_server_log_must_agree_with_the_client(catalog):
+    flow, ep = plain_only(catalog)
+    j = judge(required(flow, ep), evidence(peer=None, saw=frozenset()), catalog)
+    assert j.verdict == Verdict.BROKEN and "nothing" in j.detail
 
 
-def test_exit_status_bits_and_summary(catalog):
-    flow = first_flow(catalog, lambda f: True)
-    ep = flow.endpoints[0]
-    blocked = judge(required(flow, ep), result("timeout"), catalog)
-    exposed = judge(Check("exposure", None, "pc1", "site1", ep), result("ok"), catalog)
-    ok = judge(required(flow, ep), result("ok"), catalog)
+def test_a_passing_flow_the_firewall_never_saw_is_a_lab_error(catalog):
+    flow, ep = plain_only(catalog)
+    assert judge(required(flow, ep), evidence(hops=(hop(seen=False, passed=False),)), catalog).verdict == Verdict.LAB_ERROR
+
+
+def test_same_segment_flows_are_labelled_never_graded(catalog):
+    flow, ep = plain_only(catalog)
+    for outcome in ("ok", "timeout", "refused"):
+        assert judge(required(flow, ep, ()), evidence(outcome, hops=()), catalog).verdict == Verdict.SAME_SEGMENT
+
+
+@pytest.mark.parametrize("hops, verdict", [
+    ((hop(),), Verdict.EXPOSED),
+    ((hop(passed=False),), Verdict.CLOSED),
+    ((hop(node="bfw"), hop(passed=False)), Verdict.CLOSED),
+    ((hop(seen=False, passed=False),), Verdict.LAB_ERROR),
+])
+def test_exposure_follows_the_firewalls_record(catalog, hops, verdict):
+    assert judge(exposure(), evidence(None, hops=hops, saw=None), catalog).verdict == verdict
+
+
+def test_unprobed_kinds(catalog):
+    for kind, verdict in ((CheckKind.LOCAL, Verdict.LOCAL), (CheckKind.NO_PEER, Verdict.NO_PEER),
+                          (CheckKind.NOT_EXERCISABLE, Verdict.NOT_EXERCISED)):
+        assert judge(Check(kind, "x-01", "a", "a", None), None, catalog).verdict == verdict
+
+
+def test_outcomes_are_an_enum_equal_to_their_json_strings():
+    assert Outcome("silent") == "silent" and set(OUTCOMES) == {o.value for o in Outcome}
+
+
+def test_exit_status_bits_summary_and_diff(catalog):
+    flow, ep = plain_only(catalog)
+    c = required(flow, ep)
+    ok = FlowVerdict(c, Verdict.ALLOWED)
+    blocked = FlowVerdict(c, Verdict.BLOCKED, rule="fw rules.v4:7: no rule matched: chain FORWARD policy DROP")
+    exposed = FlowVerdict(exposure(), Verdict.EXPOSED)
+    down = FlowVerdict(c, Verdict.NO_SERVICE)
     assert AuditReport("t", "r", [ok]).exit_status == 0
     assert AuditReport("t", "r", [ok, blocked]).exit_status == EXIT_BLOCKED
     assert AuditReport("t", "r", [ok, exposed]).exit_status == EXIT_EXPOSED
+    assert AuditReport("t", "r", [ok, down]).exit_status == EXIT_LAB_FAULT
     text = format_report(AuditReport("t", "r", [ok, blocked, exposed]))
-    assert "BLOCKED" in text and "EXPOSED" in text and text.splitlines()[-1].startswith("FAIL")
+    assert "BLOCKED" in text and "EXPOSED" in text and "why: fw rules.v4:7" in text
+    assert text.splitlines()[-1].startswith("FAIL")
+    changed = diff(AuditReport("t", "a", [ok]), AuditReport("t", "b", [blocked]))
+    assert [(old.verdict, new.verdict) for old, new in changed] == [(Verdict.ALLOWED, Verdict.BLOCKED)]

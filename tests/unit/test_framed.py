@@ -333,7 +333,7 @@ def test_tcp_probe_times_out_when_no_reply():
     assert transport.value()  # the hello went out
     clock.advance(2.0)
     result = fired(d)
-    assert result.outcome == 'timeout' and 'no reply' in result.detail
+    assert result.outcome == 'silent' and 'no reply' in result.detail
     assert transport.disconnected  # aborted
     assert clock.getDelayedCalls() == []
 
@@ -387,7 +387,7 @@ def test_tcp_probe_result_waits_for_the_socket_to_close():
     clock.advance(2.0)
     assert transport.disconnected and not d.called
     client.connectionLost(Failure(ConnectionDone()))
-    assert fired(d).outcome == 'timeout'
+    assert fired(d).outcome == 'silent'
 
 
 def test_probe_rejects_size_beyond_one_frame():

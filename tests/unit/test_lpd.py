@@ -220,7 +220,7 @@ def test_probe_timeout_says_which_ack_is_missing():
     proto.dataReceived(b'\x00\x00')
     clock.advance(1.0)
     result = fired(d)
-    assert result.outcome == 'timeout' and 'control file (' in result.detail, result
+    assert result.outcome == 'silent' and 'control file (' in result.detail, result
     assert clock.getDelayedCalls() == []
 
 

@@ -1,5 +1,6 @@
 """The audit plan and the generated ruleset, from the catalog and the default topology."""
 import re
+from pathlib import Path
 
 import pytest
 
@@ -7,7 +8,7 @@ import roles
 from emulator import rules
 from emulator.catalog import load_catalog
 from emulator.errors import LabError
-from emulator.plan import audit_plan
+from emulator.plan import administrative_ports, audit_plan
 from emulator.topology import load_topology
 
 
@@ -54,14 +55,75 @@ def test_exposure_checks_cover_jmx_and_databases_from_users(world):
     assert any(("db1", p) in exposed for p in db)
 
 
-def test_exposure_checks_never_target_a_zones_business(world):
+def test_exposure_checks_never_target_a_hosts_business(world):
     _catalog, topology, checks = world
-    business = {(topology.host(c.client_host).zone, c.server_host, c.endpoint.transport, c.endpoint.port)
+    business = {(c.client_host, c.server_host, c.endpoint.transport, c.endpoint.port)
                 for c in checks if c.kind == "required"}
+    exposures = [c for c in checks if c.kind == "exposure"]
+    assert exposures
+    for c in exposures:
+        assert (c.client_host, c.server_host, c.endpoint.transport, c.endpoint.port) not in business
+        assert c.enforcers, c.key  # only where a firewall could block it
+
+
+def test_every_host_scouts_not_only_the_first_of_its_zone(world):
+    _catalog, topology, checks = world
+    scouts = {c.client_host for c in checks if c.kind == "exposure"}
+    assert scouts == {h.name for h in topology.hosts}
+
+
+def test_exposure_covers_administrative_ports_and_ports_nothing_listens_on(world):
+    catalog, topology, checks = world
+    targeted = {(c.client_host, c.server_host, c.endpoint.transport, c.endpoint.port)
+                for c in checks if c.kind == "exposure"}
+    listening = {(l.transport, l.port) for l in roles.listeners(topology.host("dir").roles, catalog)}
+    admin = [ep for ep in administrative_ports() if (ep.transport, ep.port) not in listening]
+    assert admin and all(("pc1", "dir", ep.transport, ep.port) in targeted for ep in admin)
+
+
+def test_same_zone_checks_have_no_firewall_on_their_path(world):
+    _catalog, topology, checks = world
     for c in checks:
-        if c.kind == "exposure":
-            assert (topology.host(c.client_host).zone, c.server_host, c.endpoint.transport, c.endpoint.port) not in business
-            assert topology.host(c.client_host).zone != topology.host(c.server_host).zone
+        if c.kind == "required":
+            same = topology.host(c.client_host).zone == topology.host(c.server_host).zone
+            assert (not c.enforcers) == same, c.key
+    # databases, Management and JMX now sit where the firewall sees them
+    assert any(c.kind == "required" and c.server_host == "db1" and c.enforcers for c in checks)
+
+
+def test_profile_picks_one_vendor_alternative(world):
+    catalog, topology, checks = world
+    pgsql = {c.endpoint.port for c in checks if c.kind == "required" and c.flow_id == "database-server-03"}
+    assert len(pgsql) == 1  # external or embedded, never both
+    mssql = [c for c in checks if c.flow_id in ("database-server-01", "database-server-02")]
+    assert mssql and all(c.kind == "not-exercisable" and "not used" in c.detail for c in mssql)
+
+
+def test_secured_only_turns_plain_variants_into_exposures(tmp_path):
+    catalog = load_catalog()
+    text = Path(load_topology("single-site").path).read_text().replace("security: mixed", "security: secured-only")
+    path = tmp_path / "secured.yaml"
+    path.write_text(text)
+    topology = load_topology(str(path))
+    checks = audit_plan(catalog, topology)
+    required = [c for c in checks if c.kind == "required"]
+    for c in required:
+        flow = catalog.flow(c.flow_id)
+        assert not (c.endpoint.security == "plain" and any(e.security != "plain" for e in flow.endpoints)), c.key
+    plain = [c for c in checks if c.kind == "exposure" and "secured-only" in c.detail]
+    assert plain
+
+
+def test_jmx_is_remote_only_before_mu38(tmp_path):
+    catalog = load_catalog()
+    base = load_topology("single-site")
+    assert not any(c.kind == "required" and c.endpoint.protocol == "jmx" for c in audit_plan(catalog, base))
+    path = tmp_path / "old.yaml"
+    path.write_text(Path(base.path).read_text().replace("version: MU38", "version: MU37"))
+    old = audit_plan(catalog, load_topology(str(path)))
+    assert any(c.kind == "required" and c.endpoint.protocol == "jmx" for c in old)
+    jmx = [l for l in roles.listeners(("spooler-controller",), catalog, base.profile) if l.protocol == "jmx"]
+    assert jmx and all(l.bind == "127.0.0.1" for l in jmx)
 
 
 def test_listeners_cover_every_served_port_once(world):

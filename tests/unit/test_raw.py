@@ -220,7 +220,7 @@ def test_probe_times_out_without_a_reply():
     clock, d, _, transport = start_probe(timeout=1.5)
     clock.advance(1.5)
     result = fired(d)
-    assert result.outcome == 'timeout' and 'INFO ID' in result.detail
+    assert result.outcome == 'silent' and 'INFO ID' in result.detail
     assert not transport.connected and clock.getDelayedCalls() == []
 
 
