@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from emulator import attribution, trace, witness
 from emulator.catalog import Catalog
 from emulator.evidence import FIREWALL_FINDINGS, LAB_FAULTS, PASSED, Evidence, HopRecord, Judgement, Verdict, judge
-from emulator.pki import server_name
+from emulator.pki import LAB_CA_NAME, server_name
 from emulator.plan import Check, CheckKind
 from emulator.protocols.base import ProbeResult, ProbeTarget
 from emulator.rules import Ruleset
@@ -143,7 +143,7 @@ def evidence_for(check: Check, topology: Topology, result: ProbeResult | None,
     if check.kind == CheckKind.REQUIRED and ep.transport != "icmp":
         server_saw = frozenset(saw.get((check.server_host, ep.transport, ep.port), ()))
     return Evidence(result, tuple(hops), server_saw, check.server_host not in dead, src,
-                    encrypted=ep.security in ("tls", "starttls"))
+                    encrypted=bool(result and result.tls_issuer))
 
 
 def _read_records(lab, nodes) -> dict[str, witness.FirewallRecord]:
@@ -188,7 +188,6 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     dead = lab.dead_daemons()
     saw = _server_witness(lab.request_log())
     verdicts: list[FlowVerdict] = []
-    pre_installed = lab.pre_installed_hosts
     for index, check in enumerate(checks):
         result = results.get(str(index))
         evidence = None
@@ -197,7 +196,7 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
         elif check.kind == CheckKind.EXPOSURE:
             evidence = evidence_for(check, topology, None, sweep, saw, dead)
         judgement = judge(check, evidence, catalog)
-        verdicts.append(_verdict(check, judgement, result, pre_installed))
+        verdicts.append(_verdict(check, judgement, result))
 
     # the exposures found, knocked again under tracing so the rule that let them in is named
     started = time.monotonic()
@@ -216,11 +215,9 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     return AuditReport(topology.name, rules_source, verdicts, timings, topology.profile.to_dict())
 
 
-def _verdict(check: Check, judgement: Judgement, result: ProbeResult | None, pre_installed: set[str]) -> FlowVerdict:
-    certificate = ""
-    if (judgement.verdict in (Verdict.ALLOWED, Verdict.UNENCRYPTED) and check.endpoint.security in ("tls", "starttls")
-            and check.server_host in pre_installed):
-        certificate = "pre-installed"
+def _verdict(check: Check, judgement: Judgement, result: ProbeResult | None) -> FlowVerdict:
+    # from the certificate the probe actually received, not from what the lab installed
+    certificate = "pre-installed" if result and result.tls_issuer == LAB_CA_NAME else ""
     observed = result.outcome if result else ("knock" if check.kind == CheckKind.EXPOSURE else "")
     return FlowVerdict(check, judgement.verdict, str(observed), result.exchange if result else "",
                        judgement.detail, result.elapsed if result else 0.0, certificate, judgement.node,

@@ -57,6 +57,16 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
+# stateful and default-drop with no accept at all: every required flow is dropped
+DEFAULT_DROP = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+"""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench")
     parser.add_argument("--topology", default="single-site")
@@ -65,24 +75,30 @@ def main(argv=None) -> int:
     catalog = load_catalog()
     topology = load_topology(args.topology)
     checks = audit_plan(catalog, topology)
-    ruleset = rules.generate(topology, checks)
+    generated = rules.generate(topology, checks)
+    drop = rules.Ruleset("iptables", DEFAULT_DROP, "default drop")
     rows = []
     for run in range(1, args.runs + 1):
         sampler = MemorySampler()
         sampler.start()
         started = time.monotonic()
         with Lab(topology, catalog) as lab:
-            lab.apply_rules(ruleset)
-            report = run_audit(lab, checks, ruleset.source)
+            audits = []
+            for ruleset in (generated, drop):
+                lab.apply_rules(ruleset)
+                audits.append(run_audit(lab, checks, ruleset.source, rulesets={topology.firewall: ruleset}))
         total = time.monotonic() - started
         sampler.stop()
-        timings = {**report.timings, **lab.timings}
-        rows.append((run, len(topology.hosts), sum(c.probed for c in checks), timings["build"], timings["start"],
-                     timings["probe"], timings["teardown"], total, sampler.peak_used / 1024, sampler.peak_rss / 1024,
-                     report.exit_status))
-    header = ("run", "hosts", "probes", "build s", "start s", "probe s", "teardown s", "total s",
+        good, closed = audits
+        rows.append((run, len(topology.hosts), sum(c.kind == "required" for c in checks),
+                     sum(c.kind == "exposure" for c in checks), lab.timings["build"], lab.timings["start"],
+                     good.timings["probe"], good.timings["sweep"], closed.timings["probe"], closed.timings["sweep"],
+                     lab.timings["teardown"], total, sampler.peak_used / 1024, sampler.peak_rss / 1024,
+                     f"{good.exit_status}/{closed.exit_status}"))
+    header = ("run", "hosts", "required", "knocks", "build s", "start s", "probe s (generated)", "sweep s (generated)",
+              "probe s (default drop)", "sweep s (default drop)", "teardown s", "total s",
               "peak used MiB", "peak lab RSS MiB", "exit")
-    print(f"\nfull audit of topology {topology.name} ({len(checks)} checks)")
+    print(f"\nfull audits of topology {topology.name} ({len(checks)} checks), generated rules then default drop")
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row))

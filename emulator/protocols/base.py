@@ -137,6 +137,7 @@ class ProbeResult:
     exchange: str = ''
     detail: str = ''
     peer_seen: str | None = None
+    tls_issuer: str = ''      # issuer CN of the certificate the server presented ('' = no TLS seen)
 
     def __post_init__(self) -> None:
         owner = 'ProbeResult'
@@ -148,6 +149,7 @@ class ProbeResult:
         _need_str(owner, 'detail', self.detail, allow_empty=True)
         if self.peer_seen is not None:
             _need_str(owner, 'peer_seen', self.peer_seen)
+        _need_str(owner, 'tls_issuer', self.tls_issuer, allow_empty=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:

@@ -1515,6 +1515,9 @@ class _HttpExchange(Verdict):
     def reached(self) -> bool:
         return bool(self.made)
 
+    def _tls_transports(self):
+        return [protocol.transport for protocol in self.connections]
+
     def _timeout_detail(self) -> str:
         if self.made:
             return f'connected, but no complete answer within {self.target.timeout:g} s'

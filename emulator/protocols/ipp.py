@@ -1270,6 +1270,9 @@ class _Exchange(Verdict):
         self.summary = ''   # what came back, for the exchange column
         self.peer_header: str | None = None
 
+    def _tls_transports(self):
+        return [wrapper.transport for tracker in self.trackers for wrapper in tracker.protocols]
+
     @property
     def exchange(self) -> str:
         text = f'{"IPPS" if self.secure else "IPP"}/2.0 Get-Printer-Attributes'

@@ -67,7 +67,25 @@ def classify_os_error(exc: BaseException) -> tuple[str, str]:
         return 'unreachable', f'{os.strerror(code)} (ICMP unreachable or no route)'
     if code == errno.ECONNREFUSED:
         return 'refused', 'connection refused'
+    if isinstance(exc, net_error.ConnectError) and code is None and 'ConnectionDone' in str(exc):
+        # epoll reports an ICMP error on a connecting socket as a hang-up: Twisted then fails the
+        # connect with ConnectionDone instead of the ECONNREFUSED it read for the same event elsewhere.
+        return 'refused', 'connection attempt ended by an ICMP error or RST'
     return 'error', f'{type(exc).__name__}: {exc}'
+
+
+def certificate_issuer(transports) -> str:
+    """Issuer CN of the first peer certificate found on these transports ('' when none is TLS)."""
+    for transport in transports:
+        get_certificate = getattr(transport, 'getPeerCertificate', None)
+        try:
+            certificate = get_certificate() if get_certificate else None
+        except Exception:  # not connected any more, or no handshake yet
+            continue
+        if certificate is not None:
+            components = dict(certificate.get_issuer().get_components())
+            return components.get(b'CN', b'?').decode('utf-8', 'replace')
+    return ''
 
 
 def error_result(target: ProbeTarget, exchange: str, detail: str) -> Deferred[ProbeResult]:
@@ -137,11 +155,16 @@ class Verdict:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        issuer = certificate_issuer(self._tls_transports()) if outcome == Outcome.OK else ''
         self.result = ProbeResult(id=self.target.id, outcome=outcome,
                                   elapsed=max(0.0, self.reactor.seconds() - self.started),
-                                  exchange=exchange, detail=detail, peer_seen=peer_seen)
+                                  exchange=exchange, detail=detail, peer_seen=peer_seen, tls_issuer=issuer)
         self._release()
         return True
+
+    def _tls_transports(self):
+        """The probe's open transports that may carry TLS, asked for the server's certificate."""
+        return ()
 
     def fire(self) -> None:
         if self.result is not None and not self.done.called:
@@ -201,6 +224,9 @@ class StreamVerdict(Verdict):
     @property
     def reached(self) -> bool:
         return self._made
+
+    def _tls_transports(self):
+        return (self.protocol.transport,) if self.protocol is not None else ()
 
     def connected(self, protocol: Protocol) -> bool:
         """The TCP connection is up; True if the exchange should begin."""

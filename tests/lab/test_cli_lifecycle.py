@@ -139,11 +139,12 @@ def test_an_nft_ruleset_is_applied_like_an_iptables_one(lab_host, tmp_path):
     assert generated.returncode == 0, generated.stderr
     good = run_cli("audit", "--topology", topo, "--rules", str(nft))
     assert good.returncode == 0, good.stdout[-2000:] + good.stderr
-    assert f"rules: {nft}" in good.stdout
-    # the same ruleset without its FTP helper: the scan upload's data channel breaks, nothing else
+    assert f"rules: fw: {nft}" in good.stdout
+    # the same ruleset without its FTP helper: the firewall drops the scan upload's data channel, nothing else
     nft.write_text("\n".join(l for l in nft.read_text().splitlines() if "ct helper set" not in l) + "\n")
     broken = run_cli("audit", "--topology", topo, "--rules", str(nft))
     assert broken.returncode == 1
-    bad = [l for l in broken.stdout.splitlines() if " BROKEN" in l and not l.startswith("summary")]
+    bad = [l for l in broken.stdout.splitlines() if " BLOCKED" in l and not l.startswith("summary")]
     assert bad and all(" ftp " in l and "data channel" in l for l in bad), bad
+    assert " BROKEN" not in broken.stdout
     assert footprint() == CLEAN

@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 
 from emulator import protocols
 from emulator.catalog import load_catalog
-from emulator.pki import make_test_pki
+from emulator.pki import LAB_CA_NAME, make_test_pki
 from emulator.protocols import http
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
 from tests.support import free_port, fresh_reactor, run_on_reactor
@@ -608,6 +608,8 @@ def test_probe_https_verifies_chain_and_name(pki):
     results, records = probe_stub(persona, cases, security='tls')
     assert [r.outcome for r in results] == ['ok', 'ok', 'ok', 'protocol_error', 'protocol_error', 'error']
     assert results[0].exchange == 'HTTPS GET / -> 200 application/json'
+    # the certificate the probe actually received, as the audit reports it
+    assert [r.tls_issuer for r in results[:3]] == [LAB_CA_NAME] * 3 and results[3].tls_issuer == ''
     assert results[1].exchange.startswith('SOAP 1.1/HTTPS LoginByCard -> 200')
     assert results[2].exchange.startswith('WebDAVS PROPFIND')
     assert results[3].detail.startswith('certificate:') and 'mfd-km.lab' in results[3].detail

@@ -691,6 +691,7 @@ def test_ipps_probe_verifies_the_lab_certificate(ipps_stub):
     result, left = run_on_fresh_reactor(go)
     assert result.outcome == 'ok', result
     assert result.exchange.startswith('IPPS/2.0 Get-Printer-Attributes + Print-Job 64 KiB -> job ')
+    assert result.tls_issuer == pki.LAB_CA_NAME
     assert left == []
     records = [r for r in request_log(Path(log)) if r['op'] == 'Print-Job']
     assert records and records[-1]['tls'] is True and records[-1]['document_bytes'] == 65536
