@@ -163,8 +163,12 @@ def _knock(lab, plan: dict[str, list[list]]) -> list[str]:
 # -- the audit ------------------------------------------------------------------------------------
 def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROBE_TIMEOUT,
               rulesets: dict[str, Ruleset] | None = None, explain_all: bool = False) -> AuditReport:
-    """Probe, sweep and judge every check against the rules already applied to the lab."""
+    """Probe, sweep and judge every check against the rules already applied to the lab.
+
+    `rulesets` (node -> Ruleset) names the files findings are attributed to; by default what
+    `lab.apply_rules` applied to each node."""
     topology, catalog = lab.topology, lab.catalog
+    rulesets = {**lab.rulesets, **(rulesets or {})}
     nodes = sorted({e.node for c in checks for e in c.enforcers})
     for node in nodes:
         lab.nft_load(node, witness.table_text())
@@ -208,7 +212,7 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
         finally:
             traces = _merge(traces, lab.stop_trace())
     timings["attribute"] = time.monotonic() - started
-    verdicts = attribute(verdicts, topology, explainer(lab, nodes, rulesets or {}, traces), rulesets or {}, explain_all)
+    verdicts = attribute(verdicts, topology, explainer(lab, nodes, rulesets, traces), rulesets, explain_all)
     if knock_errors:
         verdicts.append(FlowVerdict(Check(CheckKind.EXPOSURE, None, None, None, None), Verdict.LAB_ERROR,
                                     detail=f"{len(knock_errors)} knocks could not be sent: {knock_errors[0]}"))

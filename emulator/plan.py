@@ -195,20 +195,24 @@ def exposure_checks(catalog: Catalog, topology: Topology, required: list[Check])
             business[(check.client_host, check.server_host)].add((check.endpoint.transport, check.endpoint.port))
     zone_ports = _zone_ports(catalog, topology)
     unused = _unused_reasons(catalog, topology)
+    serving = {host.name: {(l.transport, l.port) for l in listeners_for(catalog, host, topology.profile) if not l.bind}
+               for host in topology.hosts}
     checks = []
     for scout in topology.hosts:
         for target in topology.hosts:
             if target.name == scout.name:
                 continue
             enforcers = tuple(topology.enforcers(scout.name, target.name))
-            if not enforcers:
-                continue  # nothing between them could block anything: not a firewall question
+            if not any(e.hook in ("forward", "input") for e in enforcers):
+                continue  # no firewall protects the target from this scout (a scout's own OUTPUT rules do not)
             needed = business[(scout.name, target.name)]
             for (transport, port), ep in sorted(zone_ports[target.zone].items()):
                 if (transport, port) in needed:
                     continue
                 why = unused.get((scout.name, target.name, transport, port)) or \
                     f"no catalog flow from {scout.name} to {target.name} on {ep.label()}"
+                if (transport, port) not in serving[target.name]:
+                    why += " (nothing listens there for other hosts)"
                 checks.append(Check(CheckKind.EXPOSURE, None, scout.name, target.name, ep, why, enforcers=enforcers))
     return checks
 
