@@ -373,3 +373,37 @@ def allow_rule(fmt: str, src: str, dst: str, transport: str, port: int | None,
         return (f"{'insert' if insert else 'add'} rule {family} {table} {chain} "
                 f"ip saddr {src} ip daddr {dst} {match} ct state new accept")
     raise LabError(f"unknown rules format {fmt!r}; use iptables or nft")
+
+
+def reply_rule(fmt: str, chain_hint: str | SourceChain = "forward") -> str:
+    """The rule that admits the replies of admitted flows (a ruleset without state drops them).
+
+    A reply is no new flow: its destination port is the client's own, so only connection state
+    admits it. chain_hint: the user's chain on the hook the reply crosses, as for allow_rule.
+    """
+    if fmt == "iptables":
+        name = chain_hint.name if isinstance(chain_hint, SourceChain) else chain_hint
+        chain = name.upper() if name.upper() in _IPTABLES_HOOKS else name
+        return f"-I {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    if fmt == "nft":
+        family, table, chain = (chain_hint.key if isinstance(chain_hint, SourceChain)
+                                else ("inet", "filter", chain_hint))
+        return f"insert rule {family} {table} {chain} ct state established,related accept"
+    raise LabError(f"unknown rules format {fmt!r}; use iptables or nft")
+
+
+def ftp_helper_rule(fmt: str, server: str, port: int, hook: str = "prerouting",
+                    table_hint: SourceChain | None = None) -> str:
+    """The conntrack FTP helper on a server's control port, which admits its data channels as RELATED.
+
+    hook: 'prerouting' for what a node forwards or receives, 'output' for what its own host opens.
+    For nft the helper object and its chain go into the table of table_hint (the user's base chain).
+    """
+    if fmt == "iptables":
+        return f"-t raw -A {hook.upper()} -d {server}/32 -p tcp -m tcp --dport {port} -j CT --helper ftp"
+    if fmt == "nft":
+        family, table = table_hint.key[:2] if table_hint is not None else ("inet", "filter")
+        return (f'add ct helper {family} {table} ftp-standard {{ type "ftp" protocol tcp ; }} ; '
+                f"add chain {family} {table} ftp_helpers {{ type filter hook {hook} priority filter ; }} ; "
+                f'add rule {family} {table} ftp_helpers ip daddr {server} tcp dport {port} ct helper set "ftp-standard"')
+    raise LabError(f"unknown rules format {fmt!r}; use iptables or nft")

@@ -25,6 +25,7 @@ from emulator.topology import Topology
 
 PROBE_TIMEOUT = 5.0
 KNOCK_SETTLE = 0.5  # seconds for the last knocks to cross the firewall before its record is read
+RETRIED = ("silent", "timeout")  # unanswered probes the firewalls passed: probed once more, alone
 
 # Exit status bits of `safeq-lab audit` (4 is bad input, set by the CLI).
 EXIT_BLOCKED = 1
@@ -143,7 +144,7 @@ def evidence_for(check: Check, topology: Topology, result: ProbeResult | None,
     if check.kind == CheckKind.REQUIRED and ep.transport != "icmp":
         server_saw = frozenset(saw.get((check.server_host, ep.transport, ep.port), ()))
     return Evidence(result, tuple(hops), server_saw, check.server_host not in dead, src,
-                    encrypted=bool(result and result.tls_issuer))
+                    encrypted=bool(result and result.tls_issuer), client_up=check.client_host not in dead)
 
 
 def _read_records(lab, nodes) -> dict[str, witness.FirewallRecord]:
@@ -152,6 +153,16 @@ def _read_records(lab, nodes) -> dict[str, witness.FirewallRecord]:
     for node in nodes:
         lab.nft_load(node, witness.flush_text())
     return records
+
+
+def _probe(lab, nodes, targets: dict[str, list[ProbeTarget]]):
+    """Every host's probes at once under tracing -> (results by id, the nodes' records, their traces)."""
+    lab.start_trace(nodes)
+    try:
+        results = lab.run_probes(targets)
+    finally:
+        traces = lab.stop_trace()
+    return results, _read_records(lab, nodes), traces
 
 
 def _knock(lab, plan: dict[str, list[list]]) -> list[str]:
@@ -175,12 +186,8 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     timings: dict[str, float] = {}
 
     started = time.monotonic()
-    lab.start_trace(nodes)
-    try:
-        results = lab.run_probes(probe_targets(checks, topology, timeout, lab.ca_file))
-    finally:
-        traces = lab.stop_trace()
-    records = _read_records(lab, nodes)
+    targets = probe_targets(checks, topology, timeout, lab.ca_file)
+    results, records, traces = _probe(lab, nodes, targets)
     timings["probe"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -189,18 +196,32 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     sweep = _read_records(lab, nodes)
     timings["sweep"] = time.monotonic() - started
 
-    dead = lab.dead_daemons()
-    saw = _server_witness(lab.request_log())
-    verdicts: list[FlowVerdict] = []
-    for index, check in enumerate(checks):
-        result = results.get(str(index))
-        evidence = None
-        if check.kind == CheckKind.REQUIRED:
-            evidence = evidence_for(check, topology, result, records, saw, dead)
-        elif check.kind == CheckKind.EXPOSURE:
-            evidence = evidence_for(check, topology, None, sweep, saw, dead)
-        judgement = judge(check, evidence, catalog)
-        verdicts.append(_verdict(check, judgement, result))
+    def judged(indexes, results, records) -> dict[int, FlowVerdict]:
+        dead, saw = lab.dead_daemons(), _server_witness(lab.request_log())
+        out = {}
+        for index in indexes:
+            check, result = checks[index], results.get(str(index))
+            evidence = None
+            if check.kind == CheckKind.REQUIRED:
+                evidence = evidence_for(check, topology, result, records, saw, dead)
+            elif check.kind == CheckKind.EXPOSURE:
+                evidence = evidence_for(check, topology, None, sweep, saw, dead)
+            out[index] = _verdict(check, judge(check, evidence, catalog), result)
+        return out
+
+    verdicts = judged(range(len(checks)), results, records)
+    # A required flow every firewall passed but that got no answer was probed while all hosts probed at
+    # once: probe it again alone, so a busy stub is not reported as the firewall's BROKEN.
+    started = time.monotonic()
+    again = [i for i, v in verdicts.items() if v.verdict == Verdict.BROKEN and v.observed in RETRIED]
+    if again:
+        wanted = {str(i) for i in again}
+        subset = {host: [t for t in ts if t.id in wanted] for host, ts in targets.items()}
+        retried, retried_records, retried_traces = _probe(lab, nodes, subset)
+        verdicts.update(judged(again, retried, retried_records))
+        traces = _merge(traces, retried_traces)
+    timings["retry"] = time.monotonic() - started
+    verdicts = [verdicts[i] for i in range(len(checks))]
 
     # the exposures found, knocked again under tracing so the rule that let them in is named
     started = time.monotonic()
@@ -300,13 +321,8 @@ def attribute(verdicts: list[FlowVerdict], topology: Topology, why: Explainer,
                                     data_from=ep.port if data else None)
             rule, fix = why.describe(v.node, decision), ""
             ruleset = rulesets.get(v.node)
-            if ruleset is not None and not data:
-                hook = next((e.hook for e in c.enforcers if e.node == v.node), "forward")
-                index = why.indexes.get(v.node)
-                chain = (index.base_chain(hook) if index else None) or hook
-                a, b = (dst, src) if reply else (src, dst)
-                fix = attribution.allow_rule(ruleset.format, a, b, ep.transport, ep.port, chain,
-                                             insert=bool(decision and decision.kind == trace.DecisionKind.RULE))
+            if ruleset is not None:
+                fix = _fix(ruleset, why.indexes.get(v.node), v, src, dst, decision)
         else:  # let through: the accepting rule of every node on the path
             rule = "; ".join(why.describe(e.node, why.decision(e.node, src, dst, ep.transport, ep.port,
                                                                (trace.Fate.ACCEPT,)))
@@ -314,6 +330,25 @@ def attribute(verdicts: list[FlowVerdict], topology: Topology, why: Explainer,
             fix = ""
         out.append(replace(v, rule=rule, fix=fix))
     return out
+
+
+_REPLY_HOOK = {"input": "output", "output": "input", "forward": "forward"}  # the hook a reply crosses
+
+
+def _fix(ruleset: Ruleset, index: attribution.SourceIndex | None, v: FlowVerdict, src: str, dst: str,
+         decision) -> str:
+    """The rule that would admit a blocked flow, in the user's format, for the packet that was stopped."""
+    c, ep = v.check, v.check.endpoint
+    hook = next((e.hook for e in c.enforcers if e.node == v.node), "forward")
+    if v.direction == "reply":  # a missing state rule: only connection state admits a reply
+        hook = _REPLY_HOOK.get(hook, hook)
+        return attribution.reply_rule(ruleset.format, (index.base_chain(hook) if index else None) or hook)
+    chain = (index.base_chain(hook) if index else None) or hook
+    if v.direction == "data":  # the FTP data channels: the helper admits them as RELATED
+        return attribution.ftp_helper_rule(ruleset.format, dst, ep.port, "output" if hook == "output" else "prerouting",
+                                           chain if isinstance(chain, attribution.SourceChain) else None)
+    return attribution.allow_rule(ruleset.format, src, dst, ep.transport, ep.port, chain,
+                                  insert=bool(decision and decision.kind == trace.DecisionKind.RULE))
 
 
 def is_finding(v: FlowVerdict) -> bool:

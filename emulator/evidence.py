@@ -56,6 +56,7 @@ class Evidence:
     service_up: bool = True              # the server's role daemon was alive after probing
     client_address: str = ""
     encrypted: bool = False              # the exchange ran over TLS
+    client_up: bool = True               # the client's daemon (its prober and knocker) was alive after probing
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ def _judge_exposure(check: Check, evidence: Evidence) -> Judgement:
     if drop is not None:
         return Judgement(Verdict.CLOSED, f"dropped by {drop.node}", drop.node, "request")
     missing = _unseen(evidence)
+    if missing is not None and not evidence.client_up:
+        return Judgement(Verdict.LAB_ERROR, f"the daemon on {check.client_host} is down: its knock was not sent")
     if missing is not None:
         return Judgement(Verdict.LAB_ERROR, f"{missing.node} has no record of the probe packet")
     last = evidence.hops[-1].node

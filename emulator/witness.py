@@ -37,7 +37,8 @@ def table_text() -> str:
     """The nft table to load into a filtering node after its rules (a flush of the ruleset removes it)."""
     chains = [("first_in", "prerouting", -190, _FIRST), ("first_out", "output", -190, _FIRST)]
     chains += [(f"passed_{hook}", hook, WITNESS_PRIORITY, _PASSED) for hook in ("forward", "input", "output")]
-    lines = [f"table inet {TABLE} {{"]
+    # declare-then-delete first: loading it again replaces the table instead of doubling its rules
+    lines = [f"table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
     lines += [f"  set {name} {{ {_PING_SET if name.startswith('pings') else _FLOW_SET} }}" for name in SETS]
     for name, hook, priority, body in chains:
         lines += [f"  chain {name} {{", f"    type filter hook {hook} priority {priority}; policy accept;",
