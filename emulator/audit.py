@@ -24,7 +24,8 @@ from emulator.rules import Ruleset
 from emulator.topology import Topology
 
 PROBE_TIMEOUT = 5.0
-KNOCK_SETTLE = 0.5  # seconds for the last knocks to cross the firewall before its record is read
+KNOCK_WAIT = 3.0     # seconds the first firewall of each path may take to count every knock
+KNOCK_SETTLE = 0.05  # then for the knocks to cross the later firewalls of a path
 RETRIED = ("silent", "timeout")  # unanswered probes the firewalls passed: probed once more, alone
 
 # Exit status bits of `safeq-lab audit` (4 is bad input, set by the CLI).
@@ -129,13 +130,18 @@ def _server_witness(request_log: list[dict]) -> dict[tuple[str, str, int], set[s
 
 
 def evidence_for(check: Check, topology: Topology, result: ProbeResult | None,
-                 records: dict[str, witness.FirewallRecord], saw, dead: dict[str, str]) -> Evidence:
+                 records: dict[str, witness.FirewallRecord], saw, dead: dict[str, str],
+                 complete: dict[str, bool] | None = None) -> Evidence:
+    """`complete` (exposure knocks): per node, whether it counted every knock expected to reach it."""
     ep = check.endpoint
     src, dst = topology.host(check.client_host).address, topology.host(check.server_host).address
     hops = []
     for enforcer in check.enforcers:
         record = records.get(enforcer.node) or witness.FirewallRecord(enforcer.node)
-        fate = record.fate(src, dst, ep.transport, ep.port)
+        if complete is not None:
+            fate = record.knocked(src, dst, ep.transport, ep.port, complete.get(enforcer.node, False))
+        else:
+            fate = record.fate(src, dst, ep.transport, ep.port)
         data = ()
         if ep.protocol == "ftp" and check.kind == CheckKind.REQUIRED:
             data = tuple(k for k in record.dropped_between(src, dst) if k[3] != ep.port)
@@ -165,10 +171,37 @@ def _probe(lab, nodes, targets: dict[str, list[ProbeTarget]]):
     return results, _read_records(lab, nodes), traces
 
 
-def _knock(lab, plan: dict[str, list[list]]) -> list[str]:
-    errors = lab.run_knocks(plan)
-    time.sleep(KNOCK_SETTLE)
+def _knock(lab, exposures: list[Check], topology: Topology) -> list[str]:
+    """Send the knocks, then wait until each path's first node has counted its share (or give up)."""
+    errors = lab.run_knocks(knocks_by_host(exposures, topology))
+    first = Counter(c.enforcers[0].node for c in exposures)
+    deadline = time.monotonic() + KNOCK_WAIT
+    while time.monotonic() < deadline:
+        counted = {node: witness.parse_record(node, lab.nft(node, ["list", "counter", "inet", witness.TABLE,
+                                                                   witness.KNOCK_COUNTER], json=True)).knocks_seen
+                   for node in first}
+        if all(counted[node] >= total for node, total in first.items()):
+            break
+        time.sleep(0.05)
+    time.sleep(KNOCK_SETTLE)  # the later nodes of multi-firewall paths
     return errors
+
+
+def _sweep(lab, nodes, exposures: list[Check], topology: Topology, dead: dict[str, str]):
+    """Knock every exposure port -> (the nodes' records, per node: did it count every knock due, errors)."""
+    errors = _knock(lab, [c for c in exposures if c.client_host not in dead], topology)
+    records = _read_records(lab, nodes)
+    due: Counter = Counter()
+    for check in exposures:
+        if check.client_host in dead:
+            continue  # never sent
+        key = (topology.host(check.client_host).address, topology.host(check.server_host).address,
+               check.endpoint.transport, check.endpoint.port)
+        for enforcer in check.enforcers:
+            due[enforcer.node] += 1
+            if key not in records[enforcer.node].passed:
+                break  # dropped here: the next node never sees it
+    return records, {node: records[node].knocks_seen >= due[node] for node in nodes}, errors
 
 
 # -- the audit ------------------------------------------------------------------------------------
@@ -192,8 +225,7 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
 
     started = time.monotonic()
     exposures = [c for c in checks if c.kind == CheckKind.EXPOSURE]
-    knock_errors = _knock(lab, knocks_by_host(exposures, topology))
-    sweep = _read_records(lab, nodes)
+    sweep, complete, knock_errors = _sweep(lab, nodes, exposures, topology, lab.dead_daemons())
     timings["sweep"] = time.monotonic() - started
 
     def judged(indexes, results, records) -> dict[int, FlowVerdict]:
@@ -205,7 +237,7 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
             if check.kind == CheckKind.REQUIRED:
                 evidence = evidence_for(check, topology, result, records, saw, dead)
             elif check.kind == CheckKind.EXPOSURE:
-                evidence = evidence_for(check, topology, None, sweep, saw, dead)
+                evidence = evidence_for(check, topology, None, sweep, saw, dead, complete)
             out[index] = _verdict(check, judge(check, evidence, catalog), result)
         return out
 
@@ -229,7 +261,7 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     if found:
         lab.start_trace(nodes)
         try:
-            _knock(lab, knocks_by_host(found, topology))
+            _knock(lab, found, topology)
         finally:
             traces = _merge(traces, lab.stop_trace())
     timings["attribute"] = time.monotonic() - started

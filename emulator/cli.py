@@ -231,7 +231,8 @@ def _cmd_audit(args) -> int:
     from emulator.report import format_diff, format_report
 
     preflight()
-    catalog, topology, checks = _plan(args.topology, _host_rules(args.rules + args.against, args.topology))
+    host_rules = {**_host_rules(args.rules, args.topology), **_host_rules(args.against, args.topology)}
+    catalog, topology, checks = _plan(args.topology, host_rules)
     rulesets = _rulesets(args.rules, topology, checks, args.certs)
     against = _rulesets(args.against, topology, checks) if args.against else None
     started = time.monotonic()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -107,11 +108,15 @@ class Topology:
     def hosts(self) -> list[HostSpec]:
         return [h for z in self.zones for h in z.hosts]
 
+    @cached_property
+    def _hosts_by_name(self) -> dict[str, HostSpec]:
+        return {h.name: h for h in self.hosts}
+
     def host(self, name: str) -> HostSpec:
-        for h in self.hosts:
-            if h.name == name:
-                return h
-        raise LabError(f"topology {self.name} has no host {name!r}; hosts: {', '.join(h.name for h in self.hosts)}")
+        found = self._hosts_by_name.get(name)
+        if found is None:
+            raise LabError(f"topology {self.name} has no host {name!r}; hosts: {', '.join(h.name for h in self.hosts)}")
+        return found
 
     def zone(self, name: str) -> Zone:
         for z in self.zones:
