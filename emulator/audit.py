@@ -138,8 +138,9 @@ def evidence_for(check: Check, topology: Topology, result: ProbeResult | None,
     hops = []
     for enforcer in check.enforcers:
         record = records.get(enforcer.node) or witness.FirewallRecord(enforcer.node)
-        if complete is not None:
-            fate = record.knocked(src, dst, ep.transport, ep.port, complete.get(enforcer.node, False))
+        if complete is not None:  # a knock from a dead daemon was never sent: no node can have seen it
+            sent = check.client_host not in dead
+            fate = record.knocked(src, dst, ep.transport, ep.port, sent and complete.get(enforcer.node, False))
         else:
             fate = record.fate(src, dst, ep.transport, ep.port)
         data = ()

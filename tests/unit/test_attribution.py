@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from emulator.attribution import RuleMap, RuleRef, SourceIndex, allow_rule, attribute, index_source
+from emulator.attribution import (RuleMap, RuleRef, SourceIndex, allow_rule, attribute, ftp_helper_rule, index_source,
+                                  reply_rule)
 from emulator.errors import LabError
 from emulator.rules import Ruleset
 from emulator.trace import TRACE_TABLE, TRACE_TABLE_NAME, Decision, DecisionKind, Fate, Verdict, parse_trace
@@ -283,3 +284,39 @@ def test_loaded_edge_cases_map_exact_chains_and_fall_back_for_placed_rules(netns
 def test_indexing_never_raises_on_odd_text(words, fmt):
     idx = index_source(Ruleset(fmt, " ".join(words), "odd"))
     assert all(rule.line >= 1 for chain in idx.chains for rule in chain.rules)
+
+
+# -- the fixes proposed for replies and FTP data channels ------------------------------------------
+def test_a_dropped_reply_is_fixed_by_state_not_by_a_new_flow():
+    assert reply_rule("iptables", "forward") == "-I FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    forward = index("rules.nft").base_chain("forward")
+    assert reply_rule("nft", forward) == (f"insert rule {forward.family} {forward.table} {forward.name} "
+                                          "ct state established,related accept")
+    with pytest.raises(LabError):
+        reply_rule("pf")
+
+
+def test_a_dropped_ftp_data_channel_is_fixed_by_the_conntrack_helper():
+    text = ftp_helper_rule("iptables", "198.18.1.10", 21)
+    assert text == "-t raw -A PREROUTING -d 198.18.1.10/32 -p tcp -m tcp --dport 21 -j CT --helper ftp"
+    nft = ftp_helper_rule("nft", "198.18.1.10", 21, table_hint=index("rules.nft").base_chain("forward"))
+    assert 'type "ftp"' in nft and 'ct helper set "ftp-standard"' in nft and "hook prerouting" in nft
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("fmt", ["iptables", "nft"])
+def test_the_proposed_fixes_load_into_the_users_own_ruleset(netns_tools, tmp_path, fmt):
+    source = DATA / ("rules.v4" if fmt == "iptables" else "rules.nft")
+    idx = index(source.name)
+    forward = idx.base_chain("forward") or "forward"
+    fixes = [allow_rule(fmt, "198.18.3.10", "198.18.1.10", "tcp", 9100, forward, insert=True),
+             reply_rule(fmt, forward), ftp_helper_rule(fmt, "198.18.1.10", 21, table_hint=idx.base_chain("forward"))]
+    if fmt == "iptables":
+        load = "iptables-restore"
+        apply = " && ".join(f"iptables {fix}" for fix in fixes)
+    else:
+        load = "nft -f"
+        apply = " && ".join(f"nft '{fix}'" for fix in fixes)
+    proc = subprocess.run(["unshare", "--net", "sh", "-c", f'{load} "$1" && {apply}', "sh", str(source)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (apply, proc.stderr)
