@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
@@ -126,6 +126,16 @@ class Topology:
 
     def hosts_with_role(self, role: str) -> list[HostSpec]:
         return [h for h in self.hosts if role in h.roles]
+
+    def with_host_rules(self, host_rules: dict[str, str]) -> "Topology":
+        """The same topology with these hosts carrying their own firewall (`--rules HOST=FILE`)."""
+        unknown = sorted(set(host_rules) - set(self._hosts_by_name))
+        if unknown:
+            raise LabError(f"--rules names {', '.join(unknown)}: not a firewall node or host of topology {self.name} "
+                           f"(nodes: {', '.join(self.filtering_nodes)}; hosts: {', '.join(self._hosts_by_name)})")
+        zones = tuple(replace(zone, hosts=tuple(replace(h, rules=Path(host_rules[h.name])) if h.name in host_rules
+                                                else h for h in zone.hosts)) for zone in self.zones)
+        return replace(self, zones=zones)
 
     def hosts_with_rules(self) -> list[HostSpec]:
         return [h for h in self.hosts if h.rules is not None]

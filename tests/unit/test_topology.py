@@ -208,3 +208,14 @@ def test_branch_office_puts_the_branch_behind_a_second_firewall():
     assert topo.enforcers("pcb1", "site3") == () and not topo.crosses_firewall("pcb1", "site3")
     assert topo.crosses_firewall("pcb1", "site1")
     assert topo.firewall_interface("branch") == "bfw-branch"
+
+
+def test_a_host_firewall_given_on_the_command_line_changes_the_path():
+    topology = load_topology("single-site")
+    assert topology.enforcers("mgmt1", "mgmt2") == ()
+    guarded = topology.with_host_rules({"mgmt2": "/tmp/mgmt2.rules"})
+    assert guarded.enforcers("mgmt1", "mgmt2") == (("mgmt2", "input"),)
+    assert "mgmt2" in guarded.filtering_nodes and guarded.host("mgmt2").rules.name == "mgmt2.rules"
+    assert topology.host("mgmt2").rules is None  # the loaded topology is left as it was
+    with pytest.raises(LabError, match="not a firewall node or host"):
+        topology.with_host_rules({"nosuch": "x.rules"})
