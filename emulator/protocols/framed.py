@@ -71,6 +71,7 @@ from twisted.protocols.policies import TimeoutMixin
 from OpenSSL import SSL
 
 from . import tls
+from .serving import IDLE_TIMEOUT, LISTEN_BACKLOG, loads_json
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
                       connect_timeout, crashed, error_result, no_connection_detail, report)
@@ -87,10 +88,6 @@ VERSION = 1
 MAX_FRAME = 1 << 20          # largest TCP payload, without its 4-byte prefix
 MAX_DATAGRAM = 8 << 10       # largest UDP payload
 MAX_NONCE = 128
-IDLE_TIMEOUT = 60.0          # seconds a server keeps a silent connection
-# Probes from many lab hosts may connect at once; the default backlog of 50
-# would turn a burst into SYN drops, which a probe would report as 'timeout'.
-LISTEN_BACKLOG = 1024
 
 
 class FramedError(ValueError):
@@ -109,8 +106,8 @@ def decode(payload: bytes) -> tuple[dict[str, Any], bytes]:
     if not newline:
         raise FramedError('no header line (newline missing)')
     try:
-        header = json.loads(line)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        header = loads_json(line)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too deeply nested
         raise FramedError(f'header is not JSON: {exc}') from None
     if not isinstance(header, dict):
         raise FramedError('header is not a JSON object')

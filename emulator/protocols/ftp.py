@@ -36,7 +36,9 @@ directory is removed, so the port is free when it returns.
 
 * One lab user, ``identity['ftp_user']`` / ``identity['ftp_password']``
   (default ``scan`` / ``scan``), whose home is a temporary directory per
-  listener. Uploads are kept there until the listener stops.
+  listener. The probe deletes its upload once verified (``DELE``); whatever clients
+  leave is bounded to ``MAX_KEPT_BYTES`` (oldest deleted first) and removed when the
+  listener stops.
 * Passive ports: ``identity['passive_ports']`` as ``[low, high]``, default
   30000-30999. The catalog allows 1024-65535 (whatever the device is set
   to); real sites configure a narrow range so the rule can be narrow. A fixed
@@ -77,6 +79,7 @@ listener asking for TLS is served plain, and the probe's exchange says so.
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import hashlib
 import os
@@ -109,6 +112,7 @@ except ImportError:  # pragma: no cover - pyftpdlib 1.5
     from pyftpdlib.handlers import ActiveDTP
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .serving import LISTEN_BACKLOG
 from .probing import UNREACHABLE_ERRNOS, OnRequest, crashed, error_result, report
 
 PROTOCOL_IDS = ('ftp',)
@@ -117,9 +121,9 @@ DEFAULT_USER = 'scan'
 DEFAULT_PASSWORD = 'scan'
 DEFAULT_PASSIVE_PORTS = (30000, 30999)
 IDLE_TIMEOUT = 60            # seconds a server keeps a silent control connection
-LISTEN_BACKLOG = 1024        # many lab hosts may connect at once (see framed)
 MAX_POLL_WAIT = 1.0          # the FTP thread re-checks its stop flag at least this often
 MIN_UPLOAD = 1 << 20         # a scanned page is rarely smaller than 1 MiB
+MAX_KEPT_BYTES = 64 << 20    # uploads a listener keeps at most; the oldest go first
 MIN_BUDGET = 10.0            # seconds: the shortest whole-session bound
 MAX_REPLY_BYTES = 1 << 16    # what the probe reads of a STAT reply, at most
 
@@ -309,6 +313,38 @@ class _DataChannel(DTPHandler):
         super().__init__(sock, cmd_channel)
 
 
+class UploadBound:
+    """The uploads a listener keeps: at most ``max_bytes`` in all, the oldest deleted first.
+
+    A probe deletes its file once it has verified it (``DELE``); this bounds what clients that
+    do not (or a probe cut short) leave behind, which would otherwise stay until the daemon stops.
+    """
+
+    def __init__(self, max_bytes: int = MAX_KEPT_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._files: dict[str, None] = {}   # insertion order = age
+
+    def add(self, path: str) -> None:
+        with self._lock:
+            self._files.pop(path, None)
+            self._files[path] = None
+            sizes = {}
+            for name in list(self._files):
+                try:
+                    sizes[name] = os.path.getsize(name)
+                except OSError:   # deleted by the client (DELE) or replaced
+                    del self._files[name]
+            total = sum(sizes.values())
+            for name in list(self._files):
+                if total <= self.max_bytes or name == path:
+                    break
+                with contextlib.suppress(OSError):
+                    os.remove(name)
+                total -= sizes.get(name, 0)
+                del self._files[name]
+
+
 class _ScanHandler(FTPHandler):
     """One FTP control session. ``listen`` subclasses it per listener with the
     persona's user, banner, passive range and connect-back port."""
@@ -317,6 +353,7 @@ class _ScanHandler(FTPHandler):
     dtp_handler = _DataChannel
     active_dtp = _ConnectBack
     deliver: Callable[[dict[str, Any]], None] = staticmethod(lambda record: None)
+    keep: UploadBound
     data_mode: str | None = None
     data_link: tuple[int, int] | None = None
 
@@ -347,7 +384,24 @@ class _ScanHandler(FTPHandler):
         self.push('211-FTP server status:\r\n' + ''.join(f'     {line}\r\n' for line in lines))
         self.respond('211 End of status')
 
+    def handle_auth_failed(self, msg, password):
+        # pyftpdlib unregisters the socket, waits auth_failed_timeout, then re-registers it
+        # unconditionally: by then the session may be closed and its descriptor number
+        # reused, and the re-register fails with a traceback (or watches someone else's
+        # socket). A lab stub needs no brute-force delay: answer 530 at once.
+        msg = msg.capitalize() if msg else 'Authentication failed.'
+        self.attempted_logins += 1
+        if self.attempted_logins >= self.max_login_attempts:
+            self.respond(f'530 {msg} Disconnecting.')
+            self.close_when_done()
+        else:
+            self.respond(f'530 {msg}')
+        self.log(f"USER '{self.username}' failed login.")
+        self.on_login_failed(self.username, password)
+        self.username = ''
+
     def on_file_received(self, file):
+        self.keep.add(file)
         try:
             size, sha256 = _file_digest(file)
             try:
@@ -476,7 +530,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     connect_back = type('_ListenerConnectBack', (_ConnectBack,), {})
     handler = type('_ListenerScanHandler', (_ScanHandler,), {
         'authorizer': authorizer, 'banner': banner, 'passive_ports': list(passive_ports),
-        'active_dtp': connect_back, 'deliver': staticmethod(deliver)})
+        'active_dtp': connect_back, 'deliver': staticmethod(deliver), 'keep': UploadBound()})
     ioloop = IOLoop()
     try:
         server = FTPServer((interface or '0.0.0.0', listener.port), handler, ioloop=ioloop,
@@ -587,6 +641,11 @@ class _Session:
         self.stat()
         self.upload()
         self.verify()
+        self.step = 'DELE'
+        try:   # the server need not keep a verified document; its reply changes no verdict
+            self.command(f'DELE {self.name}', limit=self.target.timeout)
+        except (ftplib.Error, EOFError, OSError, _Verdict):
+            pass
         self.step = 'QUIT'
         try:
             self.command('QUIT', limit=self.target.timeout)

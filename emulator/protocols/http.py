@@ -90,6 +90,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .serving import LISTEN_BACKLOG, loads_json
 from .probing import (BytesProducer, OnRequest, Verdict, classify_os_error, connect_timeout,
                       error_result, no_connection_detail, report)
 
@@ -102,15 +103,16 @@ MAX_XML_BODY = 1 << 20       # SOAP envelopes and PROPFIND bodies
 MAX_JSON_BODY = 1 << 20      # JSON / form bodies of REST endpoints
 MAX_KV_VALUE = 64 << 10      # one etcd / cache value
 MAX_KV_KEYS = 1024           # per endpoint; the oldest key goes first
-DAV_MAX_STORE = 128 << 20    # all documents of one WebDAV collection; oldest evicted first
-DAV_MAX_DOCS = 256
+DAV_MAX_STORE = 256 << 20    # all documents of one WebDAV collection; oldest evicted first
+# Each probe stores one document then reads it back: 500 concurrent probes (of DOC_FLOOR each)
+# must all find theirs, so the count bound leaves room for twice that many.
+DAV_MAX_DOCS = 1024
 MAX_REPLY = 16 << 20         # a probe reads at most this much of one response body
 PREVIEW_WIDTH = 256          # probe's preview request: 8-bit gray, this wide
 MAX_PREVIEW_SIDE = 4096
 DOC_FLOOR = 200 << 10        # a probe's document (scan, print job, preview) is at least this big
 IDLE_TIMEOUT = 60            # seconds a server keeps a silent connection
 CLOSE_GRACE = 2.0            # seconds a probe waits for its sockets to close after the verdict
-LISTEN_BACKLOG = 1024
 USER_AGENT = b'safeq-lab-probe/1'
 
 SOAP11_ENV = 'http://schemas.xmlsoap.org/soap/envelope/'
@@ -614,8 +616,9 @@ class DavStore:
     def put(self, name: str, data: bytes, content_type: str, now: float) -> bool:
         """Store; True when it replaced a document."""
         old = self.docs.pop(name, None)
-        while self.docs and (len(self.docs) >= self.max_docs or self.size + len(data) > self.max_bytes):
-            self.docs.popitem(last=False)
+        size = self.size   # once: the loop below would make each PUT quadratic in the count
+        while self.docs and (len(self.docs) >= self.max_docs or size + len(data) > self.max_bytes):
+            size -= len(self.docs.popitem(last=False)[1].data)
         self.docs[name] = DavDocument(data, content_type, old.created if old else now, now)
         return old is not None
 
@@ -942,7 +945,7 @@ class _RestResource(Resource):
             media, data = _media_type(request), request.body()
             try:
                 if media == 'application/json' or media.endswith('+json'):
-                    value = json.loads(data)
+                    value = loads_json(data)
                     if not isinstance(value, dict):
                         raise _BadRequest(400, 'JSON body must be an object')
                     fields.update(value)
@@ -1312,7 +1315,7 @@ class _Reply:
         if not (self.media == 'application/json' or self.media.endswith('+json')):
             raise _Reject(f'expected JSON, got {self.media or "no content type"}')
         try:
-            return json.loads(self.body)
+            return loads_json(self.body)
         except ValueError as exc:
             raise _Reject(f'reply is not JSON: {exc}') from None
 

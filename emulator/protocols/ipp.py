@@ -1003,7 +1003,9 @@ class IppResource(Resource):
 
     def _context(self, request) -> Context:
         local = request.getHost()
-        host = (request.getHeader('host') or '').strip()
+        # Bytes, decoded leniently: a str name makes Twisted decode the value as strict UTF-8,
+        # which a hostile byte turns into an unhandled UnicodeDecodeError (a 500 and a traceback).
+        host = (request.getHeader(b'host') or b'').decode('latin-1').strip()
         if not _HOST_HEADER.match(host):
             host = f'{local.host}:{local.port}'
         return Context(host=host, path=request.path.decode('latin-1'), secure=request.isSecure(),
@@ -1023,7 +1025,11 @@ class IppResource(Resource):
 
     def render_POST(self, request) -> bytes:
         from . import http
-        content_type = (request.getHeader('content-type') or '').split(';')[0].strip().lower()
+        raw_type = request.getHeader(b'content-type') or b''
+        try:
+            content_type = raw_type.decode('ascii').split(';')[0].strip().lower()
+        except UnicodeDecodeError:
+            return self._plain(request, web_http.BAD_REQUEST, 'Content-Type is not ASCII')
         if content_type != CONTENT_TYPE:
             return self._plain(request, web_http.BAD_REQUEST,
                                f'Content-Type must be {CONTENT_TYPE}, got {content_type or "none"!r}')

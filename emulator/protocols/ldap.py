@@ -63,12 +63,14 @@ from ldaptor.protocols.ldap.ldapserver import LDAPServer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IHandshakeListener, IListeningPort, ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .serving import LISTEN_BACKLOG
 from .probing import (OnRequest, ProbeClientFactory, StreamVerdict, connect_timeout,
                       error_result, no_connection_detail, report)
 
@@ -92,10 +94,11 @@ FLOW_QUERIES = {'ldap-03': 'users'}
 
 MAX_MESSAGE = 1 << 20        # largest LDAPMessage either side accepts
 IDLE_TIMEOUT = 120.0         # seconds the stub keeps a silent connection
-LISTEN_BACKLOG = 1024        # many lab hosts may probe at once (see framed)
 
 
 # --- codec (shared by server and client) -----------------------------------
+_log = Logger()
+
 
 class LDAPWireError(ValueError):
     """Bytes that are not a well-formed LDAPMessage."""
@@ -232,6 +235,42 @@ def filter_text(search_filter) -> str:
     except Exception:
         pass
     return type(f).__name__
+
+
+_MATCHABLE = (pureldap.LDAPFilter_present, pureldap.LDAPFilter_equalityMatch,
+              pureldap.LDAPFilter_greaterOrEqual, pureldap.LDAPFilter_lessOrEqual)
+
+
+def check_filter(search_filter, depth: int = 0) -> None:
+    """Refuse (LDAPException) a filter ldaptor's in-memory matcher cannot evaluate.
+
+    ldaptor raises on approxMatch and extensibleMatch and asserts on substrings out of
+    RFC 4511 order, inside a tree walk whose failures escape as unhandled-Deferred
+    tracebacks; checked up front, the client gets a result code instead.
+    """
+    f = search_filter
+    if depth > 32:
+        raise ldaperrors.LDAPUnwillingToPerform('filter nested too deeply')
+    if isinstance(f, (pureldap.LDAPFilter_and, pureldap.LDAPFilter_or)):
+        for item in f:
+            check_filter(item, depth + 1)
+        return
+    if isinstance(f, pureldap.LDAPFilter_not):
+        check_filter(f.value, depth + 1)
+        return
+    if isinstance(f, _MATCHABLE):
+        return
+    if isinstance(f, pureldap.LDAPFilter_substrings):
+        parts = list(f.substrings)
+        kinds = [type(part) for part in parts]
+        if kinds[:1] == [pureldap.LDAPFilter_substrings_initial]:
+            kinds = kinds[1:]
+        if kinds[-1:] == [pureldap.LDAPFilter_substrings_final]:
+            kinds = kinds[:-1]
+        if not parts or any(kind is not pureldap.LDAPFilter_substrings_any for kind in kinds):
+            raise ldaperrors.LDAPProtocolError('substrings filter must be initial?, any*, final?')
+        return
+    raise ldaperrors.LDAPUnwillingToPerform(f'{type(f).__name__} filters are not supported')
 
 
 def _read_only(*_args, **_kwargs):
@@ -384,7 +423,22 @@ class LabLDAPServer(LDAPServer, TimeoutMixin):
                 distinguishedname.DistinguishedName(request.baseObject)
             except Exception:
                 raise ldaperrors.LDAPInvalidDNSyntax(_text(request.baseObject)) from None
+            check_filter(request.filter)
         return LDAPServer.handle_LDAPSearchRequest(self, request, controls, send)
+
+    def _cbSearchGotBase(self, base, dn, request, reply):
+        # ldaptor logs every failure of a search that is not an LDAPException as a critical
+        # traceback; a filter it cannot evaluate (approxMatch, extensibleMatch, malformed
+        # substrings, ...) is the client's request, not a stub fault: answer with a result code.
+        d = maybeDeferred(LDAPServer._cbSearchGotBase, self, base, dn, request, reply)
+        return d.addErrback(self._filter_refused, request)
+
+    def _filter_refused(self, failure: Failure, request):
+        if failure.check(ldaperrors.LDAPException):
+            return failure
+        _log.info('LDAP search from {peer} refused: {why}: {detail}', peer=self.transport.getPeer().host,
+                  why=failure.type.__name__, detail=failure.getErrorMessage()[:120])
+        raise ldaperrors.LDAPUnwillingToPerform(f'filter {filter_text(request.filter)} not supported')
 
     def getRootDSE(self, request, reply):
         root = IConnectedLDAPEntry(self.factory)

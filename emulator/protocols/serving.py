@@ -1,13 +1,34 @@
-"""Server-side plumbing shared by stream stubs: the factory that carries reactor, persona and the
-witness callback, and the connection basics (port, peer, idle timeout). No protocol logic here."""
+"""Server-side plumbing shared by stubs: the server limits every stub obeys (listen backlog, idle
+timeout, hostile-input-safe JSON), the factory that carries reactor, persona and the witness
+callback, and the connection basics (port, peer, idle timeout). No protocol logic here."""
 from __future__ import annotations
+
+import json
+from typing import Any
 
 from twisted.internet.protocol import Factory
 from twisted.protocols.policies import TimeoutMixin
 
 from .base import Listener, Persona
-from .framed import IDLE_TIMEOUT, LISTEN_BACKLOG
 from .probing import OnRequest
+
+# Probes from many lab hosts may connect at once; a backlog of 50 (the default of listenTCP)
+# would turn a burst into SYN drops, which a probe would report as 'timeout'. Every TCP stub
+# listens with this one.
+LISTEN_BACKLOG = 1024
+IDLE_TIMEOUT = 60.0          # seconds a server keeps a silent connection (unless its module says otherwise)
+
+
+def loads_json(data: bytes | str) -> Any:
+    """``json.loads`` for bytes a peer sent: every way it can fail is a ValueError.
+
+    Deep nesting (a thousand ``[``) makes the decoder raise RecursionError, which is no
+    ValueError and would escape the stub's error reply as an unhandled traceback.
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError('JSON nested too deeply') from None
 
 
 class StubFactory(Factory):

@@ -33,7 +33,8 @@ Transports
 
 Probes
     ``snmp``: one v2c GetRequest for sysDescr.0, sysObjectID.0 and
-    hrPrinterStatus.1 (options: ``community``, ``oids``). ``ok`` when the
+    hrPrinterStatus.1 (options: ``community``, ``oids``; over UDP ``retries``,
+    default ``UDP_RETRIES``, resent evenly within the timeout as net-snmp does). ``ok`` when the
     Response carries our request-id and community, errorStatus 0 and a
     sysDescr; a wrong community or a drop both give ``timeout`` (an agent is
     silent then), errorStatus != 0 gives ``protocol_error``.
@@ -75,6 +76,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .serving import LISTEN_BACKLOG
 from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
                       connect_timeout, crashed, error_result, no_connection_detail)
 
@@ -84,6 +86,7 @@ MAX_MESSAGE = 65535        # largest SNMP message accepted (one UDP datagram / o
 IDLE_TIMEOUT = 120         # seconds before an idle TCP manager connection is dropped
 TIMER_RESOLUTION = 0.5     # seconds between pysnmp engine timer ticks (cache expiry)
 DEFAULT_COMMUNITY = 'public'
+UDP_RETRIES = 2            # retransmissions of a UDP probe within its timeout (net-snmp: -r)
 
 
 _log = Logger()
@@ -323,11 +326,20 @@ def _deliver(carrier: AbstractTransport, address, message: bytes) -> None:
     if callback is None:   # closed, or not yet registered
         return
     try:
+        api.decodeMessageVersion(message)
+    except Exception as exc:
+        # Not BER, or no version field: not SNMP at all. One line, as a real agent counts it
+        # in snmpInASNParseErrs; hostile input must not fill the log with tracebacks.
+        _log.info('SNMP: {size} B from {peer} dropped, not an SNMP message ({why})',
+                  size=len(message), peer=address[0], why=type(exc).__name__)
+        return
+    try:
         callback(carrier, address, message)
-    except Exception:
-        # pysnmp drops undecodable messages itself (snmpInASNParseErrs); this
-        # catches the few paths where it raises instead.
-        _log.failure('SNMP message from {peer} dropped', peer=address[0])
+    except Exception as exc:
+        # pysnmp drops most undecodable messages itself; some malformed ones make it raise
+        # (pyasn1 errors, even TypeError deep in its decoder). A rejection, not a stub fault.
+        _log.info('SNMP: {size} B from {peer} dropped, malformed message ({why}: {detail})',
+                  size=len(message), peer=address[0], why=type(exc).__name__, detail=str(exc)[:120])
 
 
 class UdpCarrier(DatagramProtocol, AbstractTransport):
@@ -512,7 +524,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
         domain = SNMP_UDP_DOMAIN
     elif listener.transport == 'tcp':
         carrier = TcpCarrier()
-        port = reactor.listenTCP(listener.port, carrier, interface=interface)
+        port = reactor.listenTCP(listener.port, carrier, backlog=LISTEN_BACKLOG, interface=interface)
         domain = SNMP_TCP_DOMAIN
     else:
         raise ValueError(f'snmp cannot listen on {listener.transport!r}')
@@ -727,11 +739,43 @@ class _Exchange(Verdict):
 
 
 class _UdpExchange(_Exchange, DatagramVerdict):
+    """GET/INFORM over UDP, retransmitted like net-snmp's ``-r`` retries: the request goes out
+    again every timeout / (retries + 1) seconds until a Response or the probe's timeout, so one
+    lost datagram (a busy agent, a congested link) is not read as a firewall drop."""
+
     awaited = 'Response'
+    _resend_call = None
 
     def _begin(self) -> None:
         # maxPacketSize: the largest SNMP message is also the largest datagram.
         self.send(self.request.message, MAX_MESSAGE)
+        retries = self.target.options.get('retries', UDP_RETRIES)
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            retries = UDP_RETRIES
+        self._retries_left = retries
+        self._interval = self.target.timeout / (retries + 1)
+        self._schedule_resend()
+
+    def _schedule_resend(self) -> None:
+        if self._retries_left > 0:
+            self._resend_call = self.reactor.callLater(self._interval, self._resend)
+
+    def _resend(self) -> None:
+        self._resend_call = None
+        if self.result is not None or self._port is None:
+            return
+        self._retries_left -= 1
+        try:
+            self._port.write(self.request.message)   # same request-id: any answer will do
+        except OSError:
+            pass   # an ICMP error is reported through the port (connectionRefused / port_stopped)
+        self._schedule_resend()
+
+    def _release(self) -> None:
+        if self._resend_call is not None and self._resend_call.active():
+            self._resend_call.cancel()
+        self._resend_call = None
+        super()._release()
 
     def datagram(self, data: bytes) -> None:
         self.received(data)

@@ -77,7 +77,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from . import framed
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .framed import FramedError
-from .serving import StubConnection, StubFactory
+from .serving import LISTEN_BACKLOG, StubConnection, StubFactory, loads_json
 from .probing import DatagramProbe, OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('terminal', 'discovery')
@@ -328,7 +328,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     if listener.security in ('starttls', 'optional'):
         from . import tls as tls_helper
         tls_helper.server_options(persona)   # fail at bind time, not at the first STARTTLS
-    return reactor.listenTCP(listener.port, factory, backlog=framed.LISTEN_BACKLOG, interface=interface)
+    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
 
 
 # --- client probes ---------------------------------------------------------------------
@@ -441,7 +441,7 @@ class _TerminalClient(StreamClient):
             return self._fail('job metadata does not match its sha256 (altered in transit?)')
         if self.want >= 2:
             try:
-                jobs = json.loads(body)
+                jobs = loads_json(body)
             except ValueError:
                 return self._fail('job metadata is not JSON')
             if not isinstance(jobs, list) or len(jobs) != header.get('count'):

@@ -39,7 +39,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .framed import LISTEN_BACKLOG
+from .serving import LISTEN_BACKLOG
 from .probing import DatagramProbe, OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('time',)

@@ -13,6 +13,7 @@ from twisted.internet import ssl
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .base import Persona, ProbeTarget
+from .serving import LISTEN_BACKLOG
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
 
@@ -40,7 +41,7 @@ def listen_tls(reactor, port: int, factory, persona: Persona, interface: str = "
     # TLSMemoryBIOFactory with clock=reactor rather than listenSSL: listenSSL buffers small writes
     # on the global reactor's clock, so on any other (injected, test) reactor they never flush.
     wrapped = TLSMemoryBIOFactory(server_options(persona), False, factory, clock=reactor)
-    return reactor.listenTCP(port, wrapped, backlog=1024, interface=interface)
+    return reactor.listenTCP(port, wrapped, backlog=LISTEN_BACKLOG, interface=interface)
 
 
 def trust_root(ca_file: str):

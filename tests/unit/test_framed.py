@@ -149,10 +149,29 @@ def test_request_round_trip():
     (b'{"v":1,"op":"hello","nonce":"n"}\n', 'size'),
     (b'{"v":1,"op":"hello","nonce":"n","size":true}\n', 'size'),
     (b'{"v":1,"op":"hello","nonce":"n","size":3}\nab', 'body has 2 B'),
+    (b'[' * 1000 + b']' * 1000 + b'\n', 'nested too deeply'),   # RecursionError in json, not a crash
 ])
 def test_decode_request_rejects(payload, message):
     with pytest.raises(framed.FramedError, match=message):
         framed.decode_request(payload)
+
+
+def test_udp_server_answers_deeply_nested_json_with_the_error_reply():
+    sent = []
+
+    class Transport:
+        def getHost(self):
+            return IPv4Address('UDP', '198.18.0.2', 6010)
+
+        def write(self, data, addr):
+            sent.append((data, addr))
+
+    server = framed._HelloDatagramServer(PERSONA, None)
+    server.transport = Transport()
+    server.datagramReceived(b'[' * 1000 + b'\n', ('198.18.0.9', 5000))
+    [(reply, addr)] = sent
+    header, _ = framed.decode(reply)
+    assert header['ok'] is False and 'nested too deeply' in header['error'] and addr == ('198.18.0.9', 5000)
 
 
 def test_reply_is_capped_to_the_limit():

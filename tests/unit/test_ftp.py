@@ -13,6 +13,7 @@ import io
 import os
 import socket
 import threading
+import time
 import zipfile
 
 import pytest
@@ -216,18 +217,18 @@ def test_install_upload_to_an_mfd():
     assert records[0]['file'].endswith('.zip') and records[0]['bytes'] == 2_000_000
 
 
-def test_uploads_are_kept_until_stop_then_everything_is_released():
+def test_verified_uploads_are_deleted_and_stop_releases_everything():
     seen = {}
 
     async def scenario(reactor, port):
         result = await ftp.probe(reactor, target(port.getHost().port))
-        seen['files'] = {name: hashlib.sha256(open(os.path.join(port.home, name), 'rb').read()).hexdigest()
-                         for name in os.listdir(port.home)}
+        seen['files'] = os.listdir(port.home)
         return result
 
     result, records, port = with_stub(scenario)
     assert result.outcome == 'ok'
-    assert seen['files'] == {records[0]['file'].lstrip('/'): records[0]['sha256']}
+    assert records[0]['op'] == 'STOR'
+    assert seen['files'] == []   # the probe deleted what it had verified (DELE)
     number = port.getHost().port
     assert not os.path.exists(port.home)
     assert not port._thread.is_alive()
@@ -515,3 +516,47 @@ def test_malformed_commands_get_errors_and_the_stub_keeps_serving():
     assert codes['long'][0] == '5'
     assert result.outcome == 'ok', result  # other clients are unaffected
     assert len(records) == 1
+
+
+def test_upload_bound_deletes_the_oldest_files_first(tmp_path):
+    keep = ftp.UploadBound(max_bytes=250)
+    paths = []
+    for index in range(4):
+        path = tmp_path / f'scan-{index}.pdf'
+        path.write_bytes(b'x' * 100)
+        paths.append(path)
+        keep.add(str(path))
+    assert [p.exists() for p in paths] == [False, False, True, True]
+    paths[3].unlink()            # a client's DELE: forgotten, not counted
+    big = tmp_path / 'big.pdf'
+    big.write_bytes(b'x' * 400)  # larger than the bound on its own: kept, the others go
+    keep.add(str(big))
+    assert big.exists() and not paths[2].exists()
+
+
+def test_failed_logins_are_answered_at_once_and_leave_no_traceback():
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+
+    def scenario(reactor, port):
+        number = port.getHost().port
+        replies = []
+        for _ in range(3):
+            with socket.create_connection(('127.0.0.1', number), timeout=2) as s:
+                s.recv(1024)
+                s.sendall(b'USER scan\r\nPASS wrong\r\n')
+                data = b''
+                while data.count(b'\r\n') < 2:
+                    data += s.recv(1024)
+                replies.append(data.split(b'\r\n')[1][:3])
+        return replies
+
+    try:
+        started = time.monotonic()
+        replies, _records, _port = with_stub(scenario)
+        assert replies == [b'530'] * 3
+        assert time.monotonic() - started < 2.5   # pyftpdlib's own answer waits 3 s per failure
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if 'log_failure' in e] == []

@@ -267,6 +267,17 @@ def test_dav_store_is_bounded_oldest_first():
     assert store.put('big', b'z', 'text/plain', 10.0) is True
 
 
+def test_dav_store_keeps_the_documents_of_500_concurrent_probes():
+    store = http.DavStore()
+    document = b'%' * http.DOC_FLOOR
+    for i in range(500):     # every probe PUTs before any of them reads back
+        store.put(f'scan-{i}.pdf', document, 'application/pdf', float(i))
+    assert len(store.docs) == 500 and store.size <= store.max_bytes
+    for i in range(2000):    # memory stays bounded however many come
+        store.put(f'more-{i}.pdf', b'x' * 1000, 'application/pdf', float(i))
+    assert len(store.docs) <= http.DAV_MAX_DOCS and store.size <= http.DAV_MAX_STORE
+
+
 # --- server: REST ---------------------------------------------------------------------------
 
 def test_health_names_the_persona_and_the_client_and_is_recorded():
@@ -307,6 +318,7 @@ def test_json_endpoint_answers_from_data():
     (b'{"jobId": "J-1", "userName": "alice"}', 'application/json', 400, 'missing field(s): pages'),
     (b'{"jobId": "J-1"', 'application/json', 400, 'unreadable'),
     (b'[1, 2]', 'application/json', 400, 'must be an object'),
+    (b'[' * 1000 + b']' * 1000, 'application/json', 400, 'nested too deeply'),
     (b'{"jobId": "J-1", "userName": "mallory", "pages": 1}', 'application/json', 404, 'unknown user'),
     (b'jobId=J-1', 'text/plain', 415, 'expected application/json'),
 ])
@@ -617,6 +629,60 @@ def test_probe_https_verifies_chain_and_name(pki):
     assert 'ca_file' in results[5].detail
     assert records and all(r['tls'] for r in records)
     assert len(records) == 1 + 1 + 3  # rejected handshakes never become requests
+
+
+def open_sockets() -> int:
+    count = 0
+    for name in os.listdir('/proc/self/fd'):
+        try:
+            count += os.readlink(f'/proc/self/fd/{name}').startswith('socket:')
+        except OSError:
+            pass   # closed meanwhile (the listing's own descriptor, for one)
+    return count
+
+
+@pytest.mark.parametrize('security', ['tls', 'plain'])
+def test_pipelined_requests_then_close_leave_no_server_connection(pki, security, monkeypatch):
+    """A client pipelines requests and hangs up: the server's side must be gone within a second
+    (the issue 9 fuzzing saw TLS connections stay in CLOSE_WAIT for good)."""
+    import socket
+    import ssl
+    import time
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThreadPool
+    from tests.support import tls_clocked_reactor
+
+    good, _ = pki
+    persona = Persona(host='ts-1', roles=('terminal-server',), **good)
+    one_request = b'GET / HTTP/1.1\r\nHost: ts-1.lab\r\n\r\n'
+
+    def client(port_number):
+        context = ssl.create_default_context(cafile=good['ca_file'])
+        context.check_hostname = False
+        for pipelined in (2, 2, 40):
+            raw = socket.create_connection(('127.0.0.1', port_number), timeout=2)
+            sock = context.wrap_socket(raw, server_hostname='ts-1.lab') if security == 'tls' else raw
+            sock.sendall(one_request * pipelined)
+            sock.close()
+
+    async def scenario(reactor):
+        port = http.listen(reactor, Listener('tcp', 0, 'http', security), persona, interface='127.0.0.1')
+        try:
+            # Sockets, not the reactor's readers: a connection left in CLOSE_WAIT is a paused
+            # one, which the reactor no longer reads from.
+            baseline = open_sockets()
+            await deferToThreadPool(reactor, reactor.getThreadPool(), client, port.getHost().port)
+            started = time.monotonic()
+            while open_sockets() > baseline:   # a server connection still open
+                if time.monotonic() - started > 1.0:
+                    return 'still open after 1 s'
+                await deferLater(reactor, 0.02)
+            return 'closed'
+        finally:
+            await port.stopListening()
+
+    reactor = tls_clocked_reactor(monkeypatch)
+    assert run_on_reactor(reactor, scenario) == 'closed'
 
 
 def test_probe_refused():

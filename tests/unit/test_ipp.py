@@ -562,6 +562,8 @@ def test_loopback_malformed_requests_get_http_errors_and_the_stub_keeps_serving(
             'garbage': await _post(reactor, f'{base}/ipp/print', b'\x02\x00garbage'),
             'wrong type': await _post(reactor, f'{base}/ipp/print', good, content_type='text/plain'),
             'truncated': await _post(reactor, f'{base}/ipp/print', good[:-1]),
+            # Not UTF-8: was an unhandled UnicodeDecodeError (500 and a traceback).
+            'bad type byte': await _post(reactor, f'{base}/ipp/print', good, content_type=b'application/ipp\xe9'),
             'get printer': await _post(reactor, f'{base}/ipp/print', b'', method=b'GET'),
             'get root': await _post(reactor, f'{base}/', b'', method=b'GET'),
             'unknown path': await _post(reactor, f'{base}/nothing', good),
@@ -573,7 +575,7 @@ def test_loopback_malformed_requests_get_http_errors_and_the_stub_keeps_serving(
         return answers
 
     answers, records = run_on_fresh_reactor(lambda r: Deferred.fromCoroutine(_serve_and(r, PERSONA, body)))
-    for name in ('garbage', 'wrong type', 'truncated'):
+    for name in ('garbage', 'wrong type', 'truncated', 'bad type byte'):
         code, _, payload = answers[name]
         assert code == 400, (name, payload)
     assert b'malformed IPP message' in answers['garbage'][2]
@@ -591,7 +593,7 @@ def test_loopback_malformed_requests_get_http_errors_and_the_stub_keeps_serving(
     # Every request is witnessed (by the http Site); well-formed IPP ones carry the operation.
     assert [(r['method'], r['path'], r['status'], r.get('op')) for r in records] == [
         ('POST', '/ipp/print', 400, None), ('POST', '/ipp/print', 400, None), ('POST', '/ipp/print', 400, None),
-        ('GET', '/ipp/print', 405, None), ('GET', '/', 200, None), ('POST', '/nothing', 404, None),
+        ('POST', '/ipp/print', 400, None), ('GET', '/ipp/print', 405, None), ('GET', '/', 200, None), ('POST', '/nothing', 404, None),
         ('POST', '/', 200, 'Get-Printer-Attributes'), ('POST', '/ipp/print/3', 200, 'Get-Printer-Attributes'),
         ('POST', '/ipp/print', 200, 'Create-Job'),
         ('POST', '/ipp/print', 200, 'Get-Printer-Attributes'), ('POST', '/ipp/print', 200, 'Print-Job')]

@@ -257,6 +257,35 @@ def test_search_never_returns_passwords(attributes):
     assert all('uid' in attrs(e) for e in entries)
 
 
+@pytest.mark.parametrize('search_filter, code', [
+    (pureldap.LDAPFilter_approxMatch(attributeDesc=pureldap.LDAPAttributeDescription('uid'),
+                                     assertionValue=pureldap.LDAPAssertionValue('alice')), 53),
+    (pureldap.LDAPFilter_extensibleMatch(matchingRule=None, type=None, matchValue='x', dnAttributes=False), 53),
+    (pureldap.LDAPFilter_substrings(type='uid', substrings=[]), 2),
+    (pureldap.LDAPFilter_substrings(type='uid', substrings=[pureldap.LDAPFilter_substrings_final('e'),
+                                                            pureldap.LDAPFilter_substrings_initial('a')]), 2),
+    (pureldap.LDAPFilter_and([pureldap.LDAPFilter_present('uid'),
+                              pureldap.LDAPFilter_not(pureldap.LDAPFilter_approxMatch(
+                                  attributeDesc=pureldap.LDAPAttributeDescription('cn'),
+                                  assertionValue=pureldap.LDAPAssertionValue('x')))]), 53),
+])
+def test_filters_ldaptor_cannot_evaluate_get_a_result_code_not_a_traceback(search_filter, code):
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        stub = Stub()
+        stub.bind()
+        [done] = stub.search(ldap.BASE_DN, search_filter)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert isinstance(done, pureldap.LDAPSearchResultDone) and done.resultCode == code
+    assert [e for e in events if 'log_failure' in e] == []
+    *entries, done = stub.search(ldap.BASE_DN, pureldap.LDAPFilter_substrings(
+        type='uid', substrings=[pureldap.LDAPFilter_substrings_initial('al')]))
+    assert done.resultCode == 0 and len(entries) == 1   # well-formed substrings still match
+
+
 def test_search_outside_the_tree_is_no_such_object():
     stub = Stub()
     stub.bind()

@@ -434,6 +434,67 @@ def test_probe_judges_fake_agents(answer, outcome, detail):
     assert detail in result.detail
 
 
+def test_udp_probe_retransmits_within_its_timeout():
+    seen = []
+
+    def drop_the_first_two(datagram):
+        seen.append(datagram)
+        return [response_to(datagram)] if len(seen) == 3 else []
+
+    async def scenario(reactor):
+        port = reactor.listenUDP(0, _FakeAgent(drop_the_first_two), interface='127.0.0.1')
+        try:
+            return await snmp.probe(reactor, target(port.getHost().port, timeout=0.9))
+        finally:
+            await maybeDeferred(port.stopListening)
+
+    result, leftovers = run_on_fresh_reactor(lambda r: Deferred.fromCoroutine(scenario(r)))
+    assert (result.outcome, leftovers) == ('ok', []), result
+    assert len(seen) == 3 and len(set(seen)) == 1        # the same request, resent twice
+    assert 0.55 <= result.elapsed < 0.9
+
+
+def test_udp_probe_without_retries_sends_once():
+    seen = []
+
+    async def scenario(reactor):
+        port = reactor.listenUDP(0, _FakeAgent(lambda d: seen.append(d) or []), interface='127.0.0.1')
+        try:
+            return await snmp.probe(reactor, target(port.getHost().port, timeout=0.3, options={'retries': 0}))
+        finally:
+            await maybeDeferred(port.stopListening)
+
+    result, leftovers = run_on_fresh_reactor(lambda r: Deferred.fromCoroutine(scenario(r)))
+    assert (result.outcome, leftovers, len(seen)) == ('timeout', [], 1)
+
+
+@pytest.mark.parametrize('transport', ['udp', 'tcp'])
+def test_hostile_messages_are_dropped_with_one_line_not_a_traceback(transport):
+    from twisted.logger import globalLogPublisher
+    events = []
+
+    async def garbage(reactor, port):
+        good = snmp.build_request(target(port)).message
+        junk = [b'GARBAGE', b'\x30\x03\x02\x01\x05', good[:-3] + b'\xff\xff\xff', b'\x30\x00']
+        if transport == 'udp':
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for datagram in junk:
+                    s.sendto(datagram, ('127.0.0.1', port))
+        else:
+            for message in junk[1:]:
+                with socket.create_connection(('127.0.0.1', port), timeout=2) as s:
+                    s.sendall(message)
+        await deferLater(reactor, 0.2)
+
+    globalLogPublisher.addObserver(events.append)
+    try:
+        result, _ = serve_and_probe(MFD, transport=transport, before=garbage)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert result.outcome == 'ok', result
+    assert [e for e in events if 'log_failure' in e or e.get('log_level').name == 'critical'] == []
+
+
 # --- lifecycle -------------------------------------------------------------------------
 
 @pytest.mark.parametrize('transport, kind', [('udp', socket.SOCK_DGRAM), ('tcp', socket.SOCK_STREAM)])

@@ -146,6 +146,7 @@ def test_server_handles_fragments():
     (frame({'op': 'starttls', 'seq': 1}), 'not offered'),
     (struct.pack('>I', 38) + b'{"v":1,"op":"login","seq":1,"size":9}\n', 'size'),
     (struct.pack('>I', framed.MAX_FRAME + 1), 'exceeds'),
+    (struct.pack('>I', 2001) + b'[' * 2000 + b'\n', 'nested too deeply'),
 ])
 def test_server_answers_malformed_requests_with_an_error_and_closes(request_frame, error):
     _, proto, transport, records = server()
@@ -213,6 +214,7 @@ def test_discovery_answers_with_the_identity():
     (b'{"v":1,"op":"hello","nonce":"n"}\n', 'unknown op'),
     (b'{"v":1,"op":"discover"}\n', 'nonce'),
     (b'{"v":1,"op":"discover","nonce":"n","size":2}\nab', 'no body'),
+    (b'[' * 1000 + b'\n', 'nested too deeply'),
 ])
 def test_discovery_rejects_malformed_datagrams(datagram, error):
     reply, record = discover(datagram)
