@@ -73,6 +73,7 @@ class AuditReport:
     verdicts: list[FlowVerdict]
     timings: dict[str, float] = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
+    egress_drops: int = 0  # packets to addresses outside the lab that lab nodes dropped during the audit
 
     @property
     def counts(self) -> Counter:
@@ -88,6 +89,7 @@ class AuditReport:
     def to_dict(self, include_closed: bool = False) -> dict:
         return {"schema": 2, "topology": self.topology, "rules": self.rules, "profile": self.profile,
                 "counts": dict(self.counts), "exit_status": self.exit_status, "timings": self.timings,
+                "egress_drops": self.egress_drops,
                 "verdicts": [v.to_dict() for v in self.verdicts
                              if include_closed or v.verdict != Verdict.CLOSED]}
 
@@ -217,6 +219,7 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     nodes = sorted({e.node for c in checks for e in c.enforcers})
     for node in nodes:
         lab.nft_load(node, witness.table_text())
+    egress_before = lab.egress_drops()
     timings: dict[str, float] = {}
 
     started = time.monotonic()
@@ -270,7 +273,13 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     if knock_errors:
         verdicts.append(FlowVerdict(Check(CheckKind.EXPOSURE, None, None, None, None), Verdict.LAB_ERROR,
                                     detail=f"{len(knock_errors)} knocks could not be sent: {knock_errors[0]}"))
-    return AuditReport(topology.name, rules_source, verdicts, timings, topology.profile.to_dict())
+    return AuditReport(topology.name, rules_source, verdicts, timings, topology.profile.to_dict(),
+                       egress_drops=_egress_during(egress_before, lab.egress_drops()))
+
+
+def _egress_during(before: dict[str, int], after: dict[str, int]) -> int:
+    """Packets the lab's nodes dropped for leaving the lab between two readings of `Lab.egress_drops`."""
+    return sum(max(0, count - before.get(node, 0)) for node, count in after.items())
 
 
 def _verdict(check: Check, judgement: Judgement, result: ProbeResult | None) -> FlowVerdict:

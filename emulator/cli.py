@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -14,6 +16,64 @@ from emulator.errors import LabError
 EXIT_USAGE = 4
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
+MAX_TIMEOUT = 600.0  # seconds a probe may take; more is a typo, not a slow network
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+class _UsageError(Exception):
+    """A command line argparse cannot parse; the message names the `--help` to read."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 4 like every other bad input (not usage + exit 2)."""
+
+    def error(self, message):
+        raise _UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _one_line(text: str) -> str:
+    """A message fit for one terminal line: line breaks become spaces, other control characters escapes."""
+    text = re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"{text}: give seconds above 0 and at most {MAX_TIMEOUT:g}")
+    return value
+
+
+def _writable(path_text: str, option: str) -> Path:
+    """The file an option names, proven writable now: a report must not be lost after a whole audit."""
+    path = Path(path_text)
+    if path.is_dir():
+        raise LabError(f"{option} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise LabError(f"{option} {path}: directory {path.parent} does not exist; create it or give another path")
+    try:
+        if path.exists():
+            with open(path, "a"):
+                pass
+        else:
+            with open(path, "x"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        raise LabError(f"{option} {path} cannot be written ({exc.strerror or exc.__class__.__name__}); "
+                       "give a writable path") from None
+    return path
+
+
+def _write(path: Path, text: str, option: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise LabError(f"{option} {path} could not be written ({exc.strerror or exc.__class__.__name__}); "
+                       "give a writable path") from None
 
 
 class _Terminated(BaseException):
@@ -25,7 +85,7 @@ def _raise_terminated(signum, _frame):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safeq-lab", description="Emulate a YSoft SafeQ 6 network and audit a firewall against it.")
+    parser = _Parser(prog="safeq-lab", description="Emulate a YSoft SafeQ 6 network and audit a firewall against it.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cat = sub.add_parser("catalog", help="list and filter the catalog's flows")
@@ -46,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", help="file to write (default: standard output); a directory for aerleon")
     check = rules_sub.add_parser("check", help="validate a ruleset file without building a lab")
     check.add_argument("file")
+    _topology_arg(check)
+    check.add_argument("--node", help="the firewall node or host the rules are for: nft `iif`/`oif` may name only its "
+                                      "interfaces (default: any interface of the topology)")
 
     audit = sub.add_parser("audit", help="build the lab, probe every flow, print verdicts, tear down")
     _topology_arg(audit)
@@ -55,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "whose verdict changed, with the rule responsible on each side")
     audit.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     audit.add_argument("--all", action="store_true", help="also list exposure probes that were correctly blocked")
-    audit.add_argument("--timeout", type=float, default=5.0, help="seconds a probe may take; a dropped SYN costs this once, not per flow (default 5)")
+    audit.add_argument("--timeout", type=_timeout, default=5.0, help="seconds a probe may take; a dropped SYN costs this once, not per flow (default 5)")
 
     up = sub.add_parser("up", help="build the lab and open Mininet's CLI; leaving it tears everything down")
     _topology_arg(up)
@@ -83,15 +146,23 @@ def _rules_arg(p):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"safeq-lab: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_terminated)
     try:
         return _COMMANDS[args.command](args)
     except LabError as exc:
-        print(f"safeq-lab: error: {exc}", file=sys.stderr)
+        print(f"safeq-lab: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (KeyboardInterrupt, _Terminated):
+        # Lab.close() defers these signals until teardown is done, so the lab is down by now;
+        # a further signal must not turn this message into a traceback.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         print("safeq-lab: interrupted; the lab was torn down", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -99,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("SAFEQ_LAB_DEBUG"):
             raise
-        print(f"safeq-lab: internal error: {exc.__class__.__name__}: {exc} "
+        print(f"safeq-lab: internal error: {exc.__class__.__name__}: {_one_line(exc)} "
               "(a bug: rerun with SAFEQ_LAB_DEBUG=1 for the traceback and report it; `safeq-lab clean` removes leftovers)",
               file=sys.stderr)
         return EXIT_INTERNAL
@@ -161,26 +232,41 @@ def _cmd_rules(args) -> int:
     from emulator import rules
 
     if args.rules_command == "check":
-        ruleset = rules.load_rules_file(args.file)
-        print(f"{args.file}: valid {ruleset.format} ruleset")
+        from emulator.topology import load_topology
+
+        topology = load_topology(args.topology)
+        if args.node is not None and not (topology.is_firewall(args.node) or args.node in {h.name for h in topology.hosts}):
+            raise LabError(f"--node {args.node}: not a firewall node or host of topology {topology.name} "
+                           f"(firewall nodes: {', '.join(fw.name for fw in topology.firewalls)})")
+        owner = (f"topology {topology.name}" if args.node is None else
+                 f"{'firewall node' if topology.is_firewall(args.node) else 'host'} {args.node} of topology {topology.name}")
+        ruleset = rules.load_rules_file(args.file, rules.node_interfaces(topology, args.node), owner)
+        nat = (" (with NAT rules: allowed, and a flow they translate is graded BROKEN because its server sees "
+               "another source address)" if rules.translates_addresses(ruleset) else "")
+        print(f"{args.file}: valid {ruleset.format} ruleset{nat}")
         return 0
+    if args.format == "aerleon" and not args.output:
+        raise LabError("the aerleon format writes several files: give a directory with -o DIR")
+    output = _writable(args.output, "-o") if args.output and args.format != "aerleon" else None
     _catalog, topology, checks = _plan(args.topology)
     if args.format == "aerleon":
         from emulator import aerleon_policy  # aerleon is only needed for this format
 
         files = aerleon_policy.policy_files(topology, checks)
-        if not args.output:
-            raise LabError("the aerleon format writes several files: give a directory with -o DIR")
         out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            (out / name).write_text(text)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                (out / name).write_text(text)
+        except OSError as exc:
+            raise LabError(f"-o {out}: cannot write the policy there ({exc.strerror or exc.__class__.__name__}: "
+                           f"{exc.filename}); give a writable directory") from None
         print(f"wrote {', '.join(sorted(files))} to {out} (render with aerleon for your firewall)", file=sys.stderr)
         return 0
     ruleset = rules.generate(topology, checks, args.format, node=args.node)
-    if args.output:
-        Path(args.output).write_text(ruleset.text)
+    if output is not None:
+        _write(output, ruleset.text, "-o")
         print(f"wrote {args.output} ({ruleset.text.count(chr(10))} lines, {args.format})", file=sys.stderr)
     else:
         sys.stdout.write(ruleset.text)
@@ -202,10 +288,9 @@ def _rulesets(entries: list[str], topology, checks, certs: str | None = None) ->
         raise LabError(f"--rules names {', '.join(sorted(unknown))}: not a firewall node or host of topology "
                        f"{topology.name} (nodes: {', '.join(topology.filtering_nodes)})")
     chosen = {}
-    for node, path in topology.rules_files.items():
-        chosen[node] = rules.load_rules_file(str(path))
-    for node, path in given.items():
-        chosen[node] = rules.load_rules_file(path)
+    for node, path in [*topology.rules_files.items(), *given.items()]:
+        owner = f"{'firewall node' if topology.is_firewall(node) else 'host'} {node} of topology {topology.name}"
+        chosen[node] = rules.load_rules_file(str(path), rules.node_interfaces(topology, node), owner)
     for fw in topology.firewalls:
         if fw.name not in chosen:
             chosen[fw.name] = rules.generate(topology, checks, node=fw.name)
@@ -231,6 +316,7 @@ def _cmd_audit(args) -> int:
     from emulator.report import format_diff, format_report
 
     preflight()
+    json_path = _writable(args.json, "--json") if args.json else None  # before the lab: the report must not be lost
     host_rules = {**_host_rules(args.rules, args.topology), **_host_rules(args.against, args.topology)}
     catalog, topology, checks = _plan(args.topology, host_rules)
     rulesets = _rulesets(args.rules, topology, checks, args.certs)
@@ -251,12 +337,12 @@ def _cmd_audit(args) -> int:
     report.timings["total"] = time.monotonic() - started
     if against is not None:
         print(format_diff(report, second))
-        if args.json:
-            Path(args.json).write_text(json.dumps({"before": report.to_dict(), "after": second.to_dict()}, indent=1))
+        if json_path is not None:
+            _write(json_path, json.dumps({"before": report.to_dict(), "after": second.to_dict()}, indent=1), "--json")
         return second.exit_status
     print(format_report(report, show_closed=args.all))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(include_closed=args.all), indent=1))
+    if json_path is not None:
+        _write(json_path, json.dumps(report.to_dict(include_closed=args.all), indent=1), "--json")
     return report.exit_status
 
 

@@ -7,20 +7,31 @@ Every firewall node routes for its zones; several are joined by the topology's t
 each with static routes to the others' zones. Any filtering node (firewall node, or host with a
 host firewall) holds one ruleset at a time (`apply_rules`) and can be traced (`start_trace`):
 `nft monitor trace` in its namespace records which rule decided each traced packet.
+
+The lab keeps to itself. Every host and firewall node drops and counts any packet to an address
+outside 198.18.0.0/15 (loopback excepted) and all IPv6 (`EGRESS_TABLE`, re-added after each
+ruleset; `egress_drops`); IPv6 is off inside its namespaces, and every link it creates in the
+host's own namespace (bridges, root-side veth ends) has IPv6 disabled before it is brought up, so
+the host never gains an address or a neighbour on them. Teardown (`close`) defers SIGINT, SIGTERM
+and SIGHUP until it has finished, then raises the first one caught.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import selectors
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import roles
@@ -47,6 +58,28 @@ NETLINK_NETFILTER = 12
 NFNLGRP_NFTRACE = 9  # the netfilter netlink group trace events are multicast to
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (Linux >= 5.6)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # held back while the lab is torn down
+
+# Nothing leaves the lab: in every host and firewall node, before the trace table marks packets
+# (-310) and before the witness (-190), so neither ever sees such a packet. Prerouting covers what
+# a firewall node would forward (and what is addressed to it).
+EGRESS_TABLE_NAME = "safeq_lab_egress"
+EGRESS_COUNTER = "dropped"
+EGRESS_PRIORITY = -350
+_EGRESS_CHAIN = """  chain {name} {{
+    type filter hook {hook} priority {priority}; policy accept;
+    {lo} "lo" accept
+    meta nfproto ipv6 counter name {counter} drop
+    ip daddr != {{ 127.0.0.0/8, 198.18.0.0/15 }} counter name {counter} drop
+  }}
+"""
+EGRESS_TABLE = (f"table inet {EGRESS_TABLE_NAME}\ndelete table inet {EGRESS_TABLE_NAME}\n"
+                f"table inet {EGRESS_TABLE_NAME} {{\n  counter {EGRESS_COUNTER} {{ }}\n"
+                + _EGRESS_CHAIN.format(name="out", hook="output", priority=EGRESS_PRIORITY, lo="oifname",
+                                       counter=EGRESS_COUNTER)
+                + _EGRESS_CHAIN.format(name="pre", hook="prerouting", priority=EGRESS_PRIORITY, lo="iifname",
+                                       counter=EGRESS_COUNTER)
+                + "}\n")
 
 
 def preflight() -> None:
@@ -63,6 +96,98 @@ def preflight() -> None:
         if not shutil.which(tool):
             raise LabError(f"{tool} is missing: run `apt-get install {package}` (or ./setup.sh)")
     _check_host_forwarding()
+
+
+def root_interfaces(topology: Topology) -> list[str]:
+    """The links the lab creates in the host's own namespace: each bridge and its ports, in creation order.
+
+    A bridge's ports are `<bridge>-eth<N>`, numbered as links are added (the firewall node's
+    first), so they are known, and recorded, before anything exists.
+    """
+    names = []
+    for zone in topology.zones:
+        bridge = topology.bridge(zone)
+        names += [bridge] + [f"{bridge}-eth{n}" for n in range(1, len(zone.hosts) + 2)]
+    if topology.transit is not None:
+        names += [topology.transit_bridge] + [f"{topology.transit_bridge}-eth{n}"
+                                              for n in range(1, len(topology.firewalls) + 1)]
+    return names
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP until the block is done, then raise the first one caught.
+
+    The previous handlers are restored and the signal is raised again, so it has whatever effect
+    it would have had (KeyboardInterrupt, the CLI's termination exception, or the default action).
+    Outside the main thread, where handlers cannot be set, the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _frame: caught.append(signum))
+                for signum in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+def _disable_ipv6(ifname: str) -> None:
+    """No IPv6 on a link the lab created in the host's namespace (per interface: the host's defaults stay)."""
+    try:
+        Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("1\n")
+    except FileNotFoundError:
+        pass  # IPv6 is off in this kernel: nothing to disable
+
+
+@functools.cache
+def _mininet_classes():
+    """Mininet's bridge and links, bringing nothing up in the host's namespace with IPv6 on.
+
+    Mininet is imported here only: it is a root-only dependency (preflight says how to install it).
+    """
+    from mininet.link import Link, TCLink
+    from mininet.nodelib import LinuxBridge
+
+    class QuietBridge(LinuxBridge):
+        """LinuxBridge.start with IPv6 disabled on the bridge between `brctl addbr` and `ifconfig up`."""
+
+        def start(self, _controllers):
+            self.cmd("brctl addbr", self)
+            _disable_ipv6(self.name)
+            if self.stp:
+                self.cmd("brctl setbridgeprio", self.prio)
+                self.cmd("brctl stp", self, "on")
+            for intf in self.intfList():
+                if self.name in intf.name:
+                    self.cmd("brctl addif", self, intf)
+            self.cmd("ifconfig", self, "up")
+
+    class RootQuiet:
+        """The end of a veth pair that stays in the host's namespace gets IPv6 disabled before it is up
+        (the pair is created down; Intf.config brings it up just after)."""
+
+        @classmethod
+        def makeIntfPair(cls, intfname1, intfname2, addr1=None, addr2=None, node1=None, node2=None,
+                         deleteIntfs=True):
+            result = super().makeIntfPair(intfname1, intfname2, addr1, addr2, node1, node2, deleteIntfs=deleteIntfs)
+            for name, node in ((intfname1, node1), (intfname2, node2)):
+                if node is not None and not node.inNamespace:
+                    _disable_ipv6(name)
+            return result
+
+    class QuietLink(RootQuiet, Link):
+        pass
+
+    class QuietTCLink(RootQuiet, TCLink):
+        pass
+
+    return QuietBridge, QuietLink, QuietTCLink
 
 
 def _check_host_forwarding() -> None:
@@ -94,7 +219,9 @@ class Lab:
         self.daemons: dict[str, subprocess.Popen] = {}
         self.rulesets: dict[str, Ruleset] = {}  # node -> the ruleset it holds now
         self.timings: dict[str, float] = {}
-        self.run_dir = state.RUN_DIR / topology.name
+        self.run_dir = state.run_dir(topology.name)
+        self.interfaces = root_interfaces(topology)  # links in the host's namespace, recorded before they exist
+        self._claimed = False
         self._stopped: set[str] = set()  # daemons stopped on purpose (stop_daemon)
         self._monitors: dict[str, subprocess.Popen] = {}  # node -> its `nft monitor trace`
         self.trace_buffer: dict[str, bool] = {}  # node -> its monitor's receive buffer was raised to TRACE_BUFFER
@@ -110,8 +237,10 @@ class Lab:
         preflight()
         # the topology's own rules files are checked before anything is created
         preset = {node: load_rules_file(str(path)) for node, path in self.topology.rules_files.items()}
-        state.claim(self.topology)
         try:
+            with deferred_signals():  # a state file exists exactly when this run claimed the lab
+                state.claim(self.topology, self.interfaces)
+                self._claimed = True
             started = time.monotonic()
             self._build()
             if preset:
@@ -121,7 +250,8 @@ class Lab:
             self._start_daemons()
             self.timings["start"] = time.monotonic() - started
         except BaseException:
-            self.close()
+            if self._claimed:
+                self.close()
             raise
         return self
 
@@ -129,60 +259,107 @@ class Lab:
         self.close()
 
     def close(self) -> None:
+        """Stop everything this run started and remove its state, whatever happens meanwhile.
+
+        SIGINT/SIGTERM/SIGHUP wait until it is done (`deferred_signals`), so a second Ctrl-C cannot
+        leave half a lab. The state file goes last, and only once the network is gone: if Mininet
+        itself fails, `safeq-lab clean` still knows what to remove.
+        """
         started = time.monotonic()
-        try:
-            for proc in self._monitors.values():
-                _terminate(proc)
-            self._monitors.clear()
-            for proc in self.daemons.values():
-                _terminate(proc)
-            self.daemons.clear()
-        finally:
-            if self.net is not None:
+        with deferred_signals():
+            stopped = False
+            try:
+                for proc in self._monitors.values():
+                    _terminate(proc)
+                self._monitors.clear()
+                for proc in self.daemons.values():
+                    _terminate(proc)
+                self.daemons.clear()
+            finally:
                 try:
-                    self.net.stop()
+                    if self.net is not None:
+                        try:
+                            self.net.stop()
+                        finally:
+                            self.net = None
+                    stopped = True
                 finally:
-                    self.net = None
-            state.release(self.topology)
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+                    shutil.rmtree(self.run_dir, ignore_errors=True)  # specs, logs, traces, private keys
+                    if stopped and self._claimed:
+                        left = [n for n in self.interfaces if n in set(state.lab_links())]
+                        for name in left:  # Mininet deletes them; a port it missed is still ours by name
+                            subprocess.run(["ip", "link", "del", name], capture_output=True)
+                        state.release(self.topology)
+                        self._claimed = False
         self.timings["teardown"] = time.monotonic() - started
 
     def _record_state(self, note: str = "running") -> None:
         """Everything this run started, so that `safeq-lab clean` can end it after a kill."""
-        pids = [n.pid for n in self.net.hosts] if self.net is not None else []
-        pids += [p.pid for p in self.daemons.values()] + [p.pid for p in self._monitors.values()]
-        state.record(self.topology, pids=pids, note=note)
+        procs = [n.shell for n in self.net.hosts + self.net.switches if n.shell] if self.net is not None else []
+        procs += list(self.daemons.values()) + list(self._monitors.values())
+        recorded = [p for p in (state.process(proc.pid) for proc in procs) if p is not None]
+        state.record(self.topology, processes=recorded, interfaces=self.interfaces, note=note)
+
+    def _env(self) -> dict[str, str]:
+        """The environment of every process the lab starts: marked with this run (see emulator.state)."""
+        return {**os.environ, state.RUN_ENV: str(self.run_dir)}
+
+    @contextmanager
+    def _marked_environment(self) -> Iterator[None]:
+        """Mininet starts its shells with our own environment: mark it with this run while they start."""
+        before = os.environ.get(state.RUN_ENV)
+        os.environ[state.RUN_ENV] = str(self.run_dir)
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(state.RUN_ENV, None)
+            else:
+                os.environ[state.RUN_ENV] = before
 
     # -- build ----------------------------------------------------------------------------------
     def _build(self) -> None:
-        from mininet.link import Link, TCLink
-        from mininet.log import setLogLevel
+        from mininet.log import setLogLevel  # root-only dependency, see _mininet_classes
         from mininet.net import Mininet
         from mininet.node import Node
-        from mininet.nodelib import LinuxBridge
 
+        bridge_cls, link_cls, tclink_cls = _mininet_classes()
         setLogLevel("error")
         topo = self.topology
-        net = Mininet(topo=None, controller=None, switch=LinuxBridge, build=False, autoSetMacs=False)
+        net = Mininet(topo=None, controller=None, switch=bridge_cls, build=False, autoSetMacs=False)
         self.net = net
-        firewalls = {fw.name: net.addHost(fw.name, cls=Node, ip=None) for fw in topo.firewalls}
-        for index, zone in enumerate(topo.zones, start=1):
-            bridge = net.addSwitch(topo.bridge(zone), dpid=f"{index:x}", stp=False)
-            prefix = zone.subnet.prefixlen
-            net.addLink(firewalls[topo.zone_firewall(zone).name], bridge, cls=_link_class(zone.link, TCLink, Link),
-                        intfName1=topo.firewall_interface(zone), params1={"ip": f"{zone.gateway}/{prefix}"},
-                        **_link_params(zone.link))
-            for spec in zone.hosts:
-                host = net.addHost(spec.name, ip=f"{spec.address}/{prefix}", defaultRoute=f"via {zone.gateway}")
-                net.addLink(host, bridge, cls=_link_class(spec.link, TCLink, Link), **_link_params(spec.link))
-        if topo.transit is not None:
-            transit = net.addSwitch(topo.transit_bridge, dpid=f"{len(topo.zones) + 1:x}", stp=False)
-            for fw in topo.firewalls:
-                net.addLink(firewalls[fw.name], transit, intfName1=fw.transit_interface,
-                            params1={"ip": f"{fw.transit_address}/{topo.transit.prefixlen}"})
-        self._record_state("building")
-        net.build()
-        net.start()
+        ports: dict[str, int] = {}
+
+        def port(bridge) -> str:  # the root-side end's name, as root_interfaces() recorded it
+            ports[bridge.name] = ports.get(bridge.name, 0) + 1
+            return f"{bridge.name}-eth{ports[bridge.name]}"
+
+        def add_node(name, **params):
+            node = net.addHost(name, **params)
+            self._quiet_namespace(node)  # before its first link: no IPv6 on any of its interfaces
+            return node
+
+        with self._marked_environment():
+            firewalls = {fw.name: add_node(fw.name, cls=Node, ip=None) for fw in topo.firewalls}
+            for index, zone in enumerate(topo.zones, start=1):
+                bridge = net.addSwitch(topo.bridge(zone), dpid=f"{index:x}", stp=False)
+                prefix = zone.subnet.prefixlen
+                net.addLink(firewalls[topo.zone_firewall(zone).name], bridge,
+                            cls=_link_class(zone.link, tclink_cls, link_cls), intfName1=topo.firewall_interface(zone),
+                            intfName2=port(bridge), params1={"ip": f"{zone.gateway}/{prefix}"},
+                            **_link_params(zone.link))
+                for spec in zone.hosts:
+                    host = add_node(spec.name, ip=f"{spec.address}/{prefix}", defaultRoute=f"via {zone.gateway}")
+                    net.addLink(host, bridge, cls=_link_class(spec.link, tclink_cls, link_cls), intfName2=port(bridge),
+                                **_link_params(spec.link))
+            if topo.transit is not None:
+                transit = net.addSwitch(topo.transit_bridge, dpid=f"{len(topo.zones) + 1:x}", stp=False)
+                for fw in topo.firewalls:
+                    net.addLink(firewalls[fw.name], transit, cls=link_cls, intfName1=fw.transit_interface,
+                                intfName2=port(transit), params1={"ip": f"{fw.transit_address}/{topo.transit.prefixlen}"})
+            self._record_state("building")
+            net.build()
+            net.start()
         for fw in topo.firewalls:
             node = firewalls[fw.name]
             node.cmd("echo 1 > /proc/sys/net/ipv4/ip_forward")  # per-namespace; no procps needed
@@ -192,6 +369,28 @@ class Lab:
                                           "via", other.transit_address], what="a route to " + zone_name)
         self._record_state()
         self._apply_loss()
+        for name in self.egress_nodes:
+            self.nft_load(name, EGRESS_TABLE)
+
+    def _quiet_namespace(self, node) -> None:
+        """IPv6 off in a lab namespace (its own sysctls, set from inside it): no link-local chatter."""
+        node.cmd("echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
+                 "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6")
+
+    @property
+    def egress_nodes(self) -> tuple[str, ...]:
+        """Every node holding the egress table: firewall nodes, then hosts."""
+        return tuple(fw.name for fw in self.topology.firewalls) + tuple(h.name for h in self.topology.hosts)
+
+    def egress_drops(self) -> dict[str, int]:
+        """node -> packets it dropped because they were addressed outside the lab (or IPv6), since the
+        node's last ruleset was applied (the table is re-added with it)."""
+        def read(name: str) -> tuple[str, int]:
+            listing = self.nft(name, ["list", "counter", "inet", EGRESS_TABLE_NAME, EGRESS_COUNTER], json=True)
+            counters = [item["counter"] for item in json.loads(listing).get("nftables", []) if "counter" in item]
+            return name, sum(int(c.get("packets", 0)) for c in counters)
+
+        return dict(_each(read, list(self.egress_nodes)))
 
     def _apply_loss(self, nodes=None) -> None:
         # sch_netem is not in every kernel; random loss at the zone's firewall node works everywhere.
@@ -222,7 +421,9 @@ class Lab:
         return {host for host, material in self.tls.items() if pki.is_pre_installed(material.cert_file)}
 
     def _start_daemons(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (self.run_dir, self.run_dir / "pki"):  # private keys: readable by root only
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)
         self._issue_certificates()
         for spec in self.topology.hosts:
             persona = {"address": spec.address, **self.tls[spec.name].to_dict(), "ca_file": self.ca_file}
@@ -236,7 +437,7 @@ class Lab:
             with open(self._stderr_file(spec.name), "w") as stderr:
                 self.daemons[spec.name] = node.popen([self.python, "-m", "emulator.roled", str(spec_file)],
                                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                     stderr=stderr, text=True)
+                                                     stderr=stderr, text=True, env=self._env())
         self._record_state()
         self._await_ready()
 
@@ -321,13 +522,15 @@ class Lab:
                 _terminate(monitor)
             for argv, stdin in apply_commands(ruleset):
                 self._node_cmd(node, argv, stdin, what=ruleset.source)
+            self.nft_load(name, EGRESS_TABLE)  # the ruleset flushed it: nothing leaves the lab meanwhile either
             self.rulesets[name] = ruleset
             self._apply_loss(nodes={name})
             if traced:
                 self._start_monitor(name, mode="a")
 
     def _node_cmd(self, node, argv, stdin=None, what="firewall") -> str:
-        proc = node.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = node.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=self._env())
         try:
             out, err = proc.communicate(stdin, timeout=COMMAND_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -379,7 +582,7 @@ class Lab:
         with open(self.trace_file(name), mode) as out:
             # nft flushes its output after every event (measured), so a plain file will do
             proc = self.net.get(name).popen(list(MONITOR_COMMAND), stdin=subprocess.DEVNULL, stdout=out,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT, env=self._env())
         self._monitors[name] = proc
         self._record_state()
         _await_trace_listener(name, proc)
@@ -453,9 +656,8 @@ class Lab:
 
         hosts = [h for h, targets in targets_by_host.items() if targets]
         results: dict[str, ProbeResult] = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
-            for batch in pool.map(run, hosts):
-                results.update((r.id, r) for r in batch)
+        for batch in _each(run, hosts):
+            results.update((r.id, r) for r in batch)
         return results
 
     def run_knocks(self, plan: Mapping[str, list]) -> list[str]:
@@ -468,9 +670,8 @@ class Lab:
 
         hosts = [h for h, knocks in plan.items() if knocks]
         errors: list[str] = []
-        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
-            for batch in pool.map(run, hosts):
-                errors += batch
+        for batch in _each(run, hosts):
+            errors += batch
         return errors
 
     def request_log(self) -> list[dict]:
@@ -486,6 +687,16 @@ class Lab:
 
     def node(self, name: str):
         return self.net.get(name)
+
+
+def _each(fn: Callable, items: list) -> list:
+    """fn over items, one thread each; an interrupt does not wait for the threads (teardown ends
+    their daemons, which ends their jobs)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, len(items)))
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _trace_sockets(pid: int) -> list[dict]:

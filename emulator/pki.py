@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -101,16 +102,84 @@ def load_pki_dir(directory: str, hosts: list[str]) -> dict[str, HostTLS]:
     """A customer's certificates: DIR/ca.pem plus DIR/<host>.pem and DIR/<host>.key per host.
 
     Hosts without their own pair keep the pre-installed lab certificate (the audit says so).
+    Checked here, before any lab is built, each failure naming the file and the fix: ca.pem is a
+    certificate; a host certificate comes with its key (and the other way round), the key is an
+    unencrypted PEM key that matches the certificate, which is valid now and signed by ca.pem.
     """
     root = Path(directory)
-    if not (root / "ca.pem").is_file():
+    if not root.is_dir():
+        raise LabError(f"--certs {root}: not a directory; give the directory holding ca.pem, <host>.pem and <host>.key")
+    ca_file = root / "ca.pem"
+    if not ca_file.is_file():
         raise LabError(f"certificate directory {root} has no ca.pem (the CA that signed your host certificates)")
+    cas = _load_certificates(ca_file, "the CA certificate")
+    now = datetime.datetime.now(datetime.timezone.utc)
     found = {}
     for host in hosts:
-        cert, key = root / f"{host}.pem", root / f"{host}.key"
-        if cert.is_file() and key.is_file():
-            found[host] = HostTLS(str(cert), str(key), str(root / "ca.pem"))
+        cert_file, key_file = root / f"{host}.pem", root / f"{host}.key"
+        if not cert_file.is_file() and not key_file.is_file():
+            continue
+        if not key_file.is_file():
+            raise LabError(f"{cert_file} has no key: {key_file} is missing; add the certificate's private key "
+                           f"(PEM) or remove {cert_file.name} to keep the pre-installed certificate of {host}")
+        if not cert_file.is_file():
+            raise LabError(f"{key_file} has no certificate: {cert_file} is missing; add the certificate (PEM) "
+                           f"or remove {key_file.name} to keep the pre-installed certificate of {host}")
+        cert, *chain = _load_certificates(cert_file, f"the certificate of {host}")
+        key = _load_key(key_file)
+        if cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+                key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+            raise LabError(f"{key_file} does not match {cert_file} (another key pair); give the key the certificate was issued for")
+        not_after, not_before = cert.not_valid_after_utc, cert.not_valid_before_utc
+        if not_after < now:
+            raise LabError(f"{cert_file} expired on {not_after:%Y-%m-%d %H:%M} UTC; issue a new certificate for {host}")
+        if not_before > now:
+            raise LabError(f"{cert_file} is not valid before {not_before:%Y-%m-%d %H:%M} UTC; "
+                           "issue one valid now (or check this machine's clock)")
+        if not any(_issued_by(cert, issuer) for issuer in [*cas, *chain]):
+            raise LabError(f"{cert_file} is not signed by a certificate of {ca_file} (nor by one following it in "
+                           f"{cert_file.name}); put the CA that issued it in ca.pem")
+        found[host] = HostTLS(str(cert_file), str(key_file), str(ca_file))
     return found
+
+
+MAX_PEM_BYTES = 1024 * 1024  # a certificate chain or key is a few KiB
+
+
+def _read_pem(path: Path) -> bytes:
+    try:
+        if path.stat().st_size > MAX_PEM_BYTES:
+            raise LabError(f"{path}: larger than {MAX_PEM_BYTES // 1024} KiB, not a PEM certificate or key; give the PEM file")
+        return path.read_bytes()
+    except OSError as exc:
+        raise LabError(f"{path} cannot be read ({exc.strerror or exc.__class__.__name__}); check its permissions") from None
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _load_certificates(path: Path, what: str) -> list[x509.Certificate]:
+    """The PEM certificates of a file, first one first (a host file may carry its chain after it)."""
+    try:
+        return x509.load_pem_x509_certificates(_read_pem(path))
+    except ValueError:
+        raise LabError(f"{path} is not a PEM certificate ({what}); give one starting with "
+                       "-----BEGIN CERTIFICATE-----") from None
+
+
+def _load_key(path: Path):
+    try:
+        return serialization.load_pem_private_key(_read_pem(path), password=None)
+    except TypeError:  # cryptography's answer to an encrypted key without a password
+        raise LabError(f"{path} is an encrypted private key; give it unencrypted "
+                       "(`openssl pkey -in KEY -out KEY.plain`)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise LabError(f"{path} is not a PEM private key; give one starting with -----BEGIN PRIVATE KEY-----") from None
 
 
 def is_pre_installed(cert_file: str) -> bool:

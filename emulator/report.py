@@ -62,6 +62,7 @@ def format_report(report: AuditReport, show_closed: bool = False) -> str:
     if pre_installed:
         out.append(f"certificates: {pre_installed} TLS flow checks still present the pre-installed lab certificate "
                    "(the vendor says to replace them: --certs DIR with your CA and host certificates)")
+    out.append(f"egress: {report.egress_drops} packets to addresses outside the lab were dropped")
     out.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items()))
     out.append(verdict_line(report))
     return "\n".join(out)

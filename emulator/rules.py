@@ -6,6 +6,8 @@ network namespace (`unshare --net`), so the host's own rules are never touched.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from collections import defaultdict
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from emulator.errors import LabError
 from emulator.plan import Check
-from emulator.topology import Topology
+from emulator.topology import INTERFACE_MAX, Topology
 
 FORMATS = ("iptables", "nft")
 
@@ -180,7 +182,7 @@ def _generate_nft(topology: Topology, checks: list[Check], node: str, what: str)
 
 
 def detect_format(text: str) -> str:
-    for line in text.splitlines():
+    for line in text.lstrip("\ufeff").splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -192,22 +194,99 @@ def detect_format(text: str) -> str:
     return "unknown"
 
 
-def load_rules_file(path_text: str) -> Ruleset:
-    """Read and validate a user's ruleset file; errors name the file and the fix."""
+def translates_addresses(ruleset: Ruleset) -> bool:
+    """True when the ruleset has NAT rules (an iptables *nat table with rules, an nft nat chain).
+
+    Allowed: a site firewall may translate. The audit then sees it: a server logging another
+    source address than the client's makes the flow BROKEN (NAT/proxy).
+    """
+    if ruleset.format == "iptables":
+        table = None
+        for line in ruleset.text.splitlines():
+            line = line.strip()
+            if line.startswith("*"):
+                table = line[1:]
+            elif table == "nat" and line.startswith(("-A ", "-I ")):
+                return True
+        return False
+    return bool(re.search(r"\btype\s+nat\b", ruleset.text))
+
+
+def node_interfaces(topology: Topology, node: str | None = None) -> tuple[str, ...]:
+    """The interface names a node's ruleset may name with nft `iif`/`oif` (which need them to exist).
+
+    A firewall node has `<node>-<zone>` per zone (and `<node>-transit`), a host `<host>-eth0`;
+    `node=None`: every interface of the topology's nodes (`rules check` without `--node`).
+    """
+    names = ["lo"]
+    for fw in topology.firewalls:
+        if node in (None, fw.name):
+            names += [topology.firewall_interface(zone) for zone in fw.zones]
+            if topology.transit is not None:
+                names.append(fw.transit_interface)
+    names += [f"{h.name}-eth0" for h in topology.hosts if node in (None, h.name)]
+    return tuple(names)
+
+
+MAX_RULES_BYTES = 8 * 1024 * 1024  # a large site's iptables-save is a few MiB
+# nft's `iif`/`oif` (not `iifname`/`oifname`) resolve the name to an index when loading: it must exist
+_NFT_INTERFACE = re.compile(r'\b(?:iif|oif)\s+(?:(?:!=|==|vmap|map)\s+)?(\{[^}]*\}|"[^"]*"|[^\s;{}]+)')
+_NFT_COMMENT = re.compile(r'\bcomment\s+"[^"]*"')
+
+
+def _interfaces_named(text: str) -> list[tuple[int, str]]:
+    """(line, name) for every interface named by an nft `iif`/`oif` match; variables ($x) are skipped."""
+    named = []
+    for number, line in enumerate(text.splitlines(), 1):
+        code = _NFT_COMMENT.sub("", line).split("#", 1)[0]
+        for match in _NFT_INTERFACE.finditer(code):
+            for element in match.group(1).strip("{}").split(","):
+                item = element.split(":", 1)[0].strip().strip('"')
+                if item and not item.startswith("$") and not item.isdigit():
+                    named.append((number, item))
+    return named
+
+
+def load_rules_file(path_text: str, interfaces: tuple[str, ...] | None = None, owner: str = "") -> Ruleset:
+    """Read and validate a user's ruleset file; errors name the file (and line) and the fix.
+
+    `interfaces`: the interfaces of the node it is for (`node_interfaces`), described by `owner`;
+    an nft `iif`/`oif` naming another is refused. None: any name the file gives is accepted.
+    """
     path = Path(path_text)
+    if not path.exists():
+        raise LabError(f"rules file {path} does not exist; give the path of an iptables-save or nft ruleset")
     if not path.is_file():
-        raise LabError(f"rules file {path} does not exist")
+        raise LabError(f"rules file {path} is not a regular file; give the path of an iptables-save or nft ruleset")
     try:
-        text = path.read_text()
-    except (UnicodeDecodeError, OSError) as exc:
-        raise LabError(f"rules file {path} is not readable text ({exc.__class__.__name__}); give an iptables-save or nft ruleset") from None
+        size = path.stat().st_size
+        if size > MAX_RULES_BYTES:
+            raise LabError(f"rules file {path}: {size} bytes; a ruleset is at most {MAX_RULES_BYTES // (1024 * 1024)} MiB "
+                           "here: give an iptables-save or nft ruleset, not another file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LabError(f"rules file {path} cannot be read ({exc.strerror or exc.__class__.__name__}); "
+                       "check its permissions") from None
+    if not data.strip():
+        raise LabError(f"rules file {path} is empty; give an iptables-save or nft ruleset "
+                       "(`safeq-lab rules generate` writes one to start from)")
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is dropped; line numbers stay the same
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise LabError(f"rules file {path} is not readable text (line {line}: byte 0x{data[exc.start]:02x} is not "
+                       "UTF-8); give an iptables-save or nft ruleset saved as UTF-8") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise LabError(f"rules file {path} is not readable text (line {line}: a NUL byte); "
+                       "give an iptables-save or nft ruleset")
     fmt = detect_format(text)
     if fmt == "unknown":
         raise LabError(f"rules file {path} is neither an iptables-save ruleset (*filter ... COMMIT) nor an nft ruleset (table ...)")
     if fmt == "iptables" and "COMMIT" not in text:
         raise LabError(f"rules file {path}: iptables-save ruleset without COMMIT; each table (*filter, *raw, ...) must end with COMMIT")
     ruleset = Ruleset(fmt, text, str(path))
-    validate(ruleset)
+    validate(ruleset, interfaces, owner)
     return ruleset
 
 
@@ -218,24 +297,64 @@ def _tool(name: str, package: str) -> str:
     return found
 
 
-def validate(ruleset: Ruleset) -> None:
+# Runs in the throwaway namespace: create each named interface (a dummy, or a bridge where the
+# kernel has no dummy driver), then exec the loader. Names come as arguments, never as code.
+_WITH_INTERFACES = ('for name in "$@"; do ip link add "$name" type dummy 2>/dev/null '
+                    '|| ip link add "$name" type bridge || exit 97; done; exec {command}')
+_NO_INTERFACE = 97
+VALIDATE_TIMEOUT = 60  # seconds
+
+
+def validate(ruleset: Ruleset, interfaces: tuple[str, ...] | None = None, owner: str = "") -> None:
     """Load the ruleset for real, inside a fresh network namespace that dies with the command.
 
     A real load, not `--test`: iptables-nft's test mode accepts jumps to chains that do not exist.
+    nft's `iif`/`oif` need the interface to exist, so the namespace gets the node's interfaces
+    (`interfaces`; None: the ones the ruleset names) as dummies first. Whatever the ruleset does
+    (`flush ruleset` included) stays in that namespace.
     """
+    named = _interfaces_named(ruleset.text) if ruleset.format == "nft" else []
+    if interfaces is not None:
+        for line, name in named:
+            if name not in interfaces:
+                listed = [i for i in interfaces if not i.endswith("-eth0")]
+                listed += ["<host>-eth0"] if len(listed) < len(interfaces) - 1 else [i for i in interfaces if i.endswith("-eth0")]
+                raise LabError(f"rules file {ruleset.source} line {line}: {name!r} is not an interface of "
+                               f"{owner or 'the node'} ({', '.join(listed)}); use one of these, or "
+                               "`iifname`/`oifname` for a name that may not exist")
     if os.geteuid() != 0:
         raise LabError("checking a ruleset needs root (it is loaded into a throwaway network namespace): run it with sudo")
+    if interfaces is not None:
+        create = [name for name in interfaces if name != "lo"] if named else []
+    else:
+        create = sorted({name for _line, name in named if _valid_interface_name(name) and name != "lo"})
     if ruleset.format == "iptables":
         command = [_tool("iptables-restore", "iptables")]
     else:
         command = [_tool("nft", "nftables"), "-f", "-"]
-    proc = subprocess.run([_tool("unshare", "util-linux"), "--net", *command], input=ruleset.text,
-                          capture_output=True, text=True, timeout=60)
+    if create:
+        script = _WITH_INTERFACES.format(command=" ".join(shlex.quote(part) for part in command))
+        command = [_tool("sh", "dash"), "-c", script, "safeq-lab-check", *create]
+        _tool("ip", "iproute2")
+    try:
+        proc = subprocess.run([_tool("unshare", "util-linux"), "--net", *command], input=ruleset.text,
+                              capture_output=True, text=True, timeout=VALIDATE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise LabError(f"rules file {ruleset.source}: loading it took over {VALIDATE_TIMEOUT} s in a throwaway "
+                       "namespace; give a smaller ruleset") from None
+    if proc.returncode == _NO_INTERFACE and create:
+        raise LabError(f"could not create the interfaces {', '.join(create)} in a throwaway namespace to check "
+                       f"{ruleset.source} ({' '.join(proc.stderr.split())[:200]}); is iproute2 installed?")
     if proc.returncode != 0:
-        said = [l.strip() for l in (proc.stderr or proc.stdout).splitlines()
-                if l.strip() and not l.startswith("Try `")]
+        said = [re.sub(r"^/dev/stdin:(\d+):\S*", r"line \1:", " ".join(l.split()))
+                for l in (proc.stderr or proc.stdout).splitlines()
+                if l.strip() and not l.startswith("Try `") and not set(l.strip()) <= {"^", "~"}]
         raise LabError(f"rules file {ruleset.source} is not a valid {ruleset.format} ruleset: "
-                       f"{'; '.join(said)[:300] or 'rejected'}")
+                       f"{'; '.join(said)[:300] or 'rejected'}; fix that and check again with `safeq-lab rules check`")
+
+
+def _valid_interface_name(name: str) -> bool:
+    return 0 < len(name) <= INTERFACE_MAX and "/" not in name and not any(c.isspace() for c in name)
 
 
 def apply_commands(ruleset: Ruleset) -> list[tuple[list[str], str | None]]:

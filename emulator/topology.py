@@ -34,6 +34,10 @@ FIRST_HOST_OFFSET = 10  # .1 is the firewall; hosts start at .10 unless given an
 INTERFACE_MAX = 15  # Linux's limit on interface names
 TRANSIT = "transit"  # a firewall node's transit interface is <node>-transit
 HOOKS = ("output", "forward", "input")
+MAX_TOPOLOGY_BYTES = 1024 * 1024  # the shipped topologies are a few KiB
+MAX_DEPTH = 32  # YAML nesting; a topology needs about six levels
+# C0/C1 controls except tab and newline, and the bidirectional overrides that reorder what a terminal shows
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True)
@@ -225,8 +229,10 @@ def available_topologies() -> list[str]:
 def resolve_topology_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise LabError(f"topology file {path} does not exist; give a file name in topologies/ or the path of a .yaml file")
         if not path.is_file():
-            raise LabError(f"topology file {path} does not exist")
+            raise LabError(f"topology file {path} is not a regular file; give the path of a .yaml file")
         return path
     candidate = TOPOLOGIES_DIR / f"{name_or_path}.yaml"
     if not candidate.is_file():
@@ -243,13 +249,96 @@ def load_topology(name_or_path: str = DEFAULT_TOPOLOGY, known_roles=None) -> Top
         from emulator.catalog import load_catalog
 
         known_roles = set(load_catalog().roles)
+    return _parse(path, read_topology_yaml(path), set(known_roles))
+
+
+def read_topology_yaml(path: Path):
+    """The YAML of a topology file as plain data, refusing what a topology never needs.
+
+    Refused, each with the line: files above MAX_TOPOLOGY_BYTES, bytes that are not UTF-8,
+    anchors and aliases (a kilobyte of nested aliases expands to gigabytes), nesting deeper than
+    MAX_DEPTH, a key given twice in one mapping (YAML would keep only the last), and control
+    characters in a value (they would reach the terminal).
+    """
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_TOPOLOGY_BYTES:
+            raise LabError(f"{path}: {size} bytes; a topology file is at most {MAX_TOPOLOGY_BYTES // 1024} KiB: "
+                           "give the topology's YAML, not another file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LabError(f"{path}: cannot be read ({exc.strerror or exc.__class__.__name__}); check the path and its permissions") from None
+    if not data.strip():
+        raise LabError(f"{path}: the file is empty; a topology needs at least `name:` and `zones:` (copy one from topologies/)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise LabError(f"{path}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise LabError(f"{path}: line {exc.problem_mark.line + 1}: {exc.problem}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" line {mark.line + 1}:" if mark else ""
+        problem = " ".join(str(exc.problem or exc.context or "").split())
+        raise LabError(f"{path}:{where} not valid YAML ({problem}); fix the YAML at that line") from None
+    except yaml.reader.ReaderError as exc:
+        line = text[:exc.position].count("\n") + 1 if isinstance(exc.position, int) else "?"
+        raise LabError(f"{path}: line {line}: character #x{exc.character:04x} is not allowed in YAML; remove it") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise LabError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return _parse(path, raw, set(known_roles))
+        raise LabError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]}); fix the YAML") from None
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a topology file may not use; the problem names the fix."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors/aliases, deep nesting, duplicate keys or control characters."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:  # an AliasEvent (*x) or a node with an anchor (&x)
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise _Refused(f"{sign}{event.anchor}: anchors and aliases are not allowed in a topology; "
+                           "write the value out", event.start_mark)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep; a topology needs about six", event.start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line = {}
+            for key_node, _value in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                if key_node.value in first_line:
+                    raise _Refused(f"key {key_node.value!r} is given twice in one mapping (first on line "
+                                   f"{first_line[key_node.value]}) and YAML would keep only the last; merge them",
+                                   key_node.start_mark)
+                first_line[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_scalar(self, node):
+        value = super().construct_scalar(node)
+        bad = _CONTROL.search(value)
+        if bad:
+            raise _Refused(f"control character {bad.group()!r} in a value would reach the terminal; remove it",
+                           node.start_mark)
+        return value
 
 
 def _fail(path: Path, where: str, message: str) -> LabError:
@@ -273,7 +362,7 @@ def _parse_link(path, where, raw) -> LinkShape:
     _check_keys(path, where, raw, ("bw", "delay_ms", "loss"))
     values = {}
     for key, value in raw.items():
-        if not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise _fail(path, f"{where}.{key}", f"expected a non-negative number, got {value!r}")
         if key == "loss" and value > 100:
             raise _fail(path, f"{where}.{key}", "loss is a percentage (0-100)")
@@ -338,7 +427,7 @@ def _parse_transit(path: Path, raw, nodes: list[dict], subnets) -> tuple[ipaddre
     try:
         transit = ipaddress.ip_network(str(raw["transit"]))
     except ValueError as exc:
-        raise _fail(path, "transit", str(exc)) from None
+        raise _fail(path, "transit", f"{exc}; give a subnet of {LAB_RANGE} in CIDR form") from None
     if transit.version != 4 or not transit.subnet_of(LAB_RANGE):
         raise _fail(path, "transit", f"{transit} is outside the lab range {LAB_RANGE}")
     for zone_name, subnet in subnets:
@@ -355,7 +444,7 @@ def _parse_transit(path: Path, raw, nodes: list[dict], subnets) -> tuple[ipaddre
         try:
             address = ipaddress.ip_address(str(node["address"]))
         except ValueError as exc:
-            raise _fail(path, f"{node['where']}.transit_address", str(exc)) from None
+            raise _fail(path, f"{node['where']}.transit_address", f"{exc}; give an address of the transit subnet") from None
         if address not in usable:
             raise _fail(path, f"{node['where']}.transit_address", f"{address} is not a host address of the transit {transit}")
         addresses.append(str(address))
@@ -395,12 +484,14 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
         try:
             subnet = ipaddress.ip_network(str(zraw["subnet"]))
         except ValueError as exc:
-            raise _fail(path, f"{zwhere}.subnet", str(exc)) from None
+            raise _fail(path, f"{zwhere}.subnet", f"{exc}; give a subnet of {LAB_RANGE} in CIDR form, such as 198.18.1.0/24") from None
+        if subnet.version != 4:
+            raise _fail(path, f"{zwhere}.subnet", f"{subnet} is IPv6; the lab is IPv4 only: give a subnet of {LAB_RANGE}")
         if not subnet.subnet_of(LAB_RANGE):
             raise _fail(path, f"{zwhere}.subnet", f"{subnet} is outside the lab range {LAB_RANGE}")
         for other_name, other in subnets:
             if subnet.overlaps(other):
-                raise _fail(path, f"{zwhere}.subnet", f"{subnet} overlaps zone {other_name} ({other})")
+                raise _fail(path, f"{zwhere}.subnet", f"{subnet} overlaps zone {other_name} ({other}); give each zone a subnet of its own")
         subnets.append((zname, subnet))
         if not isinstance(zraw["hosts"], list) or not zraw["hosts"]:
             raise _fail(path, f"{zwhere}.hosts", "expected a non-empty list of hosts")
@@ -414,19 +505,21 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
             if not isinstance(hname, str) or not HOST_NAME.match(hname):
                 raise _fail(path, f"{hwhere}.name", f"{hname!r}: lowercase letters/digits/'-', at most 10 chars")
             if hname in seen_hosts:
-                raise _fail(path, f"{hwhere}.name", f"duplicate node name {hname!r}")
+                raise _fail(path, f"{hwhere}.name", f"duplicate node name {hname!r}; every host and firewall node needs a name of its own")
             seen_hosts.add(hname)
             roles = hraw["roles"]
             if not isinstance(roles, list) or not roles:
                 raise _fail(path, f"{hwhere}.roles", "expected a non-empty list of role ids")
             for role in roles:
+                if not isinstance(role, str):
+                    raise _fail(path, f"{hwhere}.roles", f"{role!r} is not a role id; `safeq-lab catalog --roles` lists them")
                 if role not in known_roles:
                     raise _fail(path, f"{hwhere}.roles", f"unknown role {role!r}; `safeq-lab catalog --roles` lists them")
             if "address" in hraw:
                 try:
                     address = ipaddress.ip_address(str(hraw["address"]))
                 except ValueError as exc:
-                    raise _fail(path, f"{hwhere}.address", str(exc)) from None
+                    raise _fail(path, f"{hwhere}.address", f"{exc}; give an address of the zone's subnet, or none to have one assigned") from None
                 if address not in subnet or str(address) == gateway:
                     raise _fail(path, f"{hwhere}.address", f"{address} is not a host address of {subnet} other than the firewall's {gateway}")
             else:
@@ -454,5 +547,8 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
                                                        f"{INTERFACE_MAX} chars; shorten the node name")
         firewalls.append(FirewallNode(node["name"], owned, transit_address, node["rules"]))
     profile = parse_profile(path, raw.get("profile"))
-    return Topology(str(raw["name"]), str(raw.get("description", "")), path, firewalls[0].name, tuple(zones),
+    description = raw.get("description") or ""
+    if not isinstance(description, (str, int, float)) or isinstance(description, bool):
+        raise _fail(path, "description", "expected one line of text")
+    return Topology(str(raw["name"]), " ".join(str(description).split()), path, firewalls[0].name, tuple(zones),
                     tuple(firewalls), transit, profile)

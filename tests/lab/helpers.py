@@ -5,28 +5,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-from emulator.state import RUN_DIR, _our_bridges, _our_processes
+from emulator.state import RUN_DIR, lab_links, lab_processes
 
 SAFEQ_LAB = [sys.executable, "-m", "emulator.cli"]
 
 
 def footprint() -> dict:
-    """Everything a lab run leaves on the host; empty lists when it cleaned up after itself."""
-    return {"bridges": _our_bridges(), "processes": _our_processes(),
+    """Everything lab runs leave on the host; empty lists when they cleaned up after themselves.
+
+    Only what a lab made counts: its links in the host's namespace (bridges sqlab<N> and their
+    veth ports, under "bridges"), processes carrying a run's SAFEQ_LAB_RUN mark or role daemons
+    whose spec lies under RUN_DIR (never a role daemon someone runs on loopback), Mininet shells
+    of lab runs, and whatever is under RUN_DIR.
+    """
+    processes = lab_processes()
+    return {"bridges": lab_links(),
+            "processes": sorted(pid for pid, what in processes.items() if not what.startswith("shell ")),
             "state": sorted(p.name for p in RUN_DIR.glob("*")) if RUN_DIR.exists() else [],
-            "mininet_shells": _mininet_shells()}
-
-
-def _mininet_shells() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if b"mininet:" in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
-    return pids
+            "mininet_shells": sorted(pid for pid, what in processes.items() if what.startswith("shell "))}
 
 
 def run_cli(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
