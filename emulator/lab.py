@@ -374,6 +374,8 @@ class Lab:
 
     def _quiet_namespace(self, node) -> None:
         """IPv6 off in a lab namespace (its own sysctls, set from inside it): no link-local chatter."""
+        if not node.inNamespace:  # the host's own sysctls are never ours to change
+            raise LabError(f"lab node {node.name} is not in a network namespace of its own")
         node.cmd("echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
                  "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6")
 
