@@ -126,25 +126,54 @@ def load_spec(path: str) -> Spec:
     return parse_spec(data)
 
 
-def request_logger(reactor, spec: Spec) -> Callable[[dict[str, Any]], None] | None:
+MAX_RECORDS_PER_PORT = 10_000   # request-log lines per (transport, port), beyond each client's first
+
+
+def request_logger(reactor, spec: Spec,
+                   max_per_port: int = MAX_RECORDS_PER_PORT) -> Callable[[dict[str, Any]], None] | None:
     """A callback appending one JSON line per valid request, or None without a log.
 
-    The file is opened per line (append mode): requests are few, and the log
-    stays complete on disk even if the daemon is killed.
+    The log is bounded: the first record of every (peer, transport, port) is always written
+    (one is all the audit needs to witness a flow), every other record only while its
+    (transport, port) has fewer than ``max_per_port`` lines. The first record refused on a port
+    is replaced by one line ``{"transport", "port", "dropped": true, "limit", "note"}`` (it has
+    no ``peer``: it witnesses nothing), after which that port's repeat records are dropped
+    silently.
+
+    The file is opened per line (append mode), so the log stays complete on disk even if the
+    daemon is killed.
     """
     if spec.log is None:
         return None
     path = spec.log
     # Fail now rather than lose the second witness silently later.
     open(path, 'a', encoding='utf-8').close()
+    flows: set[tuple[Any, Any, Any]] = set()          # (peer, transport, port) already recorded
+    lines: dict[tuple[Any, Any], int] = {}            # (transport, port) -> lines written
+    full: set[tuple[Any, Any]] = set()                # ports whose 'dropped' line is written
 
-    def append(record: dict[str, Any]) -> None:
+    def write(record: dict[str, Any]) -> None:
         line = json.dumps({'time': reactor.seconds(), 'host': spec.persona.host, **record})
         try:
             with open(path, 'a', encoding='utf-8') as handle:
                 handle.write(line + '\n')
         except OSError:
             _log.failure('cannot append to request log {path}', path=path)
+
+    def append(record: dict[str, Any]) -> None:
+        where = (record.get('transport'), record.get('port'))
+        flow = (record.get('peer'), *where)
+        if flow not in flows:
+            flows.add(flow)
+        elif lines.get(where, 0) >= max_per_port:
+            if where not in full:
+                full.add(where)
+                write({'transport': where[0], 'port': where[1], 'dropped': True, 'limit': max_per_port,
+                       'note': 'request log full for this port: further requests are not recorded, '
+                               'except the first from each new client'})
+            return
+        lines[where] = lines.get(where, 0) + 1
+        write(record)
 
     return append
 

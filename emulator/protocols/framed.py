@@ -71,7 +71,7 @@ from twisted.protocols.policies import TimeoutMixin
 from OpenSSL import SSL
 
 from . import tls
-from .serving import IDLE_TIMEOUT, LISTEN_BACKLOG, loads_json
+from .serving import IDLE_TIMEOUT, LISTEN_BACKLOG, listen_udp, loads_json
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
                       connect_timeout, crashed, error_result, no_connection_detail, report)
@@ -281,8 +281,8 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     if listener.transport == 'udp':
         # One byte more than the limit so an oversized datagram is seen as
         # such instead of being silently truncated into a size mismatch.
-        return reactor.listenUDP(listener.port, _HelloDatagramServer(persona, on_request),
-                                 interface=interface, maxPacketSize=MAX_DATAGRAM + 1)
+        return listen_udp(reactor, listener.port, _HelloDatagramServer(persona, on_request),
+                          interface=interface, max_packet=MAX_DATAGRAM + 1)
     raise ValueError(f'framed cannot listen on {listener.transport!r}')
 
 

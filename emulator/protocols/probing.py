@@ -34,6 +34,7 @@ from .base import Outcome, ProbeResult, ProbeTarget
 
 OnRequest = Callable[[dict[str, Any]], None]
 
+UDP_RETRIES = 2            # retransmissions of a UDP probe's request within its timeout (net-snmp: -r)
 UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENONET})
 
 _log = Logger()
@@ -277,9 +278,17 @@ class _DatagramClient(DatagramProtocol):
 
 
 class DatagramVerdict(Verdict):
-    """A verdict over one connected UDP port; subclasses handle ``datagram``."""
+    """A verdict over one connected UDP port; subclasses handle ``datagram``.
+
+    The request is retransmitted like net-snmp's ``-r`` retries: it goes out again every
+    timeout / (retries + 1) seconds until the verdict (option ``retries``, default
+    ``UDP_RETRIES``), so one datagram lost to a full socket buffer (a burst of probes at one
+    stub) or a congested link is not read as a firewall drop. Every copy is the same request:
+    any answer will do.
+    """
 
     _port = None        # class default: a verdict may come before the port exists
+    _resend_call = None
     awaited = 'reply'   # what 'closed while waiting for the ...' names
 
     def send(self, request: bytes, max_packet: int) -> None:
@@ -288,6 +297,28 @@ class DatagramVerdict(Verdict):
         # unreachable to us (as ECONNREFUSED) and filter foreign datagrams.
         self._port.connect(self.target.host, self.target.port)
         self._port.write(request)
+        retries = self.target.options.get('retries', UDP_RETRIES)
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            retries = UDP_RETRIES
+        self._request = request
+        self._retries_left = retries
+        self._interval = self.target.timeout / (retries + 1)
+        self._schedule_resend()
+
+    def _schedule_resend(self) -> None:
+        if self._retries_left > 0:
+            self._resend_call = self.reactor.callLater(self._interval, self._resend)
+
+    def _resend(self) -> None:
+        self._resend_call = None
+        if self.result is not None or self._port is None:
+            return
+        self._retries_left -= 1
+        try:
+            self._port.write(self._request)
+        except OSError:
+            pass   # an ICMP error is reported through the port (connectionRefused / port_stopped)
+        self._schedule_resend()
 
     def datagram(self, data: bytes) -> None:
         raise NotImplementedError
@@ -316,6 +347,9 @@ class DatagramVerdict(Verdict):
             self.decide('error', f'UDP socket closed while waiting for the {self.awaited}, cause unknown')
 
     def _release(self) -> None:
+        if self._resend_call is not None and self._resend_call.active():
+            self._resend_call.cancel()
+        self._resend_call = None
         if self._port is None:
             self.fire()
             return

@@ -4,6 +4,8 @@ callback, and the connection basics (port, peer, idle timeout). No protocol logi
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -17,6 +19,11 @@ from .probing import OnRequest
 # listens with this one.
 LISTEN_BACKLOG = 1024
 IDLE_TIMEOUT = 60.0          # seconds a server keeps a silent connection (unless its module says otherwise)
+# A burst of probes at one UDP stub arrives faster than one reactor turn reads it: the default
+# receive buffer (~200 KiB, about 90 datagrams of 1 KiB once the kernel's overhead is counted)
+# would drop the rest. Root may go past net.core.rmem_max (SO_RCVBUFFORCE); others get what it allows.
+UDP_RECEIVE_BUFFER = 8 << 20
+_SO_RCVBUFFORCE = getattr(socket, 'SO_RCVBUFFORCE', 33 if sys.platform.startswith('linux') else None)
 
 
 def loads_json(data: bytes | str) -> Any:
@@ -57,6 +64,27 @@ class StubConnection(TimeoutMixin):
         self.port = self.transport.getHost().port
         self.peer = self.transport.getPeer().host
         self.setTimeout(IDLE_TIMEOUT)
+
+
+def listen_udp(reactor, port: int, protocol, interface: str = '', max_packet: int = 8192):
+    """``reactor.listenUDP`` with a receive buffer large enough for a burst (``UDP_RECEIVE_BUFFER``)."""
+    udp = reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=max_packet)
+    enlarge_receive_buffer(udp)
+    return udp
+
+
+def enlarge_receive_buffer(port, size: int = UDP_RECEIVE_BUFFER) -> None:
+    try:
+        handle = port.getHandle()
+    except AttributeError:
+        return   # a test double, not a socket
+    options = [_SO_RCVBUFFORCE, socket.SO_RCVBUF] if _SO_RCVBUFFORCE is not None else [socket.SO_RCVBUF]
+    for option in options:
+        try:
+            handle.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+        except OSError:
+            continue   # no CAP_NET_ADMIN: fall back to the capped SO_RCVBUF
 
 
 def listen_plain_tcp(reactor, listener: Listener, factory: Factory, name: str, interface: str = ''):

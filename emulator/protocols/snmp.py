@@ -76,7 +76,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .serving import LISTEN_BACKLOG
+from .serving import LISTEN_BACKLOG, listen_udp
 from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
                       connect_timeout, crashed, error_result, no_connection_detail)
 
@@ -86,7 +86,6 @@ MAX_MESSAGE = 65535        # largest SNMP message accepted (one UDP datagram / o
 IDLE_TIMEOUT = 120         # seconds before an idle TCP manager connection is dropped
 TIMER_RESOLUTION = 0.5     # seconds between pysnmp engine timer ticks (cache expiry)
 DEFAULT_COMMUNITY = 'public'
-UDP_RETRIES = 2            # retransmissions of a UDP probe within its timeout (net-snmp: -r)
 
 
 _log = Logger()
@@ -375,6 +374,9 @@ class _StreamServer(Protocol, TimeoutMixin):
         self.key: tuple[str, int] | None = None
         self.closing = False
 
+    def callLater(self, period, func):  # TimeoutMixin's timer on the injected reactor, not the global one
+        return self.carrier.reactor.callLater(period, func)
+
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.key = (peer.host, peer.port)
@@ -418,7 +420,8 @@ class TcpCarrier(Factory, AbstractTransport):
     ADDRESS_TYPE = TcpTransportAddress
     noisy = False
 
-    def __init__(self) -> None:
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor   # the idle timers' clock
         self.connections: dict[tuple[str, int], _StreamServer] = {}
 
     def buildProtocol(self, addr) -> _StreamServer:
@@ -519,11 +522,11 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
         raise ValueError(f'snmp cannot serve protocol {listener.protocol!r}')
     if listener.transport == 'udp':
         carrier: AbstractTransport = UdpCarrier()
-        port = reactor.listenUDP(listener.port, carrier, interface=interface,
-                                 maxPacketSize=MAX_MESSAGE)
+        port = listen_udp(reactor, listener.port, carrier, interface=interface,
+                          max_packet=MAX_MESSAGE)
         domain = SNMP_UDP_DOMAIN
     elif listener.transport == 'tcp':
-        carrier = TcpCarrier()
+        carrier = TcpCarrier(reactor)
         port = reactor.listenTCP(listener.port, carrier, backlog=LISTEN_BACKLOG, interface=interface)
         domain = SNMP_TCP_DOMAIN
     else:
@@ -739,43 +742,15 @@ class _Exchange(Verdict):
 
 
 class _UdpExchange(_Exchange, DatagramVerdict):
-    """GET/INFORM over UDP, retransmitted like net-snmp's ``-r`` retries: the request goes out
-    again every timeout / (retries + 1) seconds until a Response or the probe's timeout, so one
-    lost datagram (a busy agent, a congested link) is not read as a firewall drop."""
+    """GET/INFORM over UDP, retransmitted like net-snmp's ``-r`` retries (``DatagramVerdict``
+    resends every timeout / (retries + 1) seconds; option ``retries``, default ``UDP_RETRIES``)
+    with the same request-id, so one lost datagram is not read as a firewall drop."""
 
     awaited = 'Response'
-    _resend_call = None
 
     def _begin(self) -> None:
         # maxPacketSize: the largest SNMP message is also the largest datagram.
         self.send(self.request.message, MAX_MESSAGE)
-        retries = self.target.options.get('retries', UDP_RETRIES)
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            retries = UDP_RETRIES
-        self._retries_left = retries
-        self._interval = self.target.timeout / (retries + 1)
-        self._schedule_resend()
-
-    def _schedule_resend(self) -> None:
-        if self._retries_left > 0:
-            self._resend_call = self.reactor.callLater(self._interval, self._resend)
-
-    def _resend(self) -> None:
-        self._resend_call = None
-        if self.result is not None or self._port is None:
-            return
-        self._retries_left -= 1
-        try:
-            self._port.write(self.request.message)   # same request-id: any answer will do
-        except OSError:
-            pass   # an ICMP error is reported through the port (connectionRefused / port_stopped)
-        self._schedule_resend()
-
-    def _release(self) -> None:
-        if self._resend_call is not None and self._resend_call.active():
-            self._resend_call.cancel()
-        self._resend_call = None
-        super()._release()
 
     def datagram(self, data: bytes) -> None:
         self.received(data)

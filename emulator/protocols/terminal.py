@@ -77,7 +77,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from . import framed
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .framed import FramedError
-from .serving import LISTEN_BACKLOG, StubConnection, StubFactory, loads_json
+from .serving import LISTEN_BACKLOG, StubConnection, StubFactory, listen_udp, loads_json
 from .probing import DatagramProbe, OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('terminal', 'discovery')
@@ -317,8 +317,8 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     if listener.protocol == 'discovery' or listener.transport == 'udp':
         if listener.transport != 'udp' or listener.security != 'plain':
             raise ValueError(f'discovery is plain UDP, not {listener.security} {listener.transport}')
-        return reactor.listenUDP(listener.port, _DiscoveryServer(persona, on_request),
-                                 interface=interface, maxPacketSize=framed.MAX_DATAGRAM + 1)
+        return listen_udp(reactor, listener.port, _DiscoveryServer(persona, on_request),
+                          interface=interface, max_packet=framed.MAX_DATAGRAM + 1)
     if listener.transport != 'tcp':
         raise ValueError(f'terminal sessions run over TCP, not {listener.transport}')
     factory = _TerminalFactory(reactor, persona, on_request, listener.security)

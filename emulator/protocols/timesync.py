@@ -39,7 +39,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .serving import LISTEN_BACKLOG
+from .serving import LISTEN_BACKLOG, listen_udp
 from .probing import DatagramProbe, OnRequest, StreamClient, StreamProbe, crashed, report
 
 PROTOCOL_IDS = ('time',)
@@ -109,8 +109,8 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     if listener.security != 'plain':
         raise ValueError(f'time (RFC 868) has no TLS; listener security {listener.security!r}')
     if listener.transport == 'udp':
-        return reactor.listenUDP(listener.port, _TimeDatagramServer(reactor, on_request),
-                                 interface=interface, maxPacketSize=MAX_DATAGRAM)
+        return listen_udp(reactor, listener.port, _TimeDatagramServer(reactor, on_request),
+                          interface=interface, max_packet=MAX_DATAGRAM)
     if listener.transport == 'tcp':
         return reactor.listenTCP(listener.port, _TimeFactory(reactor, on_request),
                                  backlog=LISTEN_BACKLOG, interface=interface)
