@@ -40,7 +40,7 @@ from emulator.catalog import Catalog, load_catalog
 from emulator.errors import LabError
 from emulator.protocols.base import ProbeResult, ProbeTarget
 from emulator.rules import Ruleset, apply_commands, load_rules_file
-from emulator.topology import LinkShape, Topology
+from emulator.topology import BRIDGE_PREFIX, INTERFACE_MAX, LinkShape, Topology, bridge_name, port_name
 from emulator.trace import MONITOR_COMMAND, TRACE_TABLE, TRACE_TABLE_NAME
 
 DAEMON_READY_TIMEOUT = 60.0
@@ -98,19 +98,22 @@ def preflight() -> None:
     _check_host_forwarding()
 
 
-def root_interfaces(topology: Topology) -> list[str]:
-    """The links the lab creates in the host's own namespace: each bridge and its ports, in creation order.
+def root_interfaces(topology: Topology, run_id: str) -> list[str]:
+    """The links run `run_id` creates in the host's own namespace: each bridge and its ports, in creation order.
 
-    A bridge's ports are `<bridge>-eth<N>`, numbered as links are added (the firewall node's
-    first), so they are known, and recorded, before anything exists.
+    Bridge N's ports are `sqlab<N>-eth<M><run>` (emulator.topology.port_name), numbered as links are
+    added (the firewall node's first), so they are known, and recorded, before anything exists.
     """
-    names = []
-    for zone in topology.zones:
-        bridge = topology.bridge(zone)
-        names += [bridge] + [f"{bridge}-eth{n}" for n in range(1, len(zone.hosts) + 2)]
+    sizes = [len(zone.hosts) + 1 for zone in topology.zones]
     if topology.transit is not None:
-        names += [topology.transit_bridge] + [f"{topology.transit_bridge}-eth{n}"
-                                              for n in range(1, len(topology.firewalls) + 1)]
+        sizes.append(len(topology.firewalls))
+    names = []
+    for index, size in enumerate(sizes, start=1):
+        names += [bridge_name(index, run_id)] + [port_name(index, n, run_id) for n in range(1, size + 1)]
+    too_long = [n for n in names if len(n) > INTERFACE_MAX]
+    if too_long:
+        raise LabError(f"topology {topology.name} is too large for the lab's interface names ({too_long[0]} "
+                       f"is longer than {INTERFACE_MAX} characters): fewer zones, or fewer hosts per zone")
     return names
 
 
@@ -164,7 +167,7 @@ def _mininet_classes():
                 self.cmd("brctl setbridgeprio", self.prio)
                 self.cmd("brctl stp", self, "on")
             for intf in self.intfList():
-                if self.name in intf.name:
+                if intf.name.startswith(BRIDGE_PREFIX):  # its ports (sqlab<N>-eth<M><run>), never lo
                     self.cmd("brctl addif", self, intf)
             self.cmd("ifconfig", self, "up")
 
@@ -219,8 +222,9 @@ class Lab:
         self.daemons: dict[str, subprocess.Popen] = {}
         self.rulesets: dict[str, Ruleset] = {}  # node -> the ruleset it holds now
         self.timings: dict[str, float] = {}
-        self.run_dir = state.run_dir(topology.name)
-        self.interfaces = root_interfaces(topology)  # links in the host's namespace, recorded before they exist
+        self.run_id = ""  # given by state.claim: in every name this run creates in the host's namespace
+        self.run_dir: Path | None = None  # state.run_dir(topology, run_id), once claimed
+        self.interfaces: list[str] = []  # links in the host's namespace, recorded (at claim) before they exist
         self._claimed = False
         self._stopped: set[str] = set()  # daemons stopped on purpose (stop_daemon)
         self._monitors: dict[str, subprocess.Popen] = {}  # node -> its `nft monitor trace`
@@ -239,7 +243,9 @@ class Lab:
         preset = {node: load_rules_file(str(path)) for node, path in self.topology.rules_files.items()}
         try:
             with deferred_signals():  # a state file exists exactly when this run claimed the lab
-                state.claim(self.topology, self.interfaces)
+                self.run_id, self.interfaces = state.claim(
+                    self.topology, functools.partial(root_interfaces, self.topology))
+                self.run_dir = state.run_dir(self.topology.name, self.run_id)
                 self._claimed = True
             started = time.monotonic()
             self._build()
@@ -284,12 +290,13 @@ class Lab:
                             self.net = None
                     stopped = True
                 finally:
-                    shutil.rmtree(self.run_dir, ignore_errors=True)  # specs, logs, traces, private keys
+                    if self.run_dir is not None:  # specs, logs, sockets, traces, private keys
+                        shutil.rmtree(self.run_dir, ignore_errors=True)
                     if stopped and self._claimed:
                         left = [n for n in self.interfaces if n in set(state.lab_links())]
                         for name in left:  # Mininet deletes them; a port it missed is still ours by name
                             subprocess.run(["ip", "link", "del", name], capture_output=True)
-                        state.release(self.topology)
+                        state.release(self.topology, self.run_id)
                         self._claimed = False
         self.timings["teardown"] = time.monotonic() - started
 
@@ -298,7 +305,7 @@ class Lab:
         procs = [n.shell for n in self.net.hosts + self.net.switches if n.shell] if self.net is not None else []
         procs += list(self.daemons.values()) + list(self._monitors.values())
         recorded = [p for p in (state.process(proc.pid) for proc in procs) if p is not None]
-        state.record(self.topology, processes=recorded, interfaces=self.interfaces, note=note)
+        state.record(self.topology, self.run_id, processes=recorded, interfaces=self.interfaces, note=note)
 
     def _env(self) -> dict[str, str]:
         """The environment of every process the lab starts: marked with this run (see emulator.state)."""
@@ -328,11 +335,11 @@ class Lab:
         topo = self.topology
         net = Mininet(topo=None, controller=None, switch=bridge_cls, build=False, autoSetMacs=False)
         self.net = net
-        ports: dict[str, int] = {}
+        ports: dict[int, int] = {}  # bridge index -> ports so far
 
-        def port(bridge) -> str:  # the root-side end's name, as root_interfaces() recorded it
-            ports[bridge.name] = ports.get(bridge.name, 0) + 1
-            return f"{bridge.name}-eth{ports[bridge.name]}"
+        def port(index: int) -> str:  # bridge index's next root-side end, as root_interfaces() recorded it
+            ports[index] = ports.get(index, 0) + 1
+            return port_name(index, ports[index], self.run_id)
 
         def add_node(name, **params):
             node = net.addHost(name, **params)
@@ -342,21 +349,22 @@ class Lab:
         with self._marked_environment():
             firewalls = {fw.name: add_node(fw.name, cls=Node, ip=None) for fw in topo.firewalls}
             for index, zone in enumerate(topo.zones, start=1):
-                bridge = net.addSwitch(topo.bridge(zone), dpid=f"{index:x}", stp=False)
+                bridge = net.addSwitch(topo.bridge(zone, self.run_id), dpid=f"{index:x}", stp=False)
                 prefix = zone.subnet.prefixlen
                 net.addLink(firewalls[topo.zone_firewall(zone).name], bridge,
                             cls=_link_class(zone.link, tclink_cls, link_cls), intfName1=topo.firewall_interface(zone),
-                            intfName2=port(bridge), params1={"ip": f"{zone.gateway}/{prefix}"},
+                            intfName2=port(index), params1={"ip": f"{zone.gateway}/{prefix}"},
                             **_link_params(zone.link))
                 for spec in zone.hosts:
                     host = add_node(spec.name, ip=f"{spec.address}/{prefix}", defaultRoute=f"via {zone.gateway}")
-                    net.addLink(host, bridge, cls=_link_class(spec.link, tclink_cls, link_cls), intfName2=port(bridge),
+                    net.addLink(host, bridge, cls=_link_class(spec.link, tclink_cls, link_cls), intfName2=port(index),
                                 **_link_params(spec.link))
             if topo.transit is not None:
-                transit = net.addSwitch(topo.transit_bridge, dpid=f"{len(topo.zones) + 1:x}", stp=False)
+                transit_index = len(topo.zones) + 1
+                transit = net.addSwitch(topo.run_transit_bridge(self.run_id), dpid=f"{transit_index:x}", stp=False)
                 for fw in topo.firewalls:
                     net.addLink(firewalls[fw.name], transit, cls=link_cls, intfName1=fw.transit_interface,
-                                intfName2=port(transit), params1={"ip": f"{fw.transit_address}/{topo.transit.prefixlen}"})
+                                intfName2=port(transit_index), params1={"ip": f"{fw.transit_address}/{topo.transit.prefixlen}"})
             self._record_state("building")
             net.build()
             net.start()

@@ -25,7 +25,11 @@ TOPOLOGIES_DIR = Path(__file__).resolve().parent.parent / "topologies"
 LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range
 DEFAULT_TOPOLOGY = "single-site"
 
-BRIDGE_PREFIX = "sqlab"  # every bridge the lab creates is sqlab<N>; `safeq-lab clean` looks for it
+# Every link a run creates in the host's namespace is named sqlab<N><run> (bridge N) or
+# sqlab<N>-eth<M><run> (its port M), <run> being the run's id (RUN_ID): two labs never share a name,
+# `safeq-lab clean` and the tests find leftovers by the prefix. Linux caps names at 15 chars.
+BRIDGE_PREFIX = "sqlab"
+RUN_ID = re.compile(r"^[a-z][a-z0-9]{2}$")  # a letter first: the digits of N and M end where the id begins
 # Mininet names interfaces "<host>-eth0"; Linux caps interface names at 15 chars.
 HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 ZONE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -209,17 +213,35 @@ class Topology:
         return tuple(path)
 
     # -- bridges ---------------------------------------------------------------------------------
-    def bridge(self, zone: Zone) -> str:
-        # Short on purpose: Mininet names the bridge's ports "<bridge>-eth<N>" (15 chars at most).
-        return f"{BRIDGE_PREFIX}{self.zones.index(zone) + 1}"
+    def bridge(self, zone: Zone, run_id: str = "") -> str:
+        """The zone's bridge in run `run_id` (without one: the name's topology part, sqlab<N>)."""
+        return bridge_name(self.zones.index(zone) + 1, run_id)
 
     @property
     def transit_bridge(self) -> str | None:
-        return f"{BRIDGE_PREFIX}{len(self.zones) + 1}" if self.transit is not None else None
+        return self.run_transit_bridge("")
+
+    def run_transit_bridge(self, run_id: str) -> str | None:
+        return bridge_name(len(self.zones) + 1, run_id) if self.transit is not None else None
 
     @property
     def bridges(self) -> list[str]:
-        return [self.bridge(z) for z in self.zones] + ([self.transit_bridge] if self.transit is not None else [])
+        return self.run_bridges("")
+
+    def run_bridges(self, run_id: str) -> list[str]:
+        """Every bridge of run `run_id`: one per zone, then the transit segment's."""
+        return [self.bridge(z, run_id) for z in self.zones] + (
+            [self.run_transit_bridge(run_id)] if self.transit is not None else [])
+
+
+def bridge_name(index: int, run_id: str = "") -> str:
+    """Bridge `index` (from 1) of a run: sqlab<N><run>."""
+    return f"{BRIDGE_PREFIX}{index}{run_id}"
+
+
+def port_name(index: int, port: int, run_id: str = "") -> str:
+    """Port `port` (from 1) of bridge `index`, the root-side end of a veth pair: sqlab<N>-eth<M><run>."""
+    return f"{BRIDGE_PREFIX}{index}-eth{port}{run_id}"
 
 
 def available_topologies() -> list[str]:
