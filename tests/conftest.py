@@ -23,3 +23,19 @@ def lab_host():
     if problems:
         pytest.fail("lab tests need root and Mininet (run ./setup.sh, then tox as root): " + ", ".join(problems))
     return True
+
+
+_SUMMARIES: list[str] = []
+
+
+@pytest.fixture
+def record_summary():
+    """A test's table (e.g. fuzzing totals) for the end of the run, where CI logs show it."""
+    return _SUMMARIES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    for text in _SUMMARIES:
+        terminalreporter.write_sep("-", "summary")
+        for line in text.splitlines():
+            terminalreporter.write_line(line)
