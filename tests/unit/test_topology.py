@@ -145,7 +145,7 @@ TWO_NODES = "firewalls:\n  - {name: fw, zones: [a]}\n  - {name: bfw, zones: [b]}
      r"firewalls\[1\]\.zones: zone 'b' already belongs to firewall node fw"),
     ("name: t\n" + TWO_NODES + A_B, "transit: missing: 2 firewall nodes need a transit subnet"),
     ("name: t\n" + TWO_NODES + "transit: 198.18.2.0/25\n" + A_B, r"transit: 198.18.2.0/25 overlaps zone b"),
-    ("name: t\n" + TWO_NODES + "transit: 10.0.0.0/24\n" + A_B, r"transit: 10.0.0.0/24 is outside the lab range"),
+    ("name: t\n" + TWO_NODES + "transit: 203.0.113.0/24\n" + A_B, r"transit: 203.0.113.0/24 is outside the lab range"),
     ("name: t\n" + TWO_NODES + "transit: 198.18.254.1/24\n" + A_B, r"transit: .*host bits set"),
     ("name: t\n" + TWO_NODES + "transit: 198.18.254.0/32\n" + A_B, r"transit: .*no room for 2 firewall nodes"),
     ("name: t\nfirewall: fw\ntransit: 198.18.254.0/24\n" + A_B, r"transit: a transit segment joins several firewall nodes"),
