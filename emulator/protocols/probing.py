@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.x509.oid import NameOID
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IHandshakeListener
@@ -84,8 +85,8 @@ def certificate_issuer(transports) -> str:
         except Exception:  # not connected any more, or no handshake yet
             continue
         if certificate is not None:
-            components = dict(certificate.get_issuer().get_components())
-            return components.get(b'CN', b'?').decode('utf-8', 'replace')
+            names = certificate.to_cryptography().issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+            return str(names[0].value) if names else '?'
     return ''
 
 
