@@ -14,6 +14,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
+import roles
 from emulator import attribution, trace, witness
 from emulator.catalog import Catalog
 from emulator.evidence import FIREWALL_FINDINGS, LAB_FAULTS, PASSED, Evidence, HopRecord, Judgement, Verdict, judge
@@ -107,7 +108,7 @@ def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROB
             protocol=ep.protocol, port=ep.port, security=ep.security, timeout=timeout,
             size=PAYLOAD_SIZES.get(ep.protocol, 1024), flow=check.flow_id or "",
             server_name=server_name(check.server_host), ca_file=ca_file,
-            options={"mode": check.variant} if check.variant else {}))
+            options={**roles.probe_options(check.flow_id or ""), **({"mode": check.variant} if check.variant else {})}))
     return by_host
 
 

@@ -91,3 +91,16 @@ def daemon_spec(host_name: str, role_ids, log_path: str, catalog: Catalog | None
     return {"host": host_name, "roles": list(role_ids),
             "listeners": [item.to_dict() for item in listeners(role_ids, catalog, site)], "log": log_path,
             "persona": {**(persona or {}), "identity": identity(role_ids)}}
+
+
+PROBE_OPTIONS_FILE = Path(__file__).with_name("probe_options.yaml")
+
+
+@lru_cache(maxsize=None)
+def _probe_options() -> dict:
+    return yaml.safe_load(PROBE_OPTIONS_FILE.read_text()) or {}
+
+
+def probe_options(flow_id: str) -> dict:
+    """The request a flow's client makes where it differs from the protocol's default (data, by flow id)."""
+    return dict(_probe_options().get(flow_id) or {})

@@ -48,8 +48,8 @@ emulated). The http Site reports every request through ``on_request``
 Probe
 =====
 
-Get-Printer-Attributes, then (unless the flow only polls device status:
-``STATUS_FLOWS``, or options ``{'mode': 'status'}``) Print-Job with a
+Get-Printer-Attributes, then (unless options ``{'mode': 'status'}``: a client
+that only polls device status) Print-Job with a
 PDF-looking document of ``max(target.size, 64 KiB)`` bytes, over one
 keep-alive HTTP/1.1 connection (HTTPS verifying target.ca_file and
 target.server_name for 'tls' targets), like a spooler's IPP backend does.
@@ -93,9 +93,6 @@ MAX_JOBS = 500                 # jobs a stub remembers for Get-Jobs / Get-Job-At
 MAX_DEPTH = 8                  # nesting of collections the decoder accepts
 DEFAULT_PATH = '/ipp/print'
 PRINTER_PATHS = (b'print', b'printer')   # children of /ipp
-# Flows that only poll device status (catalog: "Device status information"):
-# their probe stops after Get-Printer-Attributes. options {'mode': ...} overrides.
-STATUS_FLOWS = frozenset({'mfd-20'})
 
 _log = Logger()
 
@@ -1258,7 +1255,7 @@ class _Exchange(Verdict):
         super().__init__(reactor, target)
         options = target.options or {}
         self.secure = target.security == 'tls'
-        self.mode = options.get('mode') or ('status' if target.flow in STATUS_FLOWS else 'print')
+        self.mode = options.get('mode') or 'print'
         path = str(options.get('path') or DEFAULT_PATH)
         authority = f'{target.server_name or target.host}:{target.port}'
         self.url = f'{"https" if self.secure else "http"}://{authority}{path}'

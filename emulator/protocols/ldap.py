@@ -32,8 +32,8 @@ Probe
     name ``target.server_name``; ``starttls``: StartTLS first, then the same
     verification), simple bind as a lab user, search, unbind. The default
     request is the terminals': bind as ``uid=alice`` and search ``ou=groups``
-    for ``(member=<her DN>)``, expecting print-users and scan-users. Flow
-    ``ldap-03`` (LDAP Replicator) binds with the replicator's service account
+    for ``(member=<her DN>)``, expecting print-users and scan-users. Query
+    'users' (the LDAP Replicator's) binds with the replicator's service account
     and reads the users. ``target.options``: ``query`` ('groups' | 'users'),
     ``user`` (uid or DN), ``password``, ``base``, ``expect`` (names that must
     come back).
@@ -89,8 +89,6 @@ LAB_PASSWORD = 'alice-lab-pw'
 LAB_GROUPS = ('print-users', 'scan-users')
 REPLICATOR_DN = f'uid=safeq-replicator,ou=services,{BASE_DN}'
 REPLICATOR_PASSWORD = 'replicator-lab-pw'
-# Catalog flows whose client reads user data rather than one user's groups.
-FLOW_QUERIES = {'ldap-03': 'users'}
 
 MAX_MESSAGE = 1 << 20        # largest LDAPMessage either side accepts
 IDLE_TIMEOUT = 120.0         # seconds the stub keeps a silent connection
@@ -567,7 +565,7 @@ def plan_for(target: ProbeTarget) -> Plan:
     if expect_option is not None and (not isinstance(expect_option, list)
                                       or not all(isinstance(n, str) for n in expect_option)):
         raise ValueError(f'options.expect must be a list of names, got {expect_option!r}')
-    query = options.get('query') or FLOW_QUERIES.get(target.flow, 'groups')
+    query = options.get('query') or 'groups'
     if query == 'groups':
         user, password, expect = LAB_USER, LAB_PASSWORD, LAB_GROUPS
     elif query == 'users':

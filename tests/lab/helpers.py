@@ -64,3 +64,12 @@ def small_topology(tmp_path: Path) -> str:
         "      - {name: km1, roles: [mfd, mfd-konica-minolta, embedded-terminal-konica-minolta]}\n"
         "      - {name: pc9, roles: [user]}\n")
     return str(path)
+
+
+def policy_line(path: Path) -> int:
+    """The line that sets the forward chain's drop policy: `:FORWARD DROP` or the nft chain's `policy drop;`."""
+    lines = path.read_text().splitlines()
+    found = [i + 1 for i, line in enumerate(lines)
+             if line.startswith(":FORWARD DROP") or ("hook forward" in line and "policy drop;" in line)]
+    assert len(found) == 1, path
+    return found[0]

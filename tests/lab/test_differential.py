@@ -21,7 +21,7 @@ from emulator.lab import Lab
 from emulator.plan import CheckKind, administrative_ports, audit_plan
 from emulator.report import diff
 from emulator.topology import load_topology
-from tests.lab.helpers import footprint, run_cli
+from tests.lab.helpers import footprint, policy_line, run_cli
 
 pytestmark = pytest.mark.lab
 CLEAN = {"bridges": [], "processes": [], "state": [], "mininet_shells": []}
@@ -68,13 +68,6 @@ def one_line_apart(a: Path, b: Path) -> list[str]:
     assert len(changed) == 1, changed
     return changed
 
-
-def policy_line(path: Path) -> int:
-    lines = path.read_text().splitlines()
-    found = [i + 1 for i, line in enumerate(lines)
-             if line.startswith(":FORWARD DROP") or ("hook forward" in line and "policy drop;" in line)]
-    assert len(found) == 1, path
-    return found[0]
 
 
 def names(v, path: Path, line: int) -> bool:

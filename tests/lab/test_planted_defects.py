@@ -27,7 +27,7 @@ from emulator.evidence import Verdict
 from emulator.lab import Lab
 from emulator.plan import Check, CheckKind, administrative_ports, audit_plan
 from emulator.topology import load_topology
-from tests.lab.helpers import footprint
+from tests.lab.helpers import footprint, policy_line
 
 pytestmark = pytest.mark.lab
 CLEAN = {"bridges": [], "processes": [], "state": [], "mininet_shells": []}
@@ -121,14 +121,6 @@ def planted_line(path: Path, name: str) -> int:
     assert len(marks) == 1, f"{path}: one `# planted: {name}` line expected"
     return marks[0] + 2
 
-
-def policy_line(path: Path) -> int:
-    """The line that sets the forward chain's drop policy: `:FORWARD DROP` or the nft chain's `policy drop;`."""
-    lines = path.read_text().splitlines()
-    found = [i + 1 for i, line in enumerate(lines)
-             if line.startswith(":FORWARD DROP") or ("hook forward" in line and "policy drop;" in line)]
-    assert len(found) == 1, path
-    return found[0]
 
 
 def line_text(path: Path, line: int) -> str:

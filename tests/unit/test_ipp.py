@@ -521,7 +521,7 @@ def _is_server_side(thing) -> bool:
 
 def test_loopback_status_flow_only_asks_printer_attributes():
     async def body(reactor, port):
-        return await ipp.probe(reactor, target(port, flow='mfd-20', size=10_000_000))
+        return await ipp.probe(reactor, target(port, options={'mode': 'status'}, size=10_000_000))
 
     result, records = run_on_fresh_reactor(lambda r: Deferred.fromCoroutine(_serve_and(r, PERSONA, body)))
     assert result.outcome == 'ok', result

@@ -554,7 +554,7 @@ def test_probe_against_stub_in_memory():
 
 
 def test_probe_reads_users_for_the_replicator_flow():
-    probe, stub = Probe(flow='ldap-03').connect(), Stub()
+    probe, stub = Probe(options={'query': 'users'}).connect(), Stub()
     pump(probe, stub)
     result = probe.result()
     assert result.outcome == 'ok', result
@@ -818,7 +818,7 @@ def test_daemon_and_prober_processes(tmp_path, pki):
     targets = [loopback(port, id=security, security=security, ca_file=pki['ca_file']).to_dict()
                for security, port in ports.items()]
     targets.append(loopback(ports['starttls'], id='replicator', security='starttls',
-                            ca_file=pki['ca_file'], flow='ldap-03').to_dict())
+                            ca_file=pki['ca_file'], options={'query': 'users'}).to_dict())
     with run_stub(tmp_path, listeners, persona=pki, host='terminal-server',
                   roles=('terminal-server',)) as log:
         started = time.monotonic()

@@ -6,6 +6,7 @@ import pytest
 
 import roles
 from emulator import rules
+from emulator.audit import probe_targets
 from emulator.catalog import load_catalog
 from emulator.errors import LabError
 from emulator.plan import administrative_ports, audit_plan
@@ -195,3 +196,11 @@ def test_bad_rules_files_get_one_line_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00\x01")
     with pytest.raises(LabError, match="not readable text"):
         rules.load_rules_file(str(binary))
+
+
+def test_flow_specific_requests_come_from_role_data_not_protocol_modules(world):
+    catalog, topology, checks = world
+    targets = {t.flow: t for ts in probe_targets(checks, topology).values() for t in ts}
+    assert targets["mfd-20"].options == {"mode": "status"}   # status polling: no Print-Job
+    assert targets["ldap-03"].options == {"query": "users"}  # the replicator reads users
+    assert targets["mfd-23"].options == {}
