@@ -145,6 +145,17 @@ def _rules_arg(p):
                    help="your certificates: DIR/ca.pem and DIR/<host>.pem + DIR/<host>.key replace the pre-installed lab ones")
 
 
+def _raised_while_interrupted(exc: BaseException) -> bool:
+    """True when an interrupt (Ctrl-C, SIGTERM) is in the exception's context chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (KeyboardInterrupt, _Terminated)):
+            return True
+        exc = exc.__context__ or exc.__cause__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
@@ -170,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("SAFEQ_LAB_DEBUG"):
             raise
+        if _raised_while_interrupted(exc):
+            # cleaning up after Ctrl-C failed part-way: say so rather than claim a clean teardown
+            print(f"safeq-lab: interrupted; teardown did not finish ({exc.__class__.__name__}: {_one_line(exc)}): "
+                  "run `safeq-lab clean`", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"safeq-lab: internal error: {exc.__class__.__name__}: {_one_line(exc)} "
               "(a bug: rerun with SAFEQ_LAB_DEBUG=1 for the traceback and report it; `safeq-lab clean` removes leftovers)",
               file=sys.stderr)

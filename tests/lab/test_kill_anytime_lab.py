@@ -63,7 +63,7 @@ def interrupted_audit(topology: str, delay: float, signum: int) -> int:
         proc.kill()
         raise
     assert "Traceback" not in err, err
-    return proc.returncode
+    return proc.returncode, err.strip().splitlines()[-1:] 
 
 
 def test_audits_killed_at_random_moments_leave_the_host_as_it_was(lab_host, tmp_path):
@@ -78,8 +78,8 @@ def test_audits_killed_at_random_moments_leave_the_host_as_it_was(lab_host, tmp_
     for kill in range(KILLS):
         signum = signal.SIGINT if kill % 2 == 0 else signal.SIGKILL
         delay = rng.uniform(0.0, duration)
-        status = interrupted_audit(topology, delay, signum)
-        moments.append((signum.name, round(delay, 2), status))
+        status, said = interrupted_audit(topology, delay, signum)
+        moments.append((signum.name, round(delay, 2), status, said))
         if signum == signal.SIGINT:
             assert status in (0, 130), moments  # finished first, or interrupted and torn down
         cleaned = run_cli("clean")

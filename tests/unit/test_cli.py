@@ -46,3 +46,16 @@ def test_rules_check_without_root_says_so(tmp_path):
     ruleset = tmp_path / "r.rules"
     ruleset.write_text("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
     assert_one_line(run_patched("os.geteuid = lambda: 1000", "rules", "check", str(ruleset)), "needs root", "sudo")
+
+
+def test_an_error_raised_while_interrupted_counts_as_an_interruption():
+    from emulator.cli import _raised_while_interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("teardown failed")
+    except RuntimeError as exc:
+        assert _raised_while_interrupted(exc)
+    assert not _raised_while_interrupted(RuntimeError("a plain bug"))
