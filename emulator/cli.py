@@ -1,13 +1,26 @@
 """`safeq-lab` command line. The only place that prints for people and chooses exit codes."""
 from __future__ import annotations
 
+import sys
+
+import _signal  # the C module: `signal` builds its enums first, long enough for a Ctrl-C to land in
+
+
+def _interrupted_while_starting(_signum, _frame):
+    # Ctrl-C while the rest of this module is still importing: nothing exists yet to tear down
+    print("safeq-lab: interrupted while starting; nothing was created", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__" or sys.argv[0].rsplit("/", 1)[-1] == "safeq-lab":  # run as the command, not imported
+    _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+
 import argparse
 import json
 import math
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -157,14 +170,15 @@ def _raised_while_interrupted(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _build_parser().parse_args(argv)
-    except _UsageError as exc:
-        print(f"safeq-lab: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_terminated)
     try:
+        try:
+            args = _build_parser().parse_args(argv)
+        except _UsageError as exc:
+            print(f"safeq-lab: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
         return _COMMANDS[args.command](args)
     except LabError as exc:
         print(f"safeq-lab: error: {_one_line(exc)}", file=sys.stderr)

@@ -10,7 +10,9 @@ host firewall) holds one ruleset at a time (`apply_rules`) and can be traced (`s
 
 The lab keeps to itself. Every host and firewall node drops and counts any packet to an address
 outside 198.18.0.0/15 (loopback excepted) and all IPv6 (`EGRESS_TABLE`, re-added after each
-ruleset; `egress_drops`); IPv6 is off inside its namespaces, and every link it creates in the
+ruleset; `egress_drops`). Link-local multicast (224.0.0.0/24: the IGMP reports the kernel sends, and
+repeats, when an interface comes up) is dropped too but not counted: it never leaves a link, and
+counting it would make the count depend on timing. IPv6 is off inside its namespaces, and every link it creates in the
 host's own namespace (bridges, root-side veth ends) has IPv6 disabled before it is brought up, so
 the host never gains an address or a neighbour on them. Teardown (`close`) defers SIGINT, SIGTERM
 and SIGHUP until it has finished, then raises the first one caught.
@@ -70,6 +72,7 @@ _EGRESS_CHAIN = """  chain {name} {{
     type filter hook {hook} priority {priority}; policy accept;
     {lo} "lo" accept
     meta nfproto ipv6 counter name {counter} drop
+    ip daddr 224.0.0.0/24 drop
     ip daddr != {{ 127.0.0.0/8, 198.18.0.0/15 }} counter name {counter} drop
   }}
 """

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.lab
 OUTSIDE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): outside the lab, and routed nowhere anyway
 CONNECT = ("python3 -c \"import socket,sys\ns=socket.socket()\ns.settimeout(2)\n"
            "try:\n s.connect(('%s', 9))\nexcept OSError as e:\n print(type(e).__name__, e.errno)\"" % OUTSIDE)
+LINK_LOCAL_MULTICAST = "224.0.0.251"
 SEND_UDP = "python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('%s', 9))\"" % OUTSIDE
 
 
@@ -52,6 +53,10 @@ def test_the_lab_keeps_to_itself(lab_host, tmp_path):
         assert "Error" in said, said  # never connected: the host's own output hook dropped the SYN
         assert after["pc9"] > before["pc9"]
         assert after["fw"] == before["fw"]  # nothing reached the firewall node
+
+        # link-local multicast (IGMP reports, mDNS) is dropped without being counted as an escape
+        lab.node("pc9").cmd(SEND_UDP.replace(OUTSIDE, LINK_LOCAL_MULTICAST))
+        assert lab.egress_drops() == after
 
         # past a host (its table removed): the firewall node drops it instead of routing it
         lab.nft("pc9", ["delete", "table", "inet", EGRESS_TABLE_NAME])
