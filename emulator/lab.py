@@ -23,7 +23,6 @@ import ctypes
 import functools
 import json
 import os
-import selectors
 import shutil
 import signal
 import socket
@@ -44,6 +43,7 @@ from emulator.protocols.base import ProbeResult, ProbeTarget
 from emulator.rules import Ruleset, apply_commands, load_rules_file
 from emulator.topology import BRIDGE_PREFIX, INTERFACE_MAX, LinkShape, Topology, bridge_name, port_name
 from emulator.trace import MONITOR_COMMAND, TRACE_TABLE, TRACE_TABLE_NAME
+from emulator.zygote import Zygote
 
 DAEMON_READY_TIMEOUT = 60.0
 PROBE_CONCURRENCY = 1024  # one wave: a dropped SYN costs one timeout per host, not one per 256 probes
@@ -104,7 +104,7 @@ def preflight() -> None:
 def root_interfaces(topology: Topology, run_id: str) -> list[str]:
     """The links run `run_id` creates in the host's own namespace: each bridge and its ports, in creation order.
 
-    Bridge N's ports are `sqlab<N>-eth<M><run>` (emulator.topology.port_name), numbered as links are
+    Bridge N's ports are `sqlab<N>p<M><run>` (emulator.topology.port_name), numbered as links are
     added (the firewall node's first), so they are known, and recorded, before anything exists.
     """
     sizes = [len(zone.hosts) + 1 for zone in topology.zones]
@@ -170,7 +170,7 @@ def _mininet_classes():
                 self.cmd("brctl setbridgeprio", self.prio)
                 self.cmd("brctl stp", self, "on")
             for intf in self.intfList():
-                if intf.name.startswith(BRIDGE_PREFIX):  # its ports (sqlab<N>-eth<M><run>), never lo
+                if intf.name.startswith(BRIDGE_PREFIX):  # its ports (sqlab<N>p<M><run>), never lo
                     self.cmd("brctl addif", self, intf)
             self.cmd("ifconfig", self, "up")
 
@@ -222,7 +222,7 @@ class Lab:
         self.tls: dict[str, pki.HostTLS] = {}
         self.ca_file = ""
         self.net = None
-        self.daemons: dict[str, subprocess.Popen] = {}
+        self.zygote: Zygote | None = None  # forks every host's role daemon (emulator.zygote)
         self.rulesets: dict[str, Ruleset] = {}  # node -> the ruleset it holds now
         self.timings: dict[str, float] = {}
         self.run_id = ""  # given by state.claim: in every name this run creates in the host's namespace
@@ -251,6 +251,9 @@ class Lab:
                 self.run_dir = state.run_dir(self.topology.name, self.run_id)
                 self._claimed = True
             started = time.monotonic()
+            self._make_run_dir()
+            # the zygote imports every protocol while Mininet builds the network
+            self.zygote = Zygote.launch(self.python, self._env(), str(self._stderr_file("zygote")))
             self._build()
             if preset:
                 self.apply_rules(preset)
@@ -281,33 +284,61 @@ class Lab:
                 for proc in self._monitors.values():
                     _terminate(proc)
                 self._monitors.clear()
-                for proc in self.daemons.values():
-                    _terminate(proc)
-                self.daemons.clear()
+                if self.zygote is not None:
+                    self.zygote.close()
+                    self.zygote = None
             finally:
                 try:
-                    if self.net is not None:
-                        try:
-                            self.net.stop()
-                        finally:
-                            self.net = None
+                    self._stop_network()
                     stopped = True
                 finally:
                     if self.run_dir is not None:  # specs, logs, sockets, traces, private keys
                         shutil.rmtree(self.run_dir, ignore_errors=True)
                     if stopped and self._claimed:
-                        left = [n for n in self.interfaces if n in set(state.lab_links())]
-                        for name in left:  # Mininet deletes them; a port it missed is still ours by name
-                            subprocess.run(["ip", "link", "del", name], capture_output=True)
                         state.release(self.topology, self.run_id)
                         self._claimed = False
         self.timings["teardown"] = time.monotonic() - started
 
+    def _stop_network(self) -> None:
+        """Take the network down in bulk, never through Mininet's per-node shells (`net.stop`).
+
+        One `ip -batch` deletes this run's links in the host's namespace (a veth end takes its peer
+        inside the namespace with it), then every node's shell is killed at once, which frees the
+        namespaces. A shell is never asked to run anything: an interrupted command can leave it
+        busy, and Mininet then refuses (an assertion) every later command, its own teardown included.
+        """
+        net, self.net = self.net, None
+        if self._claimed:
+            existing = set(state.lab_links())
+            bridges = set(self.topology.run_bridges(self.run_id))
+            ours = [n for n in self.interfaces if n in existing]
+            batch = "".join(f"link del {name}\n" for name in sorted(ours, key=lambda n: n in bridges))
+            if batch:
+                subprocess.run(["ip", "-force", "-batch", "-"], input=batch, capture_output=True, text=True)
+            left = sorted(set(ours) & set(state.lab_links()))
+            if left:
+                raise LabError(f"could not delete {', '.join(left[:5])}: run `safeq-lab clean`")
+        if net is None:
+            return
+        nodes = [node for node in net.hosts + net.switches if node.shell is not None]
+        for node in nodes:
+            if node.shell.poll() is None:
+                try:
+                    os.killpg(node.shell.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for node in nodes:
+            node.shell.wait()
+            node.shell = None
+            node.stdin.close()  # the shell's pty, as Mininet's Node.cleanup closes it
+            os.close(node.slave)
+
     def _record_state(self, note: str = "running") -> None:
         """Everything this run started, so that `safeq-lab clean` can end it after a kill."""
         procs = [n.shell for n in self.net.hosts + self.net.switches if n.shell] if self.net is not None else []
-        procs += list(self.daemons.values()) + list(self._monitors.values())
-        recorded = [p for p in (state.process(proc.pid) for proc in procs) if p is not None]
+        procs += list(self._monitors.values()) + ([self.zygote.proc] if self.zygote is not None else [])
+        pids = [proc.pid for proc in procs] + (self.zygote.pids() if self.zygote is not None else [])
+        recorded = [p for p in map(state.process, pids) if p is not None]
         state.record(self.topology, self.run_id, processes=recorded, interfaces=self.interfaces, note=note)
 
     def _env(self) -> dict[str, str]:
@@ -434,10 +465,12 @@ class Lab:
         return {host for host, material in self.tls.items() if pki.is_pre_installed(material.cert_file)}
 
     def _start_daemons(self) -> None:
-        for directory in (self.run_dir, self.run_dir / "pki"):  # private keys: readable by root only
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            directory.chmod(0o700)
         self._issue_certificates()
+        try:
+            self.zygote.await_ready(DAEMON_READY_TIMEOUT)
+        except (RuntimeError, TimeoutError) as exc:
+            raise LabError(f"the role daemons' zygote failed: {exc}: {self._last_stderr_line('zygote')}") from None
+        self._record_state()
         for spec in self.topology.hosts:
             persona = {"address": spec.address, **self.tls[spec.name].to_dict(), "ca_file": self.ca_file}
             daemon = roles.daemon_spec(spec.name, spec.roles, str(self.run_dir / f"{spec.name}.requests.jsonl"),
@@ -446,61 +479,49 @@ class Lab:
             daemon["control"] = str(self._control_socket(spec.name))
             spec_file = self.run_dir / f"{spec.name}.json"
             spec_file.write_text(json.dumps(daemon))
-            node = self.net.get(spec.name)
-            with open(self._stderr_file(spec.name), "w") as stderr:
-                self.daemons[spec.name] = node.popen([self.python, "-m", "emulator.roled", str(spec_file)],
-                                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                     stderr=stderr, text=True, env=self._env())
+            self.zygote.spawn(spec.name, self.net.get(spec.name).pid, str(spec_file), str(self._stderr_file(spec.name)))
+        # Readiness is each daemon's own word from inside its host, never a probe across the firewall.
+        silent = self.zygote.await_started([h.name for h in self.topology.hosts], DAEMON_READY_TIMEOUT)
         self._record_state()
-        self._await_ready()
+        if silent:
+            raise LabError(f"role daemons did not start within {DAEMON_READY_TIMEOUT:.0f}s on: {', '.join(sorted(silent))}")
+        for host, daemon in self.zygote.daemons.items():
+            if not daemon.said.startswith("READY"):
+                raise LabError(f"role daemon on {host} failed: "
+                               f"{daemon.said.removeprefix('ERROR ') or self._last_stderr_line(host) or 'exited'}")
+
+    def _make_run_dir(self) -> None:
+        for directory in (self.run_dir, self.run_dir / "pki"):  # private keys: readable by root only
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)
 
     def _stderr_file(self, host: str) -> Path:
         return self.run_dir / f"{host}.stderr"
 
-    def _await_ready(self) -> None:
-        # Readiness is each daemon's own word from inside its host, never a probe across the firewall.
-        selector = selectors.DefaultSelector()
-        for name, proc in self.daemons.items():
-            selector.register(proc.stdout, selectors.EVENT_READ, name)
-        pending, deadline = set(self.daemons), time.monotonic() + DAEMON_READY_TIMEOUT
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise LabError(f"role daemons did not start within {DAEMON_READY_TIMEOUT:.0f}s on: {', '.join(sorted(pending))}")
-            for key, _ in selector.select(timeout=remaining):
-                name = key.data
-                line = key.fileobj.readline().strip()
-                selector.unregister(key.fileobj)
-                pending.discard(name)
-                if not line.startswith("READY"):
-                    raise LabError(f"role daemon on {name} failed: {line or self._last_stderr_line(name) or 'exited'}")
-        selector.close()
-
     # -- daemons ---------------------------------------------------------------------------------
     def daemon_alive(self, host: str) -> bool:
-        proc = self.daemons.get(host)
-        return proc is not None and proc.poll() is None
+        daemon = self.zygote.daemons.get(host) if self.zygote is not None else None
+        return daemon is not None and daemon.returncode is None
 
     def dead_daemons(self) -> dict[str, str]:
         """host -> why its daemon is gone (its last stderr line), for every daemon that is not running."""
         dead = {}
-        for host, proc in self.daemons.items():
-            code = proc.poll()
-            if code is None:
+        for host, daemon in (self.zygote.daemons.items() if self.zygote is not None else ()):
+            if daemon.returncode is None:
                 continue
             said = self._last_stderr_line(host)
             if host in self._stopped:
                 dead[host] = f"stopped by the lab{': ' + said if said else ''}"
             else:
-                dead[host] = said or f"exited with status {code}"
+                dead[host] = said or f"exited with status {daemon.returncode}"
         return dead
 
     def stop_daemon(self, host: str) -> None:
         """Stop one host's daemon (a stub down): its ports close and it probes no more."""
-        if host not in self.daemons:
-            raise LabError(f"no daemon runs on {host!r}; hosts: {', '.join(self.daemons)}")
+        if self.zygote is None or host not in self.zygote.daemons:
+            raise LabError(f"no daemon runs on {host!r}; hosts: {', '.join(self.zygote.daemons if self.zygote else ())}")
         self._stopped.add(host)
-        _terminate(self.daemons[host])
+        self.zygote.stop([host])
 
     def _last_stderr_line(self, host: str) -> str:
         try:

@@ -269,15 +269,16 @@ def _raise_file_limit(wanted: int = 8192) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, say: Callable[[str], None] = _say) -> int:
+    """Serve a spec until stopped; `say` carries the handshake (stdout, or the zygote's event pipe)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        _say('ERROR usage: python -m emulator.roled SPEC.json')
+        say('ERROR usage: python -m emulator.roled SPEC.json')
         return EXIT_SPEC
     try:
         spec = load_spec(argv[0])
     except SpecError as exc:
-        _say(f'ERROR spec: {_one_line(exc)}')
+        say(f'ERROR spec: {_one_line(exc)}')
         return EXIT_SPEC
 
     from twisted.internet import reactor
@@ -288,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ports = start_listeners(reactor, spec)
     except BindError as exc:
-        _say(f'ERROR {exc}')
+        say(f'ERROR {exc}')
         return EXIT_BIND
     except OSError as exc:
-        _say(f'ERROR log {spec.log}: {_one_line(exc.strerror or exc)}')
+        say(f'ERROR log {spec.log}: {_one_line(exc.strerror or exc)}')
         return EXIT_BIND
     if spec.control:
         # The daemon is also its host's prober: it already runs inside the host's namespace with
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     reactor.addSystemEventTrigger('before', 'shutdown', stop_listeners, ports)
     # READY only once running: by then the SIGTERM handler is installed, so a
     # caller that signals right after READY gets a clean stop, not a kill.
-    reactor.callWhenRunning(_say, f'READY {len(ports)}')
+    reactor.callWhenRunning(say, f'READY {len(ports)}')
     reactor.run()
     return 0
 

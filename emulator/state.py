@@ -43,6 +43,7 @@ Process = tuple[int, int]  # (pid, start time in ticks since boot)
 _ID_FIRST = "abcdefghijklmnopqrstuvwxyz"
 _ID_REST = _ID_FIRST + "0123456789"
 _BRIDGE = re.compile(rf"^{BRIDGE_PREFIX}(\d+)((?:[a-z][a-z0-9]{{2}})?)$")  # sqlab<N><run>, sqlab<N> (older runs)
+_PORT = r"(?:p\d+|-eth\d+)"  # a bridge's port M: p<M>, or -eth<M> as older runs named it
 
 
 def run_name(run_id: str, topology_name: str) -> str:
@@ -199,9 +200,12 @@ def _our_bridges() -> list[str]:
 
 
 def _ports(bridge: str) -> re.Pattern | None:
-    """The names of a bridge's ports: sqlab<N>-eth<M><run> for bridge sqlab<N><run>."""
+    """The names of a bridge's ports: sqlab<N>p<M><run> (older runs: sqlab<N>-eth<M><run>) for bridge sqlab<N><run>."""
     match = _BRIDGE.match(bridge)
-    return re.compile(rf"^{BRIDGE_PREFIX}{match[1]}-eth\d+{match[2]}$") if match else None
+    if not match:
+        return None
+    port = _PORT if match[2] else r"-eth\d+"  # runs without an id predate p<M>: sqlab1p23 is run p23's bridge
+    return re.compile(rf"^{BRIDGE_PREFIX}{match[1]}{port}{match[2]}$")
 
 
 def _recorded_links(owner: dict, existing: list[str]) -> list[str]:
@@ -214,7 +218,7 @@ def _recorded_links(owner: dict, existing: list[str]) -> list[str]:
 
 def _id_of(link: str) -> str | None:
     """The run id a lab link's name carries (None for an older run's name)."""
-    match = re.match(rf"^{BRIDGE_PREFIX}\d+(?:-eth\d+)?([a-z][a-z0-9]{{2}})$", link)
+    match = re.match(rf"^{BRIDGE_PREFIX}\d+{_PORT}?([a-z][a-z0-9]{{2}})$", link)
     return match[1] if match else None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
@@ -26,10 +27,19 @@ LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range
 DEFAULT_TOPOLOGY = "single-site"
 
 # Every link a run creates in the host's namespace is named sqlab<N><run> (bridge N) or
-# sqlab<N>-eth<M><run> (its port M), <run> being the run's id (RUN_ID): two labs never share a name,
-# `safeq-lab clean` and the tests find leftovers by the prefix. Linux caps names at 15 chars.
+# sqlab<N>p<M><run> (its port M), <run> being the run's id (RUN_ID): two labs never share a name,
+# `safeq-lab clean` and the tests find leftovers by the prefix. Linux caps names at 15 chars:
+# 5 + 2 + 1 + 4 + 3, so up to 99 bridges of up to 9999 ports (a bridge takes 1023, BRIDGE_PORTS_MAX).
 BRIDGE_PREFIX = "sqlab"
 RUN_ID = re.compile(r"^[a-z][a-z0-9]{2}$")  # a letter first: the digits of N and M end where the id begins
+BRIDGE_PORTS_MAX = 1023  # a Linux bridge numbers its ports 1..1023 (BR_MAX_PORTS 1024, port 0 reserved)
+MAX_HOSTS = 10_000  # hosts of one topology, listed and fleet devices together
+FLEET_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+FLEET_NAME_DEFAULT = "mfd"
+FLEET_INDEX_DIGITS = 4  # fleet devices are <name>-0000, <name>-0001, ...
+MFD_ROLE = "mfd"  # every fleet device's role; mfd-<vendor> and embedded-terminal-<vendor>* add the vendor's
+EMBEDDED_TERMINAL = "embedded-terminal-"
+_SHARE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")  # 40%, 12.5%
 # Mininet names interfaces "<host>-eth0"; Linux caps interface names at 15 chars.
 HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,9}$")
 ZONE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -240,8 +250,32 @@ def bridge_name(index: int, run_id: str = "") -> str:
 
 
 def port_name(index: int, port: int, run_id: str = "") -> str:
-    """Port `port` (from 1) of bridge `index`, the root-side end of a veth pair: sqlab<N>-eth<M><run>."""
-    return f"{BRIDGE_PREFIX}{index}-eth{port}{run_id}"
+    """Port `port` (from 1) of bridge `index`, the root-side end of a veth pair: sqlab<N>p<M><run>."""
+    return f"{BRIDGE_PREFIX}{index}p{port}{run_id}"
+
+
+def fleet_vendors(known_roles) -> dict[str, tuple[str, ...]]:
+    """vendor -> the roles of one of its MFDs, from the catalog's role names.
+
+    A vendor is the <vendor> of a role mfd-<vendor>, or of an embedded-terminal-<vendor> role that
+    extends no other vendor (Brother, OKI: terminals without an MFD role of their own). An MFD runs
+    `mfd`, its vendor's mfd-<vendor> and every embedded-terminal-<vendor>[-<model>] role, a terminal
+    going to the longest vendor it names (embedded-terminal-fuji-xerox-xcp to fuji-xerox-xcp, not
+    fuji-xerox).
+    """
+    mfd_vendors = {r.removeprefix("mfd-") for r in known_roles if r.startswith("mfd-")}
+    terminals = sorted(r.removeprefix(EMBEDDED_TERMINAL) for r in known_roles if r.startswith(EMBEDDED_TERMINAL))
+    vendors = set(mfd_vendors)
+    for terminal in terminals:  # sorted: a base name comes before the names that extend it
+        if not any(terminal == v or terminal.startswith(f"{v}-") for v in vendors):
+            vendors.add(terminal)
+
+    def owner(terminal: str) -> str:
+        return max((v for v in vendors if terminal == v or terminal.startswith(f"{v}-")), key=len)
+
+    return {v: (MFD_ROLE,) + ((f"mfd-{v}",) if v in mfd_vendors else ())
+            + tuple(f"{EMBEDDED_TERMINAL}{t}" for t in terminals if owner(t) == v)
+            for v in sorted(vendors)}
 
 
 def available_topologies() -> list[str]:
@@ -475,6 +509,108 @@ def _parse_transit(path: Path, raw, nodes: list[dict], subnets) -> tuple[ipaddre
     return transit, addresses
 
 
+def _parse_share(path: Path, where: str, value) -> Fraction:
+    """A vendor's share of a fleet, in percent: 40% (or the number 40)."""
+    if isinstance(value, str) and _SHARE.match(value):
+        share = Fraction(_SHARE.match(value)[1])
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf"):
+        share = Fraction(str(value))
+    else:
+        raise _fail(path, where, f"{value!r} is not a share; give a percentage such as 40%")
+    if not 0 < share <= 100:
+        raise _fail(path, where, f"{value!r}: a share is more than 0% and at most 100%; drop a vendor the fleet has none of")
+    return share
+
+
+def _fleet_counts(count: int, shares: dict[str, Fraction]) -> dict[str, int]:
+    """Devices per vendor: largest remainder on the shares, ties to the vendor listed first."""
+    quotas = {v: count * share / 100 for v, share in shares.items()}
+    counts = {v: int(q) for v, q in quotas.items()}  # floor: quotas are non-negative
+    order = list(shares)
+    by_remainder = sorted(order, key=lambda v: (-(quotas[v] - counts[v]), order.index(v)))
+    for vendor in by_remainder[:count - sum(counts.values())]:
+        counts[vendor] += 1
+    return counts
+
+
+def _interleave(counts: dict[str, int]) -> list[str]:
+    """The vendor of each device in order, spread evenly: vendor v's k-th device at (k + 1/2) / n_v of
+    the fleet, ties in the order the mix lists them, so any prefix of the fleet holds every vendor
+    in about its share."""
+    order = list(counts)
+    slots = [(Fraction(2 * k + 1, 2 * n), order.index(v), v) for v, n in counts.items() for k in range(n)]
+    return [v for _key, _index, v in sorted(slots)]
+
+
+def _smallest_prefix(addresses: int) -> int:
+    """The longest prefix whose subnet has this many host addresses."""
+    prefix = 30
+    while prefix > 0 and 2 ** (32 - prefix) - 2 < addresses:
+        prefix -= 1
+    return prefix
+
+
+def _parse_fleet(path: Path, where: str, raw, zname: str, subnet, usable: list, listed: list[HostSpec],
+                 seen_hosts: set[str], known_roles: set[str], room: int) -> list[HostSpec]:
+    """A zone's `fleet:`: `count` MFDs of the vendors in `mix`, as hosts after the listed ones."""
+    _check_keys(path, where, raw, ("count", "name", "mix"), ("count", "mix"))
+    count = raw["count"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise _fail(path, f"{where}.count", f"{count!r}: give the number of devices, a whole number of at least 1")
+    per_zone = BRIDGE_PORTS_MAX - 1
+    if len(listed) + count > per_zone:
+        raise _fail(path, f"{where}.count", f"{len(listed)} listed hosts and {count} devices: a zone's bridge takes at "
+                                            f"most {BRIDGE_PORTS_MAX} ports, one for the firewall node and one per host, "
+                                            f"so a zone holds at most {per_zone} hosts; split the fleet over several zones")
+    if count > room:
+        raise _fail(path, f"{where}.count", f"{count} devices would give the topology more than {MAX_HOSTS} hosts; "
+                                            "make the fleets smaller")
+    name = raw.get("name", FLEET_NAME_DEFAULT)
+    width = max(FLEET_INDEX_DIGITS, len(str(count - 1)))
+    last = f"{name}-{count - 1:0{width}d}" if isinstance(name, str) else ""
+    if not isinstance(name, str) or not FLEET_NAME.match(name) or not HOST_NAME.match(last):
+        raise _fail(path, f"{where}.name", f"{name!r}: devices are named <name>-{'0' * width}, at most 10 chars: "
+                                           f"give lowercase letters/digits/'-', at most {9 - width} chars")
+    vendors = fleet_vendors(known_roles)
+    mix = raw["mix"]
+    if not isinstance(mix, dict) or not mix:
+        raise _fail(path, f"{where}.mix", "expected a mapping of vendor to share, such as {konica-minolta: 60%, ricoh: 40%}")
+    shares = {}
+    for vendor, value in mix.items():
+        if vendor not in vendors:
+            raise _fail(path, f"{where}.mix", f"unknown vendor {vendor!r}; vendors: {', '.join(vendors)}")
+        shares[vendor] = _parse_share(path, f"{where}.mix.{vendor}", value)
+    total = sum(shares.values())
+    if total != 100:
+        raise _fail(path, f"{where}.mix", f"the shares add up to {float(total):g}%; make them add up to 100%")
+    taken = {h.address for h in listed}
+    start = FIRST_HOST_OFFSET - 1 + len(listed)  # after the listed hosts, as another listed host would be
+    addresses = [a for a in (str(u) for u in usable[start:start + count + len(taken)]) if a not in taken][:count]
+    if len(addresses) < count:
+        need = start + count + sum(1 for a in taken if start < len(usable) and ipaddress.ip_address(a) >= usable[start])
+        raise _fail(path, f"{where}.count", f"{count} devices after {len(listed)} listed hosts do not fit {subnet} "
+                                            f"(hosts from .{FIRST_HOST_OFFSET}); give the zone a "
+                                            f"/{_smallest_prefix(need)} or larger subnet")
+    hosts = []
+    for index, (vendor, address) in enumerate(zip(_interleave(_fleet_counts(count, shares)), addresses)):
+        hname = f"{name}-{index:0{width}d}"
+        if hname in seen_hosts:
+            raise _fail(path, f"{where}.name", f"device {hname} has the name of another node; give the fleet another name")
+        seen_hosts.add(hname)
+        hosts.append(HostSpec(hname, zname, address, vendors[vendor]))
+    return hosts
+
+
+def _check_link_names(path: Path, zones: list[Zone], transit_ports: int) -> None:
+    """Every link a run names in the host's namespace fits Linux's INTERFACE_MAX chars."""
+    sizes = [len(z.hosts) + 1 for z in zones] + ([transit_ports] if transit_ports else [])
+    for index, size in enumerate(sizes, start=1):
+        for name in (bridge_name(index, "run"), port_name(index, size, "run")):
+            if len(name) > INTERFACE_MAX:
+                raise _fail(path, "zones", f"the lab would name a link {name} (<run> being 3 chars), longer than "
+                                           f"Linux's {INTERFACE_MAX} chars; use fewer zones or fewer hosts per zone")
+
+
 def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
     _check_keys(path, "top level", raw, ("name", "description", "firewall", "firewalls", "transit", "profile", "zones"),
                 ("name", "zones"))
@@ -487,7 +623,7 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
     zones, seen_hosts, subnets = [], {n["name"] for n in nodes}, []
     for zi, zraw in enumerate(raw["zones"]):
         zwhere = f"zones[{zi}]"
-        _check_keys(path, zwhere, zraw, ("name", "subnet", "link", "hosts", "description"), ("name", "subnet", "hosts"))
+        _check_keys(path, zwhere, zraw, ("name", "subnet", "link", "hosts", "fleet", "description"), ("name", "subnet"))
         zname = zraw["name"]
         if not isinstance(zname, str) or not ZONE_NAME.match(zname):
             raise _fail(path, f"{zwhere}.name", f"{zname!r}: lowercase letters/digits, at most 12 chars")
@@ -515,12 +651,13 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
             if subnet.overlaps(other):
                 raise _fail(path, f"{zwhere}.subnet", f"{subnet} overlaps zone {other_name} ({other}); give each zone a subnet of its own")
         subnets.append((zname, subnet))
-        if not isinstance(zraw["hosts"], list) or not zraw["hosts"]:
-            raise _fail(path, f"{zwhere}.hosts", "expected a non-empty list of hosts")
+        listed = zraw.get("hosts", [])
+        if not isinstance(listed, list) or not (listed or "fleet" in zraw):
+            raise _fail(path, f"{zwhere}.hosts", "expected a non-empty list of hosts (or a fleet: of devices)")
         usable = list(subnet.hosts())
         gateway = str(usable[0])
         hosts = []
-        for hi, hraw in enumerate(zraw["hosts"]):
+        for hi, hraw in enumerate(listed):
             hwhere = f"{zwhere}.hosts[{hi}]"
             _check_keys(path, hwhere, hraw, ("name", "roles", "address", "link", "rules", "description"), ("name", "roles"))
             hname = hraw["name"]
@@ -554,13 +691,23 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
         addresses = [h.address for h in hosts]
         if len(set(addresses)) != len(addresses):
             raise _fail(path, f"{zwhere}.hosts", "two hosts share an address")
+        if len(hosts) > BRIDGE_PORTS_MAX - 1:
+            raise _fail(path, f"{zwhere}.hosts", f"{len(hosts)} hosts: a zone's bridge takes at most {BRIDGE_PORTS_MAX} "
+                                                 f"ports, one for the firewall node and one per host; split the zone")
+        if "fleet" in zraw:
+            room = MAX_HOSTS - sum(len(z.hosts) for z in zones) - len(hosts)
+            hosts += _parse_fleet(path, f"{zwhere}.fleet", zraw["fleet"], zname, subnet, usable, hosts, seen_hosts,
+                                  known_roles, room)
         zones.append(Zone(zname, subnet, gateway, tuple(hosts), _parse_link(path, f"{zwhere}.link", zraw.get("link"))))
     zone_names = [z.name for z in zones]
     for node in nodes:
         for zone in node["zones"] or ():
             if zone not in zone_names:
                 raise _fail(path, f"{node['where']}.zones", f"unknown zone {zone!r}; zones: {', '.join(zone_names)}")
+    if sum(len(z.hosts) for z in zones) > MAX_HOSTS:
+        raise _fail(path, "zones", f"{sum(len(z.hosts) for z in zones)} hosts; the lab takes at most {MAX_HOSTS}")
     transit, transit_addresses = _parse_transit(path, raw, nodes, subnets)
+    _check_link_names(path, zones, len(nodes) if transit is not None else 0)
     firewalls = []
     for node, transit_address in zip(nodes, transit_addresses):
         owned = tuple(z for z in zone_names if node["zones"] is None or z in node["zones"])

@@ -1,4 +1,5 @@
-"""Benchmark: a full audit of a topology (default single-site), timed per phase, with peak memory.
+"""Benchmark: full audits of topologies (default single-site and fleet-200), timed per phase, with
+peak memory, against nmap over the same (host, port) pairs.
 
 `tox -e bench` (root). Prints a table; numbers are measurements, nothing is asserted here.
 """
@@ -6,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import roles
 from emulator import rules
-from emulator.audit import run_audit
+from emulator.audit import probe_targets, run_audit
 from emulator.catalog import load_catalog
 from emulator.lab import Lab
 from emulator.plan import audit_plan
@@ -27,10 +30,10 @@ def _mem_available_kib() -> int:
     return 0
 
 
-def _rss_kib(pid: int) -> int:
+def _pss_kib(pid: int) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -38,23 +41,44 @@ def _rss_kib(pid: int) -> int:
 
 
 class MemorySampler(threading.Thread):
-    """Samples the machine's used memory and the lab processes' summed RSS."""
+    """Samples the machine's used memory and the lab processes' summed PSS (shared pages split fairly)."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
         self.interval, self.baseline = interval, _mem_available_kib()
-        self.peak_used = self.peak_rss = 0
+        self.peak_used = self.peak_pss = 0
         self.stopping = threading.Event()
 
     def run(self):
         while not self.stopping.is_set():
             self.peak_used = max(self.peak_used, self.baseline - _mem_available_kib())
-            self.peak_rss = max(self.peak_rss, sum(_rss_kib(p) for p in _our_processes()))
+            self.peak_pss = max(self.peak_pss, sum(_pss_kib(p) for p in _our_processes()))
             self.stopping.wait(self.interval)
 
     def stop(self):
         self.stopping.set()
         self.join()
+
+
+def nmap_seconds(lab, targets: dict[str, list]) -> tuple[float, int]:
+    """`nmap -sT -T4` from each client host over exactly the TCP (server, port) pairs it probes: one
+    nmap per (client, server), a client's runs in sequence, all clients at once. (seconds, pairs)"""
+    commands, pairs = {}, 0
+    for host, host_targets in targets.items():
+        by_server: dict[str, set[int]] = {}
+        for target in host_targets:
+            if target.transport == "tcp":
+                by_server.setdefault(target.host, set()).add(target.port)
+        pairs += sum(map(len, by_server.values()))
+        if by_server:
+            commands[host] = "; ".join(f"nmap -sT -T4 -Pn -n -oG - -p {','.join(map(str, sorted(ports)))} {server}"
+                                       for server, ports in sorted(by_server.items()))
+    started = time.monotonic()
+    procs = [lab.node(host).popen(["sh", "-c", command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for host, command in commands.items()]
+    for proc in procs:
+        proc.wait()
+    return time.monotonic() - started, pairs
 
 
 # stateful and default-drop with no accept at all: every required flow is dropped
@@ -67,41 +91,51 @@ COMMIT
 """
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bench")
-    parser.add_argument("--topology", default="single-site")
-    parser.add_argument("--runs", type=int, default=1)
-    args = parser.parse_args(argv)
-    catalog = load_catalog()
-    topology = load_topology(args.topology)
+def bench(topology_name: str, run: int, catalog) -> tuple:
+    topology = load_topology(topology_name)
     checks = audit_plan(catalog, topology)
     generated = rules.generate(topology, checks)
     drop = rules.Ruleset("iptables", DEFAULT_DROP, "default drop")
-    rows = []
-    for run in range(1, args.runs + 1):
-        sampler = MemorySampler()
-        sampler.start()
-        started = time.monotonic()
-        with Lab(topology, catalog) as lab:
-            audits = []
-            for ruleset in (generated, drop):
-                lab.apply_rules(ruleset)
-                audits.append(run_audit(lab, checks, ruleset.source, rulesets={topology.firewall: ruleset}))
-        total = time.monotonic() - started
-        sampler.stop()
-        good, closed = audits
-        rows.append((run, len(topology.hosts), sum(c.kind == "required" for c in checks),
-                     sum(c.kind == "exposure" for c in checks), lab.timings["build"], lab.timings["start"],
-                     good.timings["probe"], good.timings["sweep"], closed.timings["probe"], closed.timings["sweep"],
-                     lab.timings["teardown"], total, sampler.peak_used / 1024, sampler.peak_rss / 1024,
-                     f"{good.exit_status}/{closed.exit_status}"))
-    header = ("run", "hosts", "required", "knocks", "build s", "start s", "probe s (generated)", "sweep s (generated)",
-              "probe s (default drop)", "sweep s (default drop)", "teardown s", "total s",
-              "peak used MiB", "peak lab RSS MiB", "exit")
-    print(f"\nfull audits of topology {topology.name} ({len(checks)} checks), generated rules then default drop")
-    print(" | ".join(header))
-    for row in rows:
-        print(" | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row))
+    sampler = MemorySampler()
+    sampler.start()
+    started = time.monotonic()
+    with Lab(topology, catalog) as lab:
+        listeners = sum(len(roles.daemon_spec(h.name, h.roles, None, catalog)["listeners"]) for h in topology.hosts)
+        audits = []
+        for ruleset in (generated, drop):
+            lab.apply_rules(ruleset)
+            audits.append(run_audit(lab, checks, ruleset.source, rulesets={topology.firewall: ruleset}))
+        lab.apply_rules(generated)
+        nmap, pairs = nmap_seconds(lab, probe_targets(checks, topology))
+    total = time.monotonic() - started
+    sampler.stop()
+    good, closed = audits
+    hosts = len(topology.hosts)
+    return (topology.name, run, hosts, listeners, sum(c.kind == "required" for c in checks),
+            sum(c.kind == "exposure" for c in checks), lab.timings["build"], lab.timings["start"],
+            1000 * lab.timings["start"] / hosts, good.timings["probe"], good.timings["sweep"],
+            closed.timings["probe"], closed.timings["sweep"], lab.timings["teardown"], total,
+            sampler.peak_used / 1024, sampler.peak_pss / 1024, sampler.peak_pss / 1024 / hosts,
+            pairs, nmap, good.timings["probe"] / nmap if nmap else 0.0, f"{good.exit_status}/{closed.exit_status}")
+
+
+HEADER = ("topology", "run", "hosts", "listeners", "required", "knocks", "build s", "start s", "start ms/host",
+          "probe s (generated)", "sweep s (generated)", "probe s (default drop)", "sweep s (default drop)",
+          "teardown s", "total s", "peak used MiB", "peak lab PSS MiB", "PSS MiB/host", "nmap tcp pairs",
+          "nmap s", "probe/nmap")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--topology", action="append", help="repeatable; default: single-site and fleet-200")
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args(argv)
+    catalog = load_catalog()
+    rows = [bench(name, run, catalog) for name in (args.topology or ["single-site", "fleet-200"])
+            for run in range(1, args.runs + 1)]
+    print("\nfull audits (generated rules, then default drop), then nmap over the audit's TCP probe pairs")
+    for name, row in zip(HEADER, zip(*rows)):  # one column per run: the table stays readable
+        print(f"{name:24} " + " ".join(f"{v:>14.2f}" if isinstance(v, float) else f"{v!s:>14}" for v in row))
     print(f"bench process max RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return 0
 

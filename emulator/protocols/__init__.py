@@ -58,6 +58,15 @@ def preload() -> None:
         _load(name)
 
 
+def warm() -> None:
+    """Import every protocol module and let each build what all its listeners share (a module's
+    optional `warm()`): done once in the zygote, before it forks the daemons."""
+    for name in sorted(set(PROTOCOLS.values())):
+        module = _load(name)
+        if module is not None and hasattr(module, 'warm'):
+            module.warm()
+
+
 def listen(reactor, listener: Listener, persona: Persona,
            on_request: Callable[[dict[str, Any]], None] | None = None,
            interface: str = '') -> IListeningPort:

@@ -345,6 +345,10 @@ def load_surface(path: str = str(DATA_FILE)) -> Surface:
         return parse_surface(yaml.safe_load(handle))
 
 
+def warm() -> None:
+    load_surface()
+
+
 # --- templates (shared by server replies and probe checks) -----------------------------------
 
 _FORMATTER = string.Formatter()

@@ -1,0 +1,288 @@
+"""Zygote: one process imports every protocol once, then forks each lab host's role daemon.
+
+A role daemon started as its own interpreter costs about 57 MiB and a fifth of a CPU second to
+import Twisted, pysnmp, ldaptor, pyftpdlib and the lab's protocol modules. The zygote pays that
+once: it imports them all, freezes what it built out of the garbage collector's reach
+(`gc.freeze`, so a collection in a child does not touch, and copy, the shared pages), and forks
+one child per host. The child enters the host's network namespace (`setns`), then runs
+`emulator.roled` exactly as a separate process would; the reactor is only imported after the
+fork, so no child shares an epoll descriptor with another.
+
+Wire protocol, one line each way (stdin: JSON jobs; stdout: events, each written with a single
+`write`, so children sharing the pipe never interleave):
+
+    stdin   {"host": "mfd-0001", "netns": <pid of a process in the host's namespace>,
+             "spec": "/run/.../mfd-0001.json", "stderr": "/run/.../mfd-0001.stderr"}
+    stdout  READY - zygote          once everything is imported
+            SPAWNED <host> <pid>    the child exists
+            READY <host> <n>        its n listeners are bound (roled's handshake)
+            ERROR <host> <reason>   it could not start (a bad job, namespace or spec)
+            EXITED <host> <status>  reaped; status as subprocess gives it (negative: killed by signal)
+
+End of stdin (the lab finished, or was killed) makes the zygote stop its children and exit.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+CLONE_NEWNET = 0x40000000
+STOP_WAIT = 5.0  # seconds children get to stop after SIGTERM before SIGKILL
+ZYGOTE = "zygote"
+
+
+# -- the zygote ------------------------------------------------------------------------------------
+def _write(line: str) -> None:
+    os.write(1, (" ".join(line.split("\n")) + "\n").encode(errors="replace"))
+
+
+def _enter_network_namespace(pid: int) -> None:
+    # os.setns arrived in Python 3.12; Debian 12 has 3.11
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into the network namespace of pid {pid}")
+    finally:
+        os.close(fd)
+
+
+def _parse_job(line: str) -> dict:
+    job = json.loads(line)
+    if not isinstance(job, dict) or not isinstance(job.get("host"), str) or not job["host"].isprintable() \
+            or " " in job["host"] or not job["host"]:
+        raise ValueError("a job needs a host name without spaces")
+    if not isinstance(job.get("netns"), int) or job["netns"] <= 0:
+        raise ValueError("netns must be the pid of a process in the host's namespace")
+    for key in ("spec", "stderr"):
+        if not isinstance(job.get(key), str) or not job[key]:
+            raise ValueError(f"{key} must be a path")
+    return job
+
+
+def _child(job: dict) -> None:
+    """Become `job`'s role daemon; never returns."""
+    from emulator import roled
+
+    status = roled.EXIT_SPEC
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        os.setsid()  # the terminal's Ctrl-C is the lab's to handle, not its daemons'
+        stderr = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        sys.stdout = sys.stderr  # fd 1 is the zygote's event pipe: only `say` writes there
+        _enter_network_namespace(job["netns"])
+        host = job["host"]
+
+        def say(line: str) -> None:
+            word, _, rest = line.partition(" ")
+            _write(f"{word} {host} {rest}")
+
+        status = roled.main([job["spec"]], say=say)
+    except BaseException as exc:  # noqa: BLE001 - whatever it is, the lab must hear of it, then we exit
+        traceback.print_exc()
+        _write(f"ERROR {job['host']} {exc.__class__.__name__}: {exc}")
+        status = status or 1
+    finally:
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def _status(wait_status: int) -> int:
+    return -os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else os.WEXITSTATUS(wait_status)
+
+
+def serve() -> int:
+    from emulator import protocols, roled  # noqa: F401 - imported here once, for every child
+
+    protocols.warm()
+    children: dict[int, str] = {}
+
+    def reap(*_args) -> None:
+        while children:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            _write(f"EXITED {children.pop(pid, '?')} {_status(wait_status)}")
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the lab stops us (end of stdin), never the terminal
+    signal.signal(signal.SIGCHLD, reap)
+    gc.collect()
+    gc.freeze()
+    _write(f"READY - {ZYGOTE}")
+    for line in sys.stdin:
+        try:
+            job = _parse_job(line)
+        except ValueError as exc:
+            _write(f"ERROR - bad job: {exc}")
+            continue
+        # a child that dies at once must not be reaped before it is known
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(job)
+            children[pid] = job["host"]
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+        _write(f"SPAWNED {job['host']} {pid}")
+    _stop(children, reap)
+    return 0
+
+
+def _stop(children: dict[int, str], reap) -> None:
+    for pid in list(children):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_WAIT
+    while children and time.monotonic() < deadline:
+        time.sleep(0.05)
+        reap()
+    for pid in list(children):
+        _signal(pid, signal.SIGKILL)
+    while children:
+        try:
+            pid, wait_status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        _write(f"EXITED {children.pop(pid, '?')} {_status(wait_status)}")
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+# -- the lab's side ---------------------------------------------------------------------------------
+@dataclass
+class Daemon:
+    """A host's role daemon as the zygote reports it."""
+    host: str
+    pid: int = 0
+    said: str = ""  # its READY or ERROR line, once it said one
+    returncode: int | None = None  # once reaped
+
+    @property
+    def started(self) -> bool:
+        return bool(self.said) or self.returncode is not None
+
+
+@dataclass
+class Zygote:
+    """The lab's handle on a zygote process: spawn daemons, watch them, stop them."""
+    proc: subprocess.Popen
+    daemons: dict[str, Daemon] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # ERROR lines about no particular host
+    ready: bool = False
+    closed: bool = False  # its stdout reached end of file: the zygote is gone
+
+    def __post_init__(self) -> None:
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, name="zygote-events", daemon=True).start()
+
+    @classmethod
+    def launch(cls, python: str, env: dict[str, str], stderr_path: str) -> "Zygote":
+        """Start a zygote; it imports in the background (see `await_ready`)."""
+        with open(stderr_path, "w") as stderr:
+            proc = subprocess.Popen([python, "-m", "emulator.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=stderr, env=env, text=True, start_new_session=True)
+        return cls(proc)
+
+    def await_ready(self, timeout: float) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.ready or self.closed, timeout):
+                raise TimeoutError(f"the zygote did not import the protocols within {timeout:.0f}s")
+        if not self.ready:
+            raise RuntimeError(f"the zygote exited with status {self.proc.wait()}")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            event, _, rest = line.rstrip("\n").partition(" ")
+            host, _, detail = rest.partition(" ")
+            with self._changed:
+                if event == "READY" and detail == ZYGOTE:
+                    self.ready = True
+                elif host == "-" or host not in self.daemons:
+                    self.errors.append(f"{event} {rest}")
+                elif event == "SPAWNED":
+                    self.daemons[host].pid = int(detail)
+                elif event in ("READY", "ERROR"):
+                    self.daemons[host].said = self.daemons[host].said or f"{event} {detail}".strip()
+                elif event == "EXITED":
+                    self.daemons[host].returncode = int(detail)
+                self._changed.notify_all()
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    def spawn(self, host: str, netns_pid: int, spec: str, stderr: str) -> None:
+        with self._changed:
+            self.daemons[host] = Daemon(host)
+        self.proc.stdin.write(json.dumps({"host": host, "netns": netns_pid, "spec": spec, "stderr": stderr}) + "\n")
+        self.proc.stdin.flush()
+
+    def await_started(self, hosts, timeout: float) -> list[str]:
+        """Wait until every host's daemon said READY or ERROR, or exited; the hosts still silent."""
+        hosts = list(hosts)
+        with self._changed:
+            self._changed.wait_for(lambda: self.closed or all(self.daemons[h].started for h in hosts), timeout)
+            return [h for h in hosts if not self.daemons[h].started]
+
+    def pids(self) -> list[int]:
+        with self._changed:
+            return [d.pid for d in self.daemons.values() if d.pid and d.returncode is None]
+
+    def stop(self, hosts=None, timeout: float = STOP_WAIT) -> None:
+        """SIGTERM the hosts' daemons (all by default) at once, SIGKILL what is left after `timeout`."""
+        with self._changed:
+            chosen = [self.daemons[h] for h in (self.daemons if hosts is None else hosts)]
+        for signum, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
+            with self._changed:
+                live = [d for d in chosen if d.pid and d.returncode is None]
+            for daemon in live:
+                _signal(daemon.pid, signum)
+            with self._changed:
+                if self._changed.wait_for(lambda: self.closed or all(d.returncode is not None for d in live), wait):
+                    return
+
+    def close(self, timeout: float = STOP_WAIT) -> None:
+        """Stop every daemon, then the zygote itself (end of its stdin)."""
+        if self.proc.poll() is None:
+            self.stop(timeout=timeout)
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        for pid in self.pids():
+            _signal(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(serve())
