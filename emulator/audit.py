@@ -25,6 +25,7 @@ from emulator.rules import Ruleset
 from emulator.topology import Topology
 
 PROBE_TIMEOUT = 5.0
+DROPPED_TIMEOUT = 0.5  # seconds a probe waits when a knock already showed its first packet dropped
 KNOCK_WAIT = 3.0     # seconds the first firewall of each path may take to count every knock
 KNOCK_SETTLE = 0.05  # then for the knocks to cross the later firewalls of a path
 RETRIED = ("silent", "timeout")  # unanswered probes the firewalls passed: probed once more, alone
@@ -97,7 +98,8 @@ class AuditReport:
 
 # -- probing -------------------------------------------------------------------------------------
 def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROBE_TIMEOUT,
-                  ca_file: str = "") -> dict[str, list[ProbeTarget]]:
+                  ca_file: str = "", dropped: set[int] = frozenset()) -> dict[str, list[ProbeTarget]]:
+    """Each client host's probes; those of `dropped` checks (first packet dropped) wait DROPPED_TIMEOUT."""
     by_host: dict[str, list[ProbeTarget]] = {h.name: [] for h in topology.hosts}
     for index, check in enumerate(checks):
         if check.kind != CheckKind.REQUIRED:
@@ -105,7 +107,8 @@ def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROB
         ep = check.endpoint
         by_host[check.client_host].append(ProbeTarget(
             id=str(index), host=topology.host(check.server_host).address, transport=ep.transport,
-            protocol=ep.protocol, port=ep.port, security=ep.security, timeout=timeout,
+            protocol=ep.protocol, port=ep.port, security=ep.security,
+            timeout=min(timeout, DROPPED_TIMEOUT) if index in dropped else timeout,
             size=PAYLOAD_SIZES.get(ep.protocol, 1024), flow=check.flow_id or "",
             server_name=server_name(check.server_host), ca_file=ca_file,
             options={**roles.probe_options(check.flow_id or ""), **({"mode": check.variant} if check.variant else {})}))
@@ -115,10 +118,34 @@ def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROB
 def knocks_by_host(checks: list[Check], topology: Topology) -> dict[str, list[list]]:
     by_host: dict[str, list[list]] = defaultdict(list)
     for check in checks:
-        if check.kind == CheckKind.EXPOSURE:
-            ep = check.endpoint
-            by_host[check.client_host].append([topology.host(check.server_host).address, ep.transport, ep.port])
+        ep = check.endpoint
+        by_host[check.client_host].append([topology.host(check.server_host).address, ep.transport, ep.port])
     return by_host
+
+
+def _first_packet_dropped(lab, nodes, checks: list[Check], topology: Topology) -> set[int]:
+    """Indexes of the required checks whose first packet a filtering node drops, learnt from one knock
+    each: their probes need not wait a whole timeout for an answer that cannot come. The probe still
+    runs (traced), so its verdict rests on its own packets like any other."""
+    knocked = [i for i, c in enumerate(checks) if c.kind == CheckKind.REQUIRED and c.enforcers
+               and (c.endpoint.transport == "icmp" or c.endpoint.transport in ("tcp", "udp") and c.endpoint.port)
+               and c.client_host != c.server_host]
+    if not knocked:
+        return set()
+    records, complete, _errors = _sweep(lab, nodes, [checks[i] for i in knocked], topology, {})
+    dropped = set()
+    for index in knocked:
+        check = checks[index]
+        key = (topology.host(check.client_host).address, topology.host(check.server_host).address,
+               check.endpoint.transport, check.endpoint.port)
+        for enforcer in check.enforcers:
+            record = records[enforcer.node]
+            fate = record.fate(*key) if key[2] == "icmp" else record.knocked(*key, complete[enforcer.node])
+            if fate.dropped:
+                dropped.add(index)
+            if not fate.passed:
+                break
+    return dropped
 
 
 # -- evidence -------------------------------------------------------------------------------------
@@ -178,7 +205,7 @@ def _probe(lab, nodes, targets: dict[str, list[ProbeTarget]]):
 def _knock(lab, exposures: list[Check], topology: Topology) -> list[str]:
     """Send the knocks, then wait until each path's first node has counted its share (or give up)."""
     errors = lab.run_knocks(knocks_by_host(exposures, topology))
-    first = Counter(c.enforcers[0].node for c in exposures)
+    first = Counter(c.enforcers[0].node for c in exposures if c.endpoint.transport != "icmp")  # pings are not counted
     deadline = time.monotonic() + KNOCK_WAIT
     while time.monotonic() < deadline:
         counted = {node: witness.parse_record(node, lab.nft(node, ["list", "counter", "inet", witness.TABLE,
@@ -192,13 +219,14 @@ def _knock(lab, exposures: list[Check], topology: Topology) -> list[str]:
 
 
 def _sweep(lab, nodes, exposures: list[Check], topology: Topology, dead: dict[str, str]):
-    """Knock every exposure port -> (the nodes' records, per node: did it count every knock due, errors)."""
+    """Knock every check's port (exposures, or required flows) -> (the nodes' records, per node: did
+    it count every knock due, errors)."""
     errors = _knock(lab, [c for c in exposures if c.client_host not in dead], topology)
     records = _read_records(lab, nodes)
     due: Counter = Counter()
     for check in exposures:
-        if check.client_host in dead:
-            continue  # never sent
+        if check.client_host in dead or check.endpoint.transport == "icmp":
+            continue  # never sent, or a ping: listed, never counted
         key = (topology.host(check.client_host).address, topology.host(check.server_host).address,
                check.endpoint.transport, check.endpoint.port)
         for enforcer in check.enforcers:
@@ -224,7 +252,8 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     timings: dict[str, float] = {}
 
     started = time.monotonic()
-    targets = probe_targets(checks, topology, timeout, lab.ca_file)
+    dropped = _first_packet_dropped(lab, nodes, checks, topology)
+    targets = probe_targets(checks, topology, timeout, lab.ca_file, dropped)
     results, records, traces = _probe(lab, nodes, targets)
     timings["probe"] = time.monotonic() - started
 
@@ -252,8 +281,9 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     started = time.monotonic()
     again = [i for i, v in verdicts.items() if v.verdict == Verdict.BROKEN and v.observed in RETRIED]
     if again:
-        wanted = {str(i) for i in again}
-        subset = {host: [t for t in ts if t.id in wanted] for host, ts in targets.items()}
+        wanted = {str(i) for i in again}  # with the whole timeout, whatever a knock said
+        subset = {host: [t for t in ts if t.id in wanted]
+                  for host, ts in probe_targets(checks, topology, timeout, lab.ca_file).items()}
         retried, retried_records, retried_traces = _probe(lab, nodes, subset)
         verdicts.update(judged(again, retried, retried_records))
         traces = _merge(traces, retried_traces)

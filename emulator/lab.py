@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import roles
-from emulator import pki, state
+from emulator import pki, schedule, state
 from emulator.catalog import Catalog, load_catalog
 from emulator.errors import LabError
 from emulator.protocols.base import ProbeResult, ProbeTarget
@@ -46,7 +46,6 @@ from emulator.trace import MONITOR_COMMAND, TRACE_TABLE, TRACE_TABLE_NAME
 from emulator.zygote import Zygote
 
 DAEMON_READY_TIMEOUT = 60.0
-PROBE_CONCURRENCY = 1024  # one wave: a dropped SYN costs one timeout per host, not one per 256 probes
 PROBE_JOB_TIMEOUT = 600.0
 COMMAND_TIMEOUT = 60.0
 TRACE_LISTEN_TIMEOUT = 10.0  # until `nft monitor trace` has joined the kernel's trace group
@@ -674,25 +673,24 @@ class Lab:
             return {"error": "the daemon's answer is not JSON"}
 
     def run_probes(self, targets_by_host: dict[str, list[ProbeTarget]],
-                   concurrency: int = PROBE_CONCURRENCY) -> dict[str, ProbeResult]:
-        """Every host probes from inside its namespace (its daemon does), all hosts at once.
+                   cap: int = schedule.HOST_IN_FLIGHT) -> dict[str, ProbeResult]:
+        """Every host probes from inside its namespace (its daemon does), in jobs spread so that no
+        host has more than `cap` probes in flight as client or server (emulator.schedule).
 
-        A host whose daemon cannot run its job gets outcome 'error' on each of its targets (a
-        lab fault on those checks), the other hosts' results stand.
+        A host whose daemon cannot run a job gets outcome 'error' on each of its targets (a lab
+        fault on those checks), the other hosts' results stand.
         """
-        def run(host: str) -> list[ProbeResult]:
-            targets = targets_by_host[host]
-            answer = self._control(host, {"targets": [t.to_dict() for t in targets], "concurrency": concurrency})
+        def run(job: schedule.Job) -> list[ProbeResult]:
+            answer = self._control(job.client, {"targets": [t.to_dict() for t in job.targets],
+                                                "concurrency": len(job.targets)})
             if "error" in answer:
-                detail = f"prober on {host} unavailable: {answer['error']}"
-                return [ProbeResult(t.id, "error", 0.0, detail=detail) for t in targets]
+                detail = f"prober on {job.client} unavailable: {answer['error']}"
+                return [ProbeResult(t.id, "error", 0.0, detail=detail) for t in job.targets]
             return [ProbeResult.from_dict(r) for r in answer["results"]]
 
-        hosts = [h for h, targets in targets_by_host.items() if targets]
-        results: dict[str, ProbeResult] = {}
-        for batch in _each(run, hosts):
-            results.update((r.id, r) for r in batch)
-        return results
+        addresses = {h.name: h.address for h in self.topology.hosts}
+        jobs = schedule.make_jobs({h: t for h, t in targets_by_host.items() if t}, addresses)
+        return {r.id: r for r in schedule.run_jobs(jobs, run, cap)}
 
     def run_knocks(self, plan: Mapping[str, list]) -> list[str]:
         """Each host sends the first packet of a connection to each of its [address, transport, port]; the errors."""

@@ -75,6 +75,7 @@ class HostSpec:
     roles: tuple[str, ...]
     link: LinkShape = LinkShape()
     rules: Path | None = None  # the host's own firewall (INPUT/OUTPUT), loaded when the lab is built
+    fleet: str = ""  # the fleet (its name) that declared this device, "" for a listed host
 
 
 @dataclass(frozen=True)
@@ -597,7 +598,7 @@ def _parse_fleet(path: Path, where: str, raw, zname: str, subnet, usable: list, 
         if hname in seen_hosts:
             raise _fail(path, f"{where}.name", f"device {hname} has the name of another node; give the fleet another name")
         seen_hosts.add(hname)
-        hosts.append(HostSpec(hname, zname, address, vendors[vendor]))
+        hosts.append(HostSpec(hname, zname, address, vendors[vendor], fleet=name))
     return hosts
 
 
