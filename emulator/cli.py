@@ -29,6 +29,7 @@ from emulator.errors import LabError
 EXIT_USAGE = 4
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
+MAX_HOSTS_LISTED = 60  # `up` lists hosts by name up to this many (a fleet has thousands)
 MAX_TIMEOUT = 600.0  # seconds a probe may take; more is a typo, not a slow network
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
@@ -384,14 +385,12 @@ def _cmd_up(args) -> int:
     rulesets = _rulesets(args.rules, topology, checks, args.certs)
     with Lab(topology, certs_dir=args.certs) as lab:
         lab.apply_rules(rulesets)
-        from mininet.cli import CLI
-        from mininet.log import setLogLevel
-
-        setLogLevel("output")  # the CLI prints host command output at this level
-
+        names = [h.name for h in topology.hosts]
+        shown = ", ".join(names) if len(names) <= MAX_HOSTS_LISTED else (
+            f"{', '.join(names[:MAX_HOSTS_LISTED])} ... {names[-1]} ({len(names)} hosts)")
         print(f"safeq-lab: {topology.name} is up with rules from {_describe_rules(rulesets)}; "
-              f"hosts: {', '.join(h.name for h in topology.hosts)}. Type `exit` to tear it down.")
-        CLI(lab.net)
+              f"hosts: {shown}. Type `exit` to tear it down.")
+        lab.console()
     return 0
 
 

@@ -720,6 +720,24 @@ class Lab:
     def node(self, name: str):
         return self.net.get(name)
 
+    def console(self, script: str | None = None) -> None:
+        """Mininet's CLI on this lab (`<host> <command>` runs inside the host), or the commands of `script`."""
+        from mininet.cli import CLI
+        from mininet.log import setLogLevel
+
+        class LabCLI(CLI):
+            identchars = CLI.identchars + "-"  # host names like mfd-0999 start a command, as `h1 ping` does
+
+        setLogLevel("output")  # the CLI prints host command output at this level
+        try:
+            if script is None:
+                LabCLI(self.net)
+            else:
+                with open(os.devnull) as nothing:  # Mininet polls stdin even when it runs a script
+                    LabCLI(self.net, stdin=nothing, script=script)
+        finally:
+            setLogLevel("error")
+
 
 def _each(fn: Callable, items: list) -> list:
     """fn over items, one thread each; an interrupt does not wait for the threads (teardown ends

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import json
 import os
 import signal
@@ -36,6 +37,8 @@ import traceback
 from dataclasses import dataclass, field
 
 CLONE_NEWNET = 0x40000000
+REACTOR_MODULES = ("twisted.internet.epollreactor", "twisted.internet.tcp", "twisted.internet.udp",
+                   "twisted.internet.unix", "twisted.internet.ssl", "twisted.internet._sslverify")
 STOP_WAIT = 5.0  # seconds children get to stop after SIGTERM before SIGKILL
 ZYGOTE = "zygote"
 
@@ -111,6 +114,9 @@ def serve() -> int:
     from emulator import protocols, roled  # noqa: F401 - imported here once, for every child
 
     protocols.warm()
+    # the reactor's modules, not the reactor: installing it would open one epoll for every child
+    for module in REACTOR_MODULES:
+        importlib.import_module(module)
     children: dict[int, str] = {}
 
     def reap(*_args) -> None:

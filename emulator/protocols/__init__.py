@@ -61,6 +61,9 @@ def preload() -> None:
 def warm() -> None:
     """Import every protocol module and let each build what all its listeners share (a module's
     optional `warm()`): done once in the zygote, before it forks the daemons."""
+    from . import tls
+
+    tls.warm()
     for name in sorted(set(PROTOCOLS.values())):
         module = _load(name)
         if module is not None and hasattr(module, 'warm'):

@@ -31,6 +31,23 @@ def _server_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
                                   extraCertChain=chain or None)
 
 
+def warm() -> None:
+    """Initialise OpenSSL and Twisted's TLS plumbing with a throwaway certificate, server and client
+    side: in the zygote, before it forks, so no daemon builds (and copies) them again."""
+    from cryptography.hazmat.primitives import serialization
+
+    from emulator.pki import LabCA
+
+    ca = LabCA()
+    cert, key = ca.issue("warm", "127.0.0.1")
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    private = ssl.PrivateCertificate.loadPEM(pem)
+    ssl.CertificateOptions(privateKey=private.privateKey.original, certificate=private.original).getContext()
+    trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(ca.cert.public_bytes(serialization.Encoding.PEM))])
+    ssl.optionsForClientTLS("warm", trustRoot=trust)
+
+
 def server_options(persona: Persona) -> ssl.CertificateOptions:
     if not (persona.cert_file and persona.key_file):
         raise TLSMaterialMissing(f"{persona.host}: a TLS listener needs persona cert_file and key_file")
