@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import roles
-from emulator import pki, schedule, state
+from emulator import jobs, pki, schedule, state
 from emulator.catalog import Catalog, load_catalog
 from emulator.errors import LabError
 from emulator.protocols.base import ProbeResult, ProbeTarget
@@ -652,25 +652,22 @@ class Lab:
     def _control_socket(self, host: str) -> Path:
         return self.run_dir / f"{host}.ctl"
 
-    def _control(self, host: str, job: dict) -> dict:
-        """One job to a host's daemon over its control socket; {'error': ...} when it cannot answer."""
+    def _control(self, host: str, job: jobs.Job) -> jobs.Reply:
+        """One job to a host's daemon over its control socket (emulator.jobs); JobError when it cannot answer."""
         if not self.daemon_alive(host):
             why = self.dead_daemons().get(host, "no daemon")
-            return {"error": f"its daemon is not running ({why})"}
+            return jobs.JobError(f"its daemon is not running ({why})")
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
                 control.settimeout(PROBE_JOB_TIMEOUT)
                 control.connect(str(self._control_socket(host)))
-                control.sendall(json.dumps(job).encode() + b"\n")
+                control.sendall(job.to_line())
                 reply = control.makefile("rb").readline()
         except OSError as exc:
-            return {"error": f"control socket: {exc.strerror or exc}"}
+            return jobs.JobError(f"control socket: {exc.strerror or exc}")
         if not reply:
-            return {"error": "the daemon closed the control socket"}
-        try:
-            return json.loads(reply)
-        except ValueError:
-            return {"error": "the daemon's answer is not JSON"}
+            return jobs.JobError("the daemon closed the control socket")
+        return jobs.parse_reply(reply)
 
     def run_probes(self, targets_by_host: dict[str, list[ProbeTarget]],
                    cap: int = schedule.HOST_IN_FLIGHT) -> dict[str, ProbeResult]:
@@ -681,24 +678,25 @@ class Lab:
         fault on those checks), the other hosts' results stand.
         """
         def run(job: schedule.Job) -> list[ProbeResult]:
-            answer = self._control(job.client, {"targets": [t.to_dict() for t in job.targets],
-                                                "concurrency": len(job.targets)})
-            if "error" in answer:
-                detail = f"prober on {job.client} unavailable: {answer['error']}"
-                return [ProbeResult(t.id, "error", 0.0, detail=detail) for t in job.targets]
-            return [ProbeResult.from_dict(r) for r in answer["results"]]
+            reply = self._control(job.client, jobs.ProbeJob(job.targets, len(job.targets)))
+            if isinstance(reply, jobs.ProbeReply) and len(reply.results) == len(job.targets):
+                return list(reply.results)
+            why = reply.error if isinstance(reply, jobs.JobError) else "its daemon answered another job"
+            detail = f"prober on {job.client} unavailable: {why}"
+            return [ProbeResult(t.id, "error", 0.0, detail=detail) for t in job.targets]
 
         addresses = {h.name: h.address for h in self.topology.hosts}
-        jobs = schedule.make_jobs({h: t for h, t in targets_by_host.items() if t}, addresses)
-        return {r.id: r for r in schedule.run_jobs(jobs, run, cap)}
+        probe_jobs = schedule.make_jobs({h: t for h, t in targets_by_host.items() if t}, addresses)
+        return {r.id: r for r in schedule.run_jobs(probe_jobs, run, cap)}
 
     def run_knocks(self, plan: Mapping[str, list]) -> list[str]:
         """Each host sends the first packet of a connection to each of its [address, transport, port]; the errors."""
         def run(host: str) -> list[str]:
-            answer = self._control(host, {"knock": [list(k) for k in plan[host]]})
-            if "error" in answer:
-                return [f"knocks from {host} unavailable: {answer['error']}"]
-            return [f"{host}: {e}" for e in answer.get("errors", [])]
+            reply = self._control(host, jobs.KnockJob(tuple(tuple(k) for k in plan[host])))
+            if not isinstance(reply, jobs.KnockReply):
+                why = reply.error if isinstance(reply, jobs.JobError) else "its daemon answered another job"
+                return [f"knocks from {host} unavailable: {why}"]
+            return [f"{host}: {e}" for e in reply.errors]
 
         hosts = [h for h, knocks in plan.items() if knocks]
         errors: list[str] = []

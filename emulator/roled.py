@@ -30,13 +30,9 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from twisted.internet.protocol import Factory
-from twisted.protocols.basic import LineReceiver
-
 from . import protocols
-from .knock import knock, parse_knocks
-from .prober import DEFAULT_CONCURRENCY, run_probes
-from .protocols.base import Listener, Persona, ProbeTarget
+from .jobs import JobServerFactory
+from .protocols.base import Listener, Persona
 from .protocols.tls import TLSMaterialMissing
 
 EXIT_BIND = 1
@@ -222,45 +218,6 @@ def _log_to_stderr() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
-class ProbeControl(LineReceiver):
-    """One JSON job per line: {"targets": [...], "concurrency": n} -> {"results": [...]} or {"error": "..."};
-    {"knock": [[address, transport, port], ...]} -> {"knocked": n, "errors": [...]}."""
-
-    MAX_LENGTH = 64 * 1024 * 1024
-    delimiter = b'\n'
-
-    def lineReceived(self, line: bytes) -> None:
-        try:
-            job = json.loads(line)
-            if 'knock' in job:
-                sent, errors = knock(parse_knocks(job['knock']))
-                self._answer({'knocked': sent, 'errors': errors[:20]})
-                return
-            targets = [ProbeTarget.from_dict(t) for t in job['targets']]
-            concurrency = int(job.get('concurrency', DEFAULT_CONCURRENCY))
-            running = run_probes(self.factory.reactor, targets, concurrency)
-        except (ValueError, KeyError, TypeError) as exc:
-            self._answer({'error': _one_line(exc)})
-            return
-        running.addCallback(lambda results: self._answer({'results': [r.to_dict() for r in results]}))
-        running.addErrback(lambda failure: self._answer({'error': _one_line(failure.getErrorMessage())}))
-
-    def _answer(self, reply: dict) -> None:
-        if self.transport is not None and self.transport.connected:
-            self.sendLine(json.dumps(reply).encode())
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._answer({'error': 'job too large'})
-        self.transport.loseConnection()
-
-
-class ProbeControlFactory(Factory):
-    protocol = ProbeControl
-
-    def __init__(self, reactor) -> None:
-        self.reactor = reactor
-
-
 def _raise_file_limit(wanted: int = 8192) -> None:
     # An audit probes ~1000 ports at once from some hosts; the common soft limit of 1024 fds is too few.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -298,7 +255,7 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] = _say) -> in
         # The daemon is also its host's prober: it already runs inside the host's namespace with
         # every protocol module loaded, so an audit costs no process start-ups per host.
         protocols.preload()
-        ports.append(reactor.listenUNIX(spec.control, ProbeControlFactory(reactor)))
+        ports.append(reactor.listenUNIX(spec.control, JobServerFactory(reactor)))
     _log_to_stderr()
     reactor.addSystemEventTrigger('before', 'shutdown', stop_listeners, ports)
     # READY only once running: by then the SIGTERM handler is installed, so a

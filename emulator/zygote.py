@@ -11,7 +11,7 @@ fork, so no child shares an epoll descriptor with another.
 Wire protocol, one line each way (stdin: JSON jobs; stdout: events, each written with a single
 `write`, so children sharing the pipe never interleave):
 
-    stdin   {"host": "mfd-0001", "netns": <pid of a process in the host's namespace>,
+    stdin   {"host": "mfd-0001", "netns": <pid of a process in the host's namespace, 0: stay>,
              "spec": "/run/.../mfd-0001.json", "stderr": "/run/.../mfd-0001.stderr"}
     stdout  READY - zygote          once everything is imported
             SPAWNED <host> <pid>    the child exists
@@ -64,8 +64,8 @@ def _parse_job(line: str) -> dict:
     if not isinstance(job, dict) or not isinstance(job.get("host"), str) or not job["host"].isprintable() \
             or " " in job["host"] or not job["host"]:
         raise ValueError("a job needs a host name without spaces")
-    if not isinstance(job.get("netns"), int) or job["netns"] <= 0:
-        raise ValueError("netns must be the pid of a process in the host's namespace")
+    if not isinstance(job.get("netns"), int) or isinstance(job["netns"], bool) or job["netns"] < 0:
+        raise ValueError("netns must be the pid of a process in the host's namespace (0: the zygote's own)")
     for key in ("spec", "stderr"):
         if not isinstance(job.get(key), str) or not job[key]:
             raise ValueError(f"{key} must be a path")
@@ -89,7 +89,8 @@ def _child(job: dict) -> None:
         os.dup2(devnull, 0)
         os.close(devnull)
         sys.stdout = sys.stderr  # fd 1 is the zygote's event pipe: only `say` writes there
-        _enter_network_namespace(job["netns"])
+        if job["netns"]:
+            _enter_network_namespace(job["netns"])
         host = job["host"]
 
         def say(line: str) -> None:

@@ -1,0 +1,54 @@
+"""Probe jobs: one client to one server each, and never more than `cap` probes in flight per host."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+from emulator.protocols.base import ProbeTarget
+from emulator.schedule import make_jobs, run_jobs
+
+
+def _targets(server: str, count: int, start: int = 0) -> list[ProbeTarget]:
+    return [ProbeTarget(id=f"{server}-{start + i}", host=server, transport="tcp", protocol="raw", port=9100)
+            for i in range(count)]
+
+
+ADDRESSES = {f"d{i}": f"10.0.1.{i}" for i in range(40)} | {"site1": "10.0.0.1"}
+
+
+def test_jobs_are_one_client_to_one_server_at_most_size_long_clients_in_turn():
+    by_host = {"d0": _targets("10.0.0.1", 70) + _targets("10.0.0.2", 3), "d1": _targets("10.0.0.1", 5)}
+    jobs = make_jobs(by_host, ADDRESSES, size=32)
+    assert [(j.client, j.server_address, len(j.targets)) for j in jobs] == [
+        ("d0", "10.0.0.1", 32), ("d1", "10.0.0.1", 5), ("d0", "10.0.0.1", 32), ("d0", "10.0.0.1", 6),
+        ("d0", "10.0.0.2", 3)]
+    assert sorted(t.id for j in jobs for t in j.targets) == sorted(t.id for ts in by_host.values() for t in ts)
+
+
+def test_no_host_ever_has_more_than_cap_probes_in_flight_and_every_result_comes_back():
+    # forty devices all probing site1, and site1 probing every device: site1 is the bottleneck
+    by_host = {d: _targets("10.0.0.1", 20, 100 * i) for i, d in enumerate(ADDRESSES) if d != "site1"}
+    by_host["site1"] = [t for i in range(40) for t in _targets(f"10.0.1.{i}", 2, 1000 * i)]
+    jobs = make_jobs(by_host, ADDRESSES, size=8)
+    lock, busy, peak = threading.Lock(), Counter(), Counter()
+
+    def execute(job):
+        with lock:
+            for host in set(job.hosts):
+                busy[host] += len(job.targets)
+                peak[host] = max(peak[host], busy[host])
+        time.sleep(0.002)
+        with lock:
+            for host in set(job.hosts):
+                busy[host] -= len(job.targets)
+        return [t.id for t in job.targets]
+
+    results = run_jobs(jobs, execute, cap=16, workers=32)
+    assert sorted(results) == sorted(t.id for ts in by_host.values() for t in ts)
+    assert max(peak.values()) <= 16 and peak["10.0.0.1"] == 16  # the cap is reached, never passed
+
+
+def test_a_job_larger_than_the_cap_still_runs_alone():
+    jobs = make_jobs({"d0": _targets("10.0.0.1", 10)}, ADDRESSES, size=10)
+    assert run_jobs(jobs, lambda job: [len(job.targets)], cap=4) == [10]

@@ -1,0 +1,91 @@
+"""The zygote forks role daemons that serve like `python -m emulator.roled`, reports each one's
+handshake and exit, and stops them when its stdin ends. No root: the daemons stay in the zygote's
+own network namespace (netns 0) and bind 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+import pytest
+
+from emulator.zygote import Zygote, _parse_job
+
+
+def _spec(tmp_path, host: str, port: int) -> str:
+    spec = tmp_path / f"{host}.json"
+    spec.write_text(json.dumps({"host": host, "roles": ["stub"], "interface": "127.0.0.1",
+                                "listeners": [{"transport": "tcp", "port": port, "protocol": "raw"}]}))
+    return str(spec)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def zygote(tmp_path):
+    started = Zygote.launch(sys.executable, dict(os.environ), str(tmp_path / "zygote.stderr"))
+    started.await_ready(60)
+    yield started
+    started.close()
+
+
+def test_forked_daemons_serve_report_and_stop(zygote, tmp_path):
+    ports = {f"h{i}": _free_port() for i in range(3)}
+    for host, port in ports.items():
+        zygote.spawn(host, 0, _spec(tmp_path, host, port), str(tmp_path / f"{host}.stderr"))
+    assert zygote.await_started(ports, 30) == []
+    assert {h: d.said for h, d in zygote.daemons.items()} == {h: "READY 1" for h in ports}
+    pids = zygote.pids()
+    assert len(set(pids)) == 3 and os.getpid() not in pids
+    for port in ports.values():  # each child serves its own listener
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+    zygote.stop(["h1"])
+    assert zygote.daemons["h1"].returncode == 0  # SIGTERM: a clean stop
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports["h1"]), timeout=5)
+    os.kill(zygote.daemons["h2"].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while zygote.daemons["h2"].returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert zygote.daemons["h2"].returncode == -signal.SIGKILL  # reaped and reported, never a zombie
+
+
+def test_a_daemon_that_cannot_start_says_why(zygote, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    zygote.spawn("broken", 0, str(bad), str(tmp_path / "broken.stderr"))
+    assert zygote.await_started(["broken"], 30) == []
+    assert zygote.daemons["broken"].said.startswith("ERROR spec:")
+    deadline = time.monotonic() + 10
+    while zygote.daemons["broken"].returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert zygote.daemons["broken"].returncode == 2
+
+
+def test_end_of_stdin_stops_every_daemon(tmp_path):
+    zygote = Zygote.launch(sys.executable, dict(os.environ), str(tmp_path / "zygote.stderr"))
+    zygote.await_ready(60)
+    port = _free_port()
+    zygote.spawn("h", 0, _spec(tmp_path, "h", port), str(tmp_path / "h.stderr"))
+    assert zygote.await_started(["h"], 30) == []
+    pid = zygote.daemons["h"].pid
+    zygote.proc.stdin.close()  # as when the lab that started it is killed
+    assert zygote.proc.wait(timeout=30) == 0
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("job", ['"x"', '{"host": "a b", "netns": 0, "spec": "s", "stderr": "e"}',
+                                 '{"host": "a", "netns": -1, "spec": "s", "stderr": "e"}',
+                                 '{"host": "a", "netns": true, "spec": "s", "stderr": "e"}',
+                                 '{"host": "a", "netns": 0, "spec": "", "stderr": "e"}'])
+def test_bad_jobs_are_refused(job):
+    with pytest.raises(ValueError):
+        _parse_job(job)
