@@ -73,7 +73,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -599,7 +599,7 @@ class DavDocument:
     created: float
     modified: float
 
-    @property
+    @cached_property  # a scan is a MiB: hash it once, not at every PROPFIND
     def etag(self) -> str:
         return '"' + hashlib.sha256(self.data).hexdigest()[:32] + '"'
 
