@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 CLONE_NEWNET = 0x40000000
 REACTOR_MODULES = ("twisted.internet.epollreactor", "twisted.internet.tcp", "twisted.internet.udp",
                    "twisted.internet.unix", "twisted.internet.ssl", "twisted.internet._sslverify")
+# glibc gives threads that allocate arenas of their own and keeps them: a daemon's FTP probes run in
+# threads moving MiB-sized documents (two arenas saved ~3 MiB per MFD daemon over an audit).
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
 STOP_WAIT = 5.0  # seconds children get to stop after SIGTERM before SIGKILL
 ZYGOTE = "zygote"
 
@@ -211,7 +214,7 @@ class Zygote:
         """Start a zygote; it imports in the background (see `await_ready`)."""
         with open(stderr_path, "w") as stderr:
             proc = subprocess.Popen([python, "-m", "emulator.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=stderr, env=env, text=True, start_new_session=True)
+                                    stderr=stderr, env={**env, **MALLOC_ENV}, text=True, start_new_session=True)
         return cls(proc)
 
     def await_ready(self, timeout: float) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from emulator.catalog import load_catalog
 from emulator.errors import LabError
+from emulator.plan import FLEET_EXPOSURE_SAMPLE, audit_plan, exposure_scouts
 from emulator.state import _id_of, _ports
 from emulator.topology import (BRIDGE_PORTS_MAX, INTERFACE_MAX, RUN_ID, bridge_name, fleet_vendors, load_topology,
                                port_name)
@@ -203,3 +204,20 @@ def test_link_names_longer_than_linux_takes_are_refused(tmp_path):
     with pytest.raises(LabError, match=r"zones: the lab would name a link sqlab100p1001run \(<run> being 3 chars\), "
                                        r"longer than Linux's 15 chars; use fewer zones or fewer hosts per zone"):
         load_topology(write(tmp_path, "name: t\nzones:\n" + zones + big), known_roles=ROLES)
+
+
+def test_the_exposure_sweep_takes_every_listed_host_and_two_devices_of_each_kind():
+    topology = load_topology("fleet-200")
+    scouts = exposure_scouts(topology)
+    listed = [h for h in topology.hosts if not h.fleet]
+    kinds = {h.roles for h in topology.hosts if h.fleet}
+    assert [h for h in scouts if not h.fleet] == listed
+    sampled = [h for h in scouts if h.fleet]
+    assert len(sampled) == FLEET_EXPOSURE_SAMPLE * len(kinds)
+    assert {h.roles for h in sampled} == kinds
+    checks = audit_plan(load_catalog(), topology)
+    knocked = {c.client_host for c in checks if c.kind == "exposure"} | {c.server_host for c in checks if c.kind == "exposure"}
+    assert knocked <= {h.name for h in scouts}
+    # required flows are still planned for every device
+    required = {c.client_host for c in checks if c.kind == "required"} | {c.server_host for c in checks if c.kind == "required"}
+    assert {h.name for h in topology.hosts if h.fleet} <= required
