@@ -192,11 +192,11 @@ def _read_records(lab, nodes) -> dict[str, witness.FirewallRecord]:
     return records
 
 
-def _probe(lab, nodes, targets: dict[str, list[ProbeTarget]]):
+def _probe(lab, nodes, targets: dict[str, list[ProbeTarget]], dropped: set[int] = frozenset()):
     """Every host's probes at once under tracing -> (results by id, the nodes' records, their traces)."""
     lab.start_trace(nodes)
     try:
-        results = lab.run_probes(targets)
+        results = lab.run_probes(targets, unanswered=frozenset(map(str, dropped)))
     finally:
         traces = lab.stop_trace()
     return results, _read_records(lab, nodes), traces
@@ -254,7 +254,7 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     started = time.monotonic()
     dropped = _first_packet_dropped(lab, nodes, checks, topology)
     targets = probe_targets(checks, topology, timeout, lab.ca_file, dropped)
-    results, records, traces = _probe(lab, nodes, targets)
+    results, records, traces = _probe(lab, nodes, targets, dropped)
     timings["probe"] = time.monotonic() - started
 
     started = time.monotonic()

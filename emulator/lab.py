@@ -669,10 +669,11 @@ class Lab:
             return jobs.JobError("the daemon closed the control socket")
         return jobs.parse_reply(reply)
 
-    def run_probes(self, targets_by_host: dict[str, list[ProbeTarget]],
-                   cap: int = schedule.HOST_IN_FLIGHT) -> dict[str, ProbeResult]:
+    def run_probes(self, targets_by_host: dict[str, list[ProbeTarget]], cap: int = schedule.HOST_IN_FLIGHT,
+                   unanswered: frozenset[str] = frozenset()) -> dict[str, ProbeResult]:
         """Every host probes from inside its namespace (its daemon does), in jobs spread so that no
-        host has more than `cap` probes in flight as client or server (emulator.schedule).
+        host has more than `cap` probes in flight as client or server (emulator.schedule), the ids
+        `unanswered` (their first packet is dropped) not counted.
 
         A host whose daemon cannot run a job gets outcome 'error' on each of its targets (a lab
         fault on those checks), the other hosts' results stand.
@@ -686,7 +687,8 @@ class Lab:
             return [ProbeResult(t.id, "error", 0.0, detail=detail) for t in job.targets]
 
         addresses = {h.name: h.address for h in self.topology.hosts}
-        probe_jobs = schedule.make_jobs({h: t for h, t in targets_by_host.items() if t}, addresses)
+        probe_jobs = schedule.make_jobs({h: t for h, t in targets_by_host.items() if t}, addresses,
+                                        unanswered=unanswered)
         return {r.id: r for r in schedule.run_jobs(probe_jobs, run, cap)}
 
     def run_knocks(self, plan: Mapping[str, list]) -> list[str]:

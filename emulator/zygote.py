@@ -37,8 +37,13 @@ import traceback
 from dataclasses import dataclass, field
 
 CLONE_NEWNET = 0x40000000
-REACTOR_MODULES = ("twisted.internet.epollreactor", "twisted.internet.tcp", "twisted.internet.udp",
-                   "twisted.internet.unix", "twisted.internet.ssl", "twisted.internet._sslverify")
+# Modules daemons import on first use: imported once here, or every daemon compiles them again.
+# Never twisted.internet.reactor (nor ldaptor.inmemory, which imports it): one epoll per child.
+PRELOADED = ("twisted.internet.epollreactor", "twisted.internet.tcp", "twisted.internet.udp",
+             "twisted.internet.unix", "twisted.internet.ssl", "twisted.internet._sslverify",
+             "twisted.internet.endpoints", "twisted.internet.threads", "twisted.python.threadpool",
+             "twisted.web.client", "twisted.web.http_headers", "twisted.web.pages",
+             "service_identity", "service_identity.exceptions")
 # glibc gives threads that allocate arenas of their own and keeps them: a daemon's FTP probes run in
 # threads moving MiB-sized documents (two arenas saved ~3 MiB per MFD daemon over an audit).
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
@@ -118,8 +123,7 @@ def serve() -> int:
     from emulator import protocols, roled  # noqa: F401 - imported here once, for every child
 
     protocols.warm()
-    # the reactor's modules, not the reactor: installing it would open one epoll for every child
-    for module in REACTOR_MODULES:
+    for module in PRELOADED:
         importlib.import_module(module)
     children: dict[int, str] = {}
 

@@ -73,7 +73,15 @@ def client_creator(target: ProbeTarget):
     if not target.ca_file:
         raise TLSMaterialMissing("a TLS probe needs target.ca_file to verify the server")
     name = target.server_name or target.host
-    return ssl.optionsForClientTLS(name, trustRoot=trust_root(target.ca_file))
+    ca = Path(target.ca_file).stat()
+    return _client_options(name, target.ca_file, ca.st_mtime_ns, ca.st_size)
+
+
+@lru_cache(maxsize=1024)
+def _client_options(name: str, ca_file: str, _mtime_ns: int, _size: int):
+    # One per server name and CA file (as it is now), not one per probe: building it parses the
+    # bundle and sets up an OpenSSL context. Each connection still makes a full handshake.
+    return ssl.optionsForClientTLS(name, trustRoot=trust_root(ca_file))
 
 
 def connect_tls(reactor, target: ProbeTarget, factory, timeout: float | None = None):

@@ -52,3 +52,24 @@ def test_no_host_ever_has_more_than_cap_probes_in_flight_and_every_result_comes_
 def test_a_job_larger_than_the_cap_still_runs_alone():
     jobs = make_jobs({"d0": _targets("10.0.0.1", 10)}, ADDRESSES, size=10)
     assert run_jobs(jobs, lambda job: [len(job.targets)], cap=4) == [10]
+
+
+def test_unanswered_probes_are_free_and_start_at_once():
+    by_host = {"d0": _targets("10.0.0.1", 40)}
+    unanswered = frozenset(t.id for t in by_host["d0"][:30])
+    jobs = make_jobs(by_host, ADDRESSES, size=8, unanswered=unanswered)
+    assert sorted((j.counted, len(j.targets)) for j in jobs) == [(False, 6), (False, 8), (False, 8), (False, 8),
+                                                                 (True, 2), (True, 8)]
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def execute(job):
+        with lock:
+            running[0] += len(job.targets)
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= len(job.targets)
+        return [t.id for t in job.targets]
+
+    assert len(run_jobs(jobs, execute, cap=8, workers=16)) == 40
+    assert peak[0] > 8  # the uncounted jobs ran alongside the counted ones
