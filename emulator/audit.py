@@ -132,7 +132,11 @@ def _first_packet_dropped(lab, nodes, checks: list[Check], topology: Topology) -
                and c.client_host != c.server_host]
     if not knocked:
         return set()
-    records, complete, _errors = _sweep(lab, nodes, [checks[i] for i in knocked], topology, {})
+    # one knock per connection: a second datagram from the same socket would not be a new one,
+    # and the node would never count every knock due
+    distinct = {(checks[i].client_host, checks[i].server_host, checks[i].endpoint.transport, checks[i].endpoint.port):
+                checks[i] for i in knocked}
+    records, complete, _errors = _sweep(lab, nodes, list(distinct.values()), topology, {})
     dropped = set()
     for index in knocked:
         check = checks[index]
