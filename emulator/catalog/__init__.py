@@ -24,7 +24,7 @@ ROLES_PATH = HERE / 'roles.yaml'
 PROTOCOL_IDS = frozenset({
     'http', 'soap', 'webdav', 'ftp', 'ftp-data', 'ldap', 'snmp', 'snmp-trap', 'lpr', 'raw', 'ipp', 'time',
     'terminal', 'discovery', 'safeq', 'jmx', 'ajp', 'smtp', 'pop3', 'imap', 'mdns', 'smb', 'ssh', 'pgsql',
-    'mssql', 'jgroups', 'amqp', 'icmp',
+    'mssql', 'jgroups', 'amqp', 'icmp', 'netbios-ns', 'netbios-dgm', 'etcd', 'infinispan',
 })
 NUMERIC_SHAPES = frozenset({'single', 'list', 'alternatives', 'range', 'mixed'})
 NAMED_SHAPES = frozenset({'user_defined', 'device_dependent', 'not_applicable', 'unspecified'})

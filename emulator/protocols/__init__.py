@@ -19,8 +19,8 @@ from twisted.internet.interfaces import IListeningPort
 from . import framed
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 
-# catalog wire protocol id -> module name in this package. Ids not listed here (SafeQ's
-# proprietary 'safeq', jmx, databases, smb, ...) speak ``framed`` on their real ports.
+# catalog wire protocol id -> module name in this package. Only SafeQ's proprietary 'safeq' links
+# speak ``framed`` on purpose; a listed module not written yet falls back to it too.
 PROTOCOLS: dict[str, str] = {
     'framed': 'framed',
     'icmp': 'icmp',
@@ -33,6 +33,12 @@ PROTOCOLS: dict[str, str] = {
     'raw': 'raw',
     'time': 'timesync',
     'terminal': 'terminal', 'discovery': 'terminal',
+    'smtp': 'smtp', 'pop3': 'pop3', 'imap': 'imap',
+    'pgsql': 'pgsql', 'mssql': 'mssql',
+    'jmx': 'jmx', 'ajp': 'ajp', 'amqp': 'amqp',
+    'ssh': 'ssh', 'mdns': 'mdns',
+    'netbios-ns': 'netbios', 'netbios-dgm': 'netbios', 'smb': 'smb',
+    'etcd': 'etcd', 'infinispan': 'infinispan', 'jgroups': 'jgroups',
 }
 
 
