@@ -1,8 +1,9 @@
 """The flow catalog against the vendor table.
 
 The vendor's document is not ours to redistribute, so it is not in the repository: the tests that
-re-read it find it at $SAFEQ_LAB_SEED or in the workspace's shared/seed/ folder next to the
-checkout, and say so when it is absent. Every other catalog test needs only our own data.
+re-read it find it at $SAFEQ_LAB_VENDOR_DOC or at
+../shared/seed/network-communication.txt next to the checkout. They fail under CI=true when it is
+absent and skip elsewhere, saying why. Every other catalog test needs only our own data.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import yaml
 
 from emulator.catalog import FLOWS_PATH, ROLES_PATH, CatalogError, load_catalog
 
-SEED = Path(os.environ.get('SAFEQ_LAB_SEED')
+SEED = Path(os.environ.get('SAFEQ_LAB_VENDOR_DOC')
             or Path(__file__).resolve().parents[3] / 'shared' / 'seed' / 'network-communication.txt')
 CELLS = ('client_text', 'server_text', 'unsecured', 'secured', 'application', 'network', 'data')
 SECTION_COUNTS = {
@@ -35,9 +36,9 @@ def norm(text: str) -> str:
 def seed_rows() -> list[dict]:
     """The vendor rows; a line starting with ' |' continues the previous row."""
     if not SEED.is_file() and os.environ.get('CI'):
-        pytest.fail(f'CI must check the catalog against the vendor table: put it at {SEED} or set SAFEQ_LAB_SEED')
+        pytest.fail(f'CI must check the catalog against the vendor table: put it at {SEED} or set SAFEQ_LAB_VENDOR_DOC')
     if not SEED.is_file():
-        pytest.skip(f'the vendor table is not redistributed with the project: set SAFEQ_LAB_SEED (looked at {SEED})')
+        pytest.skip(f'the vendor table is not redistributed with the project: set SAFEQ_LAB_VENDOR_DOC (looked at {SEED})')
     raw, section, prev = [], None, ''
     for line in SEED.read_text(encoding='utf-8').splitlines():
         if line.startswith('| Client side'):
