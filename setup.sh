@@ -11,7 +11,8 @@ fi
 packages=(mininet bridge-utils iptables nftables iproute2 iputils-ping tcpdump util-linux kmod procps
           python3 python3-venv
           curl lftp ldap-utils snmp snmptrapd rdate cups-ipp-utils openssl nmap netcat-openbsd
-          swaks freetds-bin postgresql-client openssh-client dnsutils samba-common-bin smbclient gnutls-bin)
+          swaks libnet-ssleay-perl libio-socket-ssl-perl freetds-bin postgresql-client openssh-client dnsutils
+          samba-common-bin smbclient gnutls-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

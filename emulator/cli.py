@@ -141,6 +141,12 @@ def _build_parser() -> argparse.ArgumentParser:
     topo = sub.add_parser("topology", help="show a topology's zones, hosts and addresses")
     _topology_arg(topo)
 
+    persona = sub.add_parser("persona", help="device personas recorded from real devices")
+    persona_sub = persona.add_subparsers(dest="persona_command", required=True, metavar="ACTION")
+    from emulator import persona_import
+    persona_import.add_arguments(persona_sub.add_parser(
+        "import", help="build a persona from snmpwalk -On / .snmprec and ipptool -tv captures of a real device"))
+
     clean = sub.add_parser("clean", help="remove whatever a killed run left behind")
     clean.add_argument("--force", action="store_true", help="also stop a lab that is still running")
     return parser
@@ -414,8 +420,17 @@ def _cmd_clean(args) -> int:
     return 0
 
 
+def _cmd_persona(args) -> int:
+    from emulator import persona_import
+
+    try:
+        return persona_import.run(args)
+    except persona_import.PersonaDataError as exc:
+        raise LabError(str(exc)) from None
+
+
 _COMMANDS = {"catalog": _cmd_catalog, "rules": _cmd_rules, "audit": _cmd_audit, "up": _cmd_up,
-             "topology": _cmd_topology, "clean": _cmd_clean}
+             "topology": _cmd_topology, "persona": _cmd_persona, "clean": _cmd_clean}
 
 if __name__ == "__main__":
     sys.exit(main())

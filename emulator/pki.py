@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from emulator.errors import LabError
@@ -193,3 +196,78 @@ def make_test_pki(directory, host: str = "stub.lab", address: str = "127.0.0.1")
     """Persona TLS kwargs for tests: a fresh CA and one certificate for `host` (+ IP SAN `address`)."""
     name = host[:-len(LAB_DOMAIN) - 1] if host.endswith(f".{LAB_DOMAIN}") else host
     return LabCA().write(Path(directory), [(name, address)])[name].to_dict()
+
+
+# -- SSH keys beside the lab CA -------------------------------------------------------------------
+# SSH uses no certificates: the lab's SSH material is a host key per host, derived from the host's TLS
+# key (so it is fixed for a run and changes with the next), its public half published next to the CA
+# for probes to verify, and one client key pair the stubs authorise and the probes log in with.
+SSH_CLIENT_KEY_FILE = "ssh_client_key"  # OpenSSH private key; its public line in ssh_client_key.pub
+
+
+def ssh_host_key(key_file: str) -> ed25519.Ed25519PrivateKey:
+    """The host's Ed25519 SSH host key, derived from its TLS private key file by HKDF: the same key for
+    every daemon of a run without a new file, and no key reused across protocols."""
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"safeq-lab ssh host key").derive(_read_pem(Path(key_file)))
+    return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def ssh_public_line(key) -> bytes:
+    """`ssh-ed25519 AAAA...`: the OpenSSH public-key line of a private or public key."""
+    public = key.public_key() if hasattr(key, "public_key") else key
+    return public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+def ssh_host_key_file(directory, host: str) -> Path:
+    """Where the public host key of `host` is published (known_hosts-style: `<key line> <host>`)."""
+    return Path(directory) / f"{host}.ssh_host_key.pub"
+
+
+def publish_ssh_host_key(directory, host: str, key) -> Path:
+    """Write the public line of `key` to ssh_host_key_file (atomically: probes may read it meanwhile)."""
+    path = ssh_host_key_file(directory, host)
+    _write_atomically(path, ssh_public_line(key) + b" " + server_name(host).encode() + b"\n", 0o644)
+    return path
+
+
+def ssh_client_key(directory) -> ed25519.Ed25519PrivateKey:
+    """The lab's SSH client key in `directory` (ssh_client_key + .pub), created on first use.
+
+    Stubs (to authorise it) and probes (to log in) of one run call this concurrently; whoever comes
+    first creates it, the others read that one (os.link never replaces an existing file)."""
+    path = Path(directory) / SSH_CLIENT_KEY_FILE
+    if not path.exists():
+        pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        _write_atomically(path, pem, 0o600, replace=False)
+    try:
+        key = serialization.load_ssh_private_key(_read_pem(path), password=None)
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise LabError(f"{path} is not an Ed25519 OpenSSH private key; delete it to get a new one")
+    public = path.with_name(path.name + ".pub")
+    line = ssh_public_line(key) + b" safeq-lab-probe\n"
+    if not public.exists() or public.read_bytes() != line:
+        _write_atomically(public, line, 0o644)
+    return key
+
+
+def _write_atomically(path: Path, data: bytes, mode: int, replace: bool = True) -> None:
+    """Write `data` to a new file created with `mode`, then move it into place (a reader never sees
+    half a file); with replace=False an existing `path` is kept."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another process made it first: theirs stands
+    finally:
+        temporary.unlink(missing_ok=True)

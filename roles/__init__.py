@@ -81,7 +81,7 @@ def identity(role_ids) -> dict:
     merged: dict = {}
     for role_id in sorted(role_ids, key=lambda r: "vendor" not in (_personas().get(r) or {})):
         for key, value in (_personas().get(role_id) or {}).items():
-            merged.setdefault(key, str(value))
+            merged.setdefault(key, value if isinstance(value, (dict, list)) else str(value))
     return merged
 
 

@@ -17,8 +17,8 @@ apart the way real servers do:
 * **REST** -- everything else: the endpoints of ``http_personas.yaml`` whose ``roles``
   match the persona's roles (job preview PNG on the Spooler Controller, accounting,
   terminal login and application data, IMS registration, payment credit, EUI login,
-  etcd v2 keys on 2377/2378, MFD install page, ...), plus ``GET /`` (JSON health with
-  the persona's host and roles) on every host. Unknown path: 404, wrong method: 405.
+  MFD install page, ...), plus ``GET /`` (JSON health with the persona's host and roles)
+  on every host. Unknown path: 404, wrong method: 405.
 
 Every response carries ``Server:`` (persona ``identity['http_server']``) and two lab
 headers, ``X-Lab-Host`` (who answered) and ``X-Lab-Peer`` (the client IP the server saw),
@@ -40,7 +40,10 @@ port)::
                          reactor=reactor, on_request=on_request)
     port = http.listen_site(reactor, listener, persona, site, interface=interface)
 
-or simply ``http.listen(..., extra_resources={...})``. Extra resources are children of
+or simply ``http.listen(..., extra_resources={...})``. A protocol that is HTTP underneath but
+serves only its own API (``etcd``, ``infinispan``) mounts its root alone with
+``http.lab_site(root, persona, reactor=..., on_request=...)`` and probes with
+``http.run_plan(reactor, target, plan)``. Extra resources are children of
 the root (``b'ipp'`` serves ``/ipp/...``); the key ``b''`` receives requests for ``/``
 itself except GET/HEAD (which stay the health check). They inherit the Server and lab
 headers and the ``on_request`` record; call ``http.note(request, op='Print-Job', ...)``
@@ -90,6 +93,8 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from twisted import version as twisted_version
+
 from .serving import LISTEN_BACKLOG, loads_json
 from .probing import (BytesProducer, OnRequest, Verdict, classify_os_error, connect_timeout,
                       error_result, no_connection_detail, report)
@@ -101,8 +106,6 @@ DATA_FILE = Path(__file__).with_name('http_personas.yaml')
 MAX_BODY = 64 << 20          # any request body; larger: 413 and close, unread
 MAX_XML_BODY = 1 << 20       # SOAP envelopes and PROPFIND bodies
 MAX_JSON_BODY = 1 << 20      # JSON / form bodies of REST endpoints
-MAX_KV_VALUE = 64 << 10      # one etcd / cache value
-MAX_KV_KEYS = 1024           # per endpoint; the oldest key goes first
 DAV_MAX_STORE = 256 << 20    # all documents of one WebDAV collection; oldest evicted first
 # Each probe stores one document then reads it back: 500 concurrent probes (of DOC_FLOOR each)
 # must all find theirs, so the count bound leaves room for twice that many.
@@ -112,6 +115,7 @@ PREVIEW_WIDTH = 256          # probe's preview request: 8-bit gray, this wide
 MAX_PREVIEW_SIDE = 4096
 DOC_FLOOR = 200 << 10        # a probe's document (scan, print job, preview) is at least this big
 IDLE_TIMEOUT = 60            # seconds a server keeps a silent connection
+SERVER_HEADER = f'TwistedWeb/{twisted_version.short()}'   # what serves SafeQ's HTTP in the lab
 CLOSE_GRACE = 2.0            # seconds a probe waits for its sockets to close after the verdict
 USER_AGENT = b'safeq-lab-probe/1'
 
@@ -121,11 +125,10 @@ SOAP_ENV = {'1.1': SOAP11_ENV, '1.2': SOAP12_ENV}
 SOAP_CONTENT_TYPE = {'1.1': 'text/xml; charset=utf-8', '1.2': 'application/soap+xml; charset=utf-8'}
 DAV_NS = 'DAV:'
 
-KINDS = ('health', 'json', 'preview', 'upload', 'kv', 'html')
+KINDS = ('health', 'json', 'preview', 'upload', 'html')
 METHODS = ('GET', 'POST', 'PUT', 'DELETE')
 ENCODINGS = ('json', 'form', 'query')
 DOCUMENTS = ('pdf', 'pjl', 'bytes')
-KV_STYLES = ('etcd', 'plain')
 TEMPLATE_NAMES = {'req', 'user', 'host', 'roles', 'vendor', 'model', 'product', 'port', 'peer',
                   'uuid', 'now', 'size', 'sha256'}
 
@@ -151,7 +154,6 @@ class Endpoint:
     encoding: str = 'query'
     document: str = 'bytes'
     content_type: str = 'application/octet-stream'
-    style: str = 'plain'
     marker: str = ''
     template: str = ''
     pattern: re.Pattern = field(default=None, hash=False, compare=False)
@@ -247,7 +249,7 @@ def _endpoint(name: str, item: Any) -> Endpoint:
     where = f'endpoints.{name}'
     _need(isinstance(item, dict), where, 'must be a mapping')
     known = {'method', 'path', 'kind', 'roles', 'status', 'required', 'user_by', 'reply', 'example',
-             'encoding', 'document', 'content_type', 'style', 'marker', 'template'}
+             'encoding', 'document', 'content_type', 'marker', 'template'}
     unknown = sorted(set(item) - known)
     _need(not unknown, where, f'unknown key(s) {unknown}')
     _need(item.get('method') in METHODS, where, f'method must be one of {METHODS}')
@@ -263,8 +265,6 @@ def _endpoint(name: str, item: Any) -> Endpoint:
     _need(encoding in ENCODINGS, where, f'encoding must be one of {ENCODINGS}')
     document = item.get('document', 'bytes')
     _need(document in DOCUMENTS, where, f'document must be one of {DOCUMENTS}')
-    style = item.get('style', 'plain')
-    _need(style in KV_STYLES, where, f'style must be one of {KV_STYLES}')
     example = item.get('example', {})
     _need(isinstance(example, dict), where, 'example must be a mapping')
     pattern, params = _compile_path(path)
@@ -281,12 +281,10 @@ def _endpoint(name: str, item: Any) -> Endpoint:
         _need(isinstance(item.get('template'), str) and isinstance(item.get('marker'), str)
               and item['marker'], where, 'html needs template and marker')
         _need(item['marker'] in item['template'], where, 'marker must occur in template')
-    if item['kind'] == 'kv':
-        _need('key' in params and 'value' in example, where, 'kv needs a {key} parameter and example value')
     return Endpoint(name=name, method=item['method'], path=path, kind=item['kind'], roles=tuple(roles),
                     status=status, required=tuple(item.get('required', ())), user_by=user_by,
                     reply=reply, example=example, encoding=encoding, document=document,
-                    content_type=item.get('content_type', 'application/octet-stream'), style=style,
+                    content_type=item.get('content_type', 'application/octet-stream'),
                     marker=item.get('marker', ''), template=item.get('template', ''),
                     pattern=pattern, params=params)
 
@@ -785,7 +783,9 @@ class _LabSite(Site):
                          parsePOSTFormSubmission=False)
         self.persona = persona
         self.on_request = on_request
-        self.server_header = str(persona.identity.get('http_server') or 'SafeQ-lab').encode('latin-1', 'replace')
+        # A device persona names its vendor's server; SafeQ's own services say what really answers
+        # (nmap -sV names it from this header instead of trying every probe it has).
+        self.server_header = str(persona.identity.get('http_server') or SERVER_HEADER).encode('latin-1', 'replace')
 
     # Access logging is replaced by on_request (and its per-second clock timer by nothing).
     def startFactory(self) -> None:
@@ -862,8 +862,6 @@ class _State:
         self.endpoints = [e for e in surface.endpoints.values() if e.serves(roles)]
         self.soap_enabled = _matches(roles, surface.soap_roles)
         self.dav_enabled = _matches(roles, surface.dav_roles)
-        self.kv: dict[str, OrderedDict[str, tuple[bytes, str, int, int]]] = {}
-        self.kv_index = 0
         self.dav = DavStore()
         self.dav.created = reactor.seconds()
 
@@ -918,8 +916,7 @@ class _RestResource(Resource):
             params = endpoint.match(raw)
             if params is None:
                 continue
-            methods = {'GET', 'HEAD', 'PUT', 'POST', 'DELETE'} if endpoint.kind == 'kv' else \
-                {endpoint.method} | ({'HEAD'} if endpoint.method == 'GET' else set())
+            methods = {endpoint.method} | ({'HEAD'} if endpoint.method == 'GET' else set())
             if method not in methods:
                 allowed |= methods
                 continue
@@ -1022,77 +1019,6 @@ class _RestResource(Resource):
         fields = self._fields(request, endpoint, params, body_is_data=False)
         page = render(endpoint.template, self.state.context(request, req=fields))
         return _respond(request, 200, page.encode('utf-8'), 'text/html; charset=utf-8')
-
-    def _kv(self, request: _LabRequest, endpoint: Endpoint, params: dict[str, str]) -> bytes:
-        store = self.state.kv.setdefault(endpoint.name, OrderedDict())
-        key = '/' + '/'.join(params[p] for p in endpoint.params).strip('/')
-        method = request.method
-        etcd = endpoint.style == 'etcd'
-
-        def index_header() -> dict[str, str]:
-            return {'x-etcd-index': str(self.state.kv_index)} if etcd else {}
-
-        if method in (b'PUT', b'POST'):
-            if request.lab_body > MAX_KV_VALUE:
-                raise _BadRequest(413, f'value exceeds {MAX_KV_VALUE} B')
-            data = request.body()
-            if etcd:
-                fields = self._fields(request, endpoint, params)
-                if 'value' not in fields:
-                    return _json(request, 400, {'errorCode': 209, 'message': 'Value is Required in POST form',
-                                                'cause': 'value', 'index': self.state.kv_index}, index_header())
-                value, ctype = str(fields['value']).encode('utf-8'), 'text/plain'
-            else:
-                value, ctype = data, _media_type(request) or 'application/octet-stream'
-            old = store.pop(key, None)
-            while len(store) >= MAX_KV_KEYS:
-                store.popitem(last=False)
-            self.state.kv_index += 1
-            created = old[2] if old else self.state.kv_index
-            store[key] = (value, ctype, created, self.state.kv_index)
-            note(request, op='set', key=key, stored=len(value))
-            if not etcd:
-                return _respond(request, 204, b'', 'text/plain')
-            reply = {'action': 'set', 'node': self._etcd_node(key, store[key])}
-            if old:
-                reply['prevNode'] = self._etcd_node(key, old)
-            return _json(request, 200 if old else 201, reply, index_header())
-        if method == b'DELETE':
-            old = store.pop(key, None)
-            note(request, op='delete', key=key)
-            if old is None:
-                return self._kv_missing(request, key, etcd)
-            self.state.kv_index += 1
-            if not etcd:
-                return _respond(request, 204, b'', 'text/plain')
-            return _json(request, 200, {'action': 'delete', 'node': {'key': key, 'modifiedIndex': self.state.kv_index,
-                                                                     'createdIndex': old[2]},
-                                        'prevNode': self._etcd_node(key, old)}, index_header())
-        note(request, op='get', key=key)
-        entry = store.get(key)
-        if entry is None:
-            if etcd:
-                children = [k for k in store if k.startswith(key.rstrip('/') + '/')]
-                if children:
-                    return _json(request, 200, {'action': 'get', 'node': {
-                        'key': key, 'dir': True, 'nodes': [self._etcd_node(k, store[k]) for k in children]}},
-                        index_header())
-            return self._kv_missing(request, key, etcd)
-        if etcd:
-            return _json(request, 200, {'action': 'get', 'node': self._etcd_node(key, entry)}, index_header())
-        return _respond(request, 200, entry[0], entry[1])
-
-    @staticmethod
-    def _etcd_node(key: str, entry: tuple[bytes, str, int, int]) -> dict[str, Any]:
-        return {'key': key, 'value': entry[0].decode('utf-8', 'replace'),
-                'modifiedIndex': entry[3], 'createdIndex': entry[2]}
-
-    def _kv_missing(self, request: Request, key: str, etcd: bool) -> bytes:
-        if etcd:
-            return _json(request, 404, {'errorCode': 100, 'message': 'Key not found', 'cause': key,
-                                        'index': self.state.kv_index},
-                         {'x-etcd-index': str(self.state.kv_index)})
-        return _respond(request, 404, b'', 'text/plain')
 
 
 class _SoapResource(Resource):
@@ -1254,7 +1180,14 @@ def site_for(listener: Listener, persona: Persona, extra_resources: dict[bytes, 
     see the module docstring. Bind it with ``listen_site``.
     """
     state = _State(reactor, persona, surface or load_surface())
-    return _LabSite(_Root(state, extra_resources or {}), reactor, persona, on_request)
+    return lab_site(_Root(state, extra_resources or {}), persona, reactor=reactor, on_request=on_request)
+
+
+def lab_site(root: Resource, persona: Persona, *, reactor, on_request: OnRequest | None = None) -> Site:
+    """A Site serving ``root`` alone with the lab's plumbing: Server and X-Lab-* headers, bodies
+    over MAX_BODY refused, one ``on_request`` record per request (``note`` adds to it), idle
+    timeout. For protocols that are HTTP underneath (etcd, infinispan); bind with ``listen_site``."""
+    return _LabSite(root, reactor, persona, on_request)
 
 
 @lru_cache(maxsize=None)
@@ -1456,7 +1389,7 @@ class _HttpExchange(Verdict):
     ``done`` fires once the verdict is known and every connection it opened is closed.
     """
 
-    def __init__(self, reactor, target: ProbeTarget, surface: Surface) -> None:
+    def __init__(self, reactor, target: ProbeTarget, surface: Surface | None) -> None:
         from twisted.web.client import Agent, HTTPConnectionPool
         super().__init__(reactor, target)
         self.surface = surface
@@ -1684,32 +1617,6 @@ async def _plan_upload(x: _HttpExchange, endpoint: Endpoint) -> str:
     return f'{endpoint.name}: {len(document)} B {endpoint.document} stored intact (sha256 matches)'
 
 
-async def _plan_kv(x: _HttpExchange, endpoint: Endpoint) -> str:
-    fields = render(endpoint.example, {'nonce': x.nonce})
-    value = str(fields['value'])
-    path = endpoint.build_path(fields)
-    if endpoint.style == 'etcd':
-        reply = await x.request('PUT', path, {'content-type': 'application/x-www-form-urlencoded'},
-                                urlencode({'value': value}).encode('utf-8'))
-        _expect(reply, 200, 201)
-        node = _json_object(reply).get('node') or {}
-        if node.get('value') != value:
-            raise _Reject(f'etcd set answered node {node!r}')
-        reply = await x.request('GET', path)
-        _expect(reply, 200)
-        node = _json_object(reply).get('node') or {}
-        if not isinstance(node, dict) or node.get('value') != value:
-            raise _Reject(f'etcd get returned {node.get("value")!r}, stored {value!r}')
-        return f'etcd key {node.get("key")} set and read back (index {reply.header("x-etcd-index") or "?"})'
-    reply = await x.request('PUT', path, {'content-type': 'application/json'}, value.encode('utf-8'))
-    _expect(reply, 200, 201, 204)
-    reply = await x.request('GET', path)
-    _expect(reply, 200)
-    if reply.body != value.encode('utf-8'):
-        raise _Reject(f'cache returned {reply.body[:80]!r}, stored {value[:80]!r}')
-    return f'cache entry {fields.get("key")} stored and read back ({len(value)} B)'
-
-
 async def _plan_html(x: _HttpExchange, endpoint: Endpoint) -> str:
     reply = await x.request('GET', endpoint.build_path(render(endpoint.example, {'nonce': x.nonce})),
                             {'accept': 'text/html'})
@@ -1724,7 +1631,7 @@ async def _plan_html(x: _HttpExchange, endpoint: Endpoint) -> str:
 
 
 _PLANS = {'health': _plan_health, 'json': _plan_json, 'preview': _plan_preview, 'upload': _plan_upload,
-          'kv': _plan_kv, 'html': _plan_html}
+          'html': _plan_html}
 
 
 async def _plan_soap(x: _HttpExchange) -> str:
@@ -1813,21 +1720,45 @@ def plan_for(target: ProbeTarget, surface: Surface | None = None) -> tuple[str, 
     return name, lambda x: plan(x, endpoint)
 
 
+def run_plan(reactor, target: ProbeTarget, plan: Callable, surface: Surface | None = None) -> Deferred[ProbeResult]:
+    """Probe ``target`` with ``plan``: an async function of the exchange ``x`` that sends requests
+    with ``await x.request(method, path, headers, body)``, returns the detail of an 'ok' and raises
+    ``Reject`` for a wrong answer. Always fires with a ProbeResult."""
+    try:
+        if target.transport != 'tcp':
+            raise ValueError(f'{target.protocol} speaks tcp, not {target.transport}')
+        return _HttpExchange(reactor, target, surface).start(plan)
+    except Exception as exc:
+        return _misconfigured(target, exc)
+
+
+def _misconfigured(target: ProbeTarget, exc: Exception) -> Deferred[ProbeResult]:
+    # ValueError covers TLSMaterialMissing (no ca_file / certificate) and DataError.
+    detail = (f'probe misconfigured: {exc}' if isinstance(exc, (ValueError, OSError))
+              else f'probe crashed: {type(exc).__name__}: {exc}')
+    return error_result(target, f'{target.protocol}/{target.transport}', detail)
+
+
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Run the exchange for ``target`` (see module docstring); always fires with a ProbeResult."""
     try:
-        if target.transport != 'tcp':
-            raise ValueError(f'http speaks tcp, not {target.transport}')
         surface = load_surface()
         _name, plan = plan_for(target, surface)
-        return _HttpExchange(reactor, target, surface).start(plan)
     except Exception as exc:
-        # ValueError covers TLSMaterialMissing (no ca_file / certificate) and DataError.
-        detail = (f'probe misconfigured: {exc}' if isinstance(exc, (ValueError, OSError))
-                  else f'probe crashed: {type(exc).__name__}: {exc}')
-        return error_result(target, f'{target.protocol}/{target.transport}', detail)
+        return _misconfigured(target, exc)
+    return run_plan(reactor, target, plan, surface)
+
+
+# Public names for the modules built on this server and client (etcd, infinispan).
+Reject = _Reject
+Reply = _Reply
+expect = _expect
+json_object = _json_object
+respond = _respond
+json_response = _json
 
 
 __all__ = ['PROTOCOL_IDS', 'listen', 'probe', 'site_for', 'listen_site', 'note', 'load_surface',
            'parse_surface', 'render', 'check_fields', 'soap_envelope', 'soap_fault', 'parse_soap',
-           'make_png', 'check_png', 'scanned_pdf', 'print_job', 'DavStore']
+           'make_png', 'check_png', 'scanned_pdf', 'print_job', 'DavStore', 'lab_site', 'run_plan',
+           'Reject', 'Reply', 'expect', 'json_object', 'respond', 'json_response']

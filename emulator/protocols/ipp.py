@@ -31,9 +31,19 @@ below them, e.g. a job URI) and for POST on ``/``, mounted in the ``http``
 module's Site (``http.site_for``), so the same port also answers GET / and the
 persona's HTTP endpoints (an MFD's install page) the way a printer's web server
 does. It answers Get-Printer-Attributes, Print-Job, Validate-Job, Get-Jobs,
-Get-Job-Attributes and Cancel-Job like an idle printer (printer-make-and-model
-from persona ``identity['make_model']``); jobs complete at once (the document
-is counted, not kept). Any other operation gets
+Get-Job-Attributes and Cancel-Job like an idle printer; jobs complete at once
+(the document is counted, not kept). Printer attributes come from the persona
+(``emulator.persona_import`` describes the fields): printer-make-and-model
+(``make_model``), document-format-supported (``document_formats``),
+ipp-versions-supported (``ipp_versions``), color-supported (``color``), the
+marker-* attributes (``toner``); a persona imported from a real printer
+(``ipp_attributes``) replaces generated attributes by name with the captured
+ones (syntax and values), except those describing the live stub (URIs, state,
+times, operations-supported: only the served operations are advertised).
+Invented: media, finishing and resolution lists unless imported. IPPS tops out
+at TLS 1.2 unless the persona says ``tls_max_version: '1.3'``: CUPS 2.4 clients
+(GnuTLS) with a timeout read TLS 1.3's post-handshake session tickets as an empty
+response (see ``tls``). Any other operation gets
 ``server-error-operation-not-supported``; a body that is not an IPP message,
 or not ``application/ipp``, gets HTTP 400; other methods 405. Request checks
 follow RFC 8011 section 4.1 (version, request-id, charset/natural-language
@@ -59,6 +69,7 @@ Options: ``mode`` ('print' | 'status'), ``path`` (default /ipp/print),
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import math
@@ -81,6 +92,8 @@ from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from emulator import persona_import as persona_data
+
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .probing import (BytesProducer, OnRequest, Verdict, classify_os_error, connect_timeout, crashed,
                       error_result, no_connection_detail)
@@ -93,6 +106,7 @@ MAX_JOBS = 500                 # jobs a stub remembers for Get-Jobs / Get-Job-At
 MAX_DEPTH = 8                  # nesting of collections the decoder accepts
 DEFAULT_PATH = '/ipp/print'
 PRINTER_PATHS = (b'print', b'printer')   # children of /ipp
+IPPS_TLS_MAX = '1.2'           # see ipps_persona
 
 _log = Logger()
 
@@ -636,10 +650,18 @@ class Printer:
         self.name = str(identity.get('printer_name') or persona.host)[:127]
         self.location = str(identity.get('location') or '')[:127]
         self.info = str(identity.get('printer_info') or f'{self.name} ({self.make_model})')[:127]
-        self.formats = tuple(identity.get('document_formats') or DOCUMENT_FORMATS)
-        self.color = bool(identity.get('color', True))
-        self.ppm = int(identity.get('pages_per_minute', 30))
+        self.color = persona_data.flag(identity, 'color', True)
+        self.ppm = persona_data.number(identity, 'pages_per_minute', 30)
+        self.versions = persona_data.words(identity, 'ipp_versions') or ('1.0', '1.1', '2.0')
+        self.supplies = persona_data.supplies(identity)
         self.uuid = uuid.uuid5(uuid.NAMESPACE_DNS, f'{persona.host}.ipp.safeq-lab')
+        # A persona imported from a real printer: its attributes, as captured (PersonaDataError
+        # at listen time when malformed).
+        self.imported = {name: imported_attribute(name, entry)
+                         for name, entry in persona_data.ipp_attributes(identity).items()}
+        formats = self.imported.get('document-format-supported')
+        self.formats = tuple(formats.values if formats is not None
+                             else persona_data.words(identity, 'document_formats') or DOCUMENT_FORMATS)
 
     def up_time(self, at: float | None = None) -> int:
         at = self.reactor.seconds() if at is None else at
@@ -687,7 +709,7 @@ class Printer:
             ('queued-job-count', INTEGER, [0]),
             ('printer-up-time', INTEGER, [self.up_time()]),
             ('printer-current-time', DATE_TIME, [self.now()]),
-            ('ipp-versions-supported', KEYWORD, ['1.0', '1.1', '2.0']),
+            ('ipp-versions-supported', KEYWORD, list(self.versions)),
             ('operations-supported', ENUM, [OP[name] for name in SERVED_OPERATIONS]),
             ('charset-configured', CHARSET, ['utf-8']),
             ('charset-supported', CHARSET, ['utf-8']),
@@ -704,6 +726,13 @@ class Printer:
             ('multiple-operation-time-out', INTEGER, [60]),
             ('job-k-octets-supported', RANGE, [Range(0, (1 << 31) - 1)]),
             ('which-jobs-supported', KEYWORD, ['completed', 'not-completed', 'all']),
+            # PWG 5100.13 marker attributes (CUPS reads these): the persona's toner cartridges.
+            ('marker-names', NAME, [s.description for s in self.supplies]),
+            ('marker-colors', NAME, [MARKER_COLOURS.get(s.colour, '#none') for s in self.supplies]),
+            ('marker-types', KEYWORD, ['ink-cartridge' if s.kind == 'ink' else 'toner' for s in self.supplies]),
+            ('marker-levels', INTEGER, [_percent(s.level, s.capacity) for s in self.supplies]),
+            ('marker-low-levels', INTEGER, [5] * len(self.supplies)),
+            ('marker-high-levels', INTEGER, [100] * len(self.supplies)),
         ]
         template = [
             ('copies-default', INTEGER, [1]),
@@ -738,8 +767,19 @@ class Printer:
             ('print-color-mode-default', KEYWORD, ['color' if self.color else 'monochrome']),
             ('print-color-mode-supported', KEYWORD, ['monochrome', 'color'] if self.color else ['monochrome']),
         ]
-        return ([('printer-description', Attribute(n, t, v)) for n, t, v in description]
-                + [('job-template', Attribute(n, t, v)) for n, t, v in template])
+        generated = ([('printer-description', Attribute(n, t, v)) for n, t, v in description]
+                     + [('job-template', Attribute(n, t, v)) for n, t, v in template])
+        return self._with_imported(generated)
+
+    def _with_imported(self, generated: list[tuple[str, Attribute]]) -> list[tuple[str, Attribute]]:
+        """Imported attributes replace generated ones of the same name; new ones are description."""
+        if not self.imported:
+            return generated
+        merged = [(group, self.imported.get(attribute.name, attribute)) for group, attribute in generated]
+        known = {attribute.name for _, attribute in generated}
+        merged += [('printer-description', attribute) for name, attribute in self.imported.items()
+                   if name not in known]
+        return merged
 
     def job_attributes(self, job: Job, ctx: Context) -> list[Attribute]:
         created = self.up_time(job.created)
@@ -777,6 +817,55 @@ class Printer:
             if job.id == job_id:
                 return job
         return None
+
+
+MARKER_COLOURS = {'black': '#000000', 'cyan': '#00FFFF', 'magenta': '#FF00FF', 'yellow': '#FFFF00'}
+_SYNTAX_TAGS = {
+    'textWithoutLanguage': TEXT, 'nameWithoutLanguage': NAME, 'textWithLanguage': TEXT,
+    'nameWithLanguage': NAME, 'keyword': KEYWORD, 'uri': URI, 'uriScheme': URI_SCHEME, 'charset': CHARSET,
+    'naturalLanguage': LANGUAGE, 'mimeMediaType': MIME, 'integer': INTEGER, 'boolean': BOOLEAN,
+    'enum': ENUM, 'rangeOfInteger': RANGE, 'resolution': RESOLUTION, 'dateTime': DATE_TIME,
+    'octetString': OCTET_STRING, 'no-value': NO_VALUE, 'unknown': UNKNOWN,
+}
+
+
+def _percent(level: int, capacity: int) -> int:
+    """A Printer-MIB supply level as marker-levels wants it (-1 unknown, -3 some left)."""
+    if level < 0 or capacity <= 0:
+        return -3 if level == -3 else -1
+    return min(100, round(level * 100 / capacity))
+
+
+def imported_attribute(name: str, entry: dict) -> Attribute:
+    """A validated ``ipp_attributes`` entry as the Attribute the stub encodes.
+
+    textWithLanguage/nameWithLanguage are served without language (ipptool does not print the
+    language); a dateTime is served as captured."""
+    syntax, values = entry['syntax'], entry['values']
+    tag = _SYNTAX_TAGS[syntax]
+    if tag in (NO_VALUE, UNKNOWN):
+        return Attribute(name, tag, [None])
+    if tag == RANGE:
+        values = [Range(*value) for value in values]
+    elif tag == RESOLUTION:
+        values = [_resolution(value) for value in values]
+    elif tag == DATE_TIME:
+        values = [datetime.datetime.fromisoformat(value.replace('Z', '+00:00')) for value in values]
+    elif tag == OCTET_STRING:
+        values = [value.encode('utf-8') for value in values]
+    attribute = Attribute(name, tag, list(values))
+    try:
+        _pack_values(name, attribute.tags, attribute.values, [])   # fail at listen, not per request
+    except IppError as exc:
+        raise persona_data.PersonaDataError(f'ipp_attributes[{name}]: {exc}') from None
+    return attribute
+
+
+def _resolution(text: str) -> Resolution:
+    match = re.fullmatch(r'(\d+)x(\d+)(dpi|dpcm)', text)
+    if match is None:
+        raise persona_data.PersonaDataError(f'resolution {text!r} is not like 600x600dpi')
+    return Resolution(int(match.group(1)), int(match.group(2)), 3 if match.group(3) == 'dpi' else 4)
 
 
 def _requested(message: Message, default: tuple[str, ...]) -> set[str]:
@@ -1085,9 +1174,18 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     from . import http
     if listener.transport != 'tcp':
         raise ValueError(f'ipp runs over tcp, not {listener.transport!r}')
+    persona = ipps_persona(persona)
     site = http.site_for(listener, persona, resources(reactor, persona), reactor=reactor,
                          on_request=on_request)
     return http.listen_site(reactor, listener, persona, site, interface=interface)
+
+
+def ipps_persona(persona: Persona) -> Persona:
+    """The persona with TLS capped at 1.2 unless it says otherwise: CUPS 2.4 (GnuTLS) clients
+    with a timeout misread a TLS 1.3 NewSessionTicket as an empty response (see ``tls``)."""
+    if persona.identity.get('tls_max_version'):
+        return persona
+    return dataclasses.replace(persona, identity={**persona.identity, 'tls_max_version': IPPS_TLS_MAX})
 
 
 # --- client probe -------------------------------------------------------------

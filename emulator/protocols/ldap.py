@@ -17,7 +17,11 @@ Server
     certificate), plaintext accepted too. Only simple binds, checked
     against ``userPassword`` (an anonymous bind is accepted, even before
     StartTLS: it carries no secret); searches need a bound user (like Active
-    Directory), except the root DSE; ``userPassword`` is never returned;
+    Directory), except the root DSE (RFC 4512 §5.1: base '' scope base, filter
+    (objectClass=*) in any case; namingContexts, supportedLDAPVersion 3,
+    supportedExtension StartTLS where offered, vendorName; only the requested
+    attributes, all for none/'*'/'+'; no supportedSASLMechanisms: only simple
+    binds), which anyone may read; ``userPassword`` is never returned;
     writes get unwillingToPerform. A successful bind's diagnosticMessage says
     ``safeq-lab <host> (<roles>): bound <dn>; peer=<client IP>``: the probe's
     proof of who answered and whom it saw. Malformed BER (wrong tag, bad or
@@ -387,8 +391,11 @@ class LabLDAPServer(LDAPServer, TimeoutMixin):
     # search -------------------------------------------------------------------
 
     def _is_root_dse(self, request) -> bool:
+        # Attribute names are case-insensitive: ldapsearch's default filter is (objectclass=*).
+        search_filter = request.filter
         return (request.baseObject in (b'', '') and request.scope == pureldap.LDAP_SCOPE_baseObject
-                and request.filter == pureldap.LDAPFilter_present('objectClass'))
+                and isinstance(search_filter, pureldap.LDAPFilter_present)
+                and _text(search_filter.value).lower() == 'objectclass')
 
     def handle_LDAPSearchRequest(self, request, controls, reply):
         base = _text(request.baseObject)
@@ -412,16 +419,17 @@ class LabLDAPServer(LDAPServer, TimeoutMixin):
         return maybeDeferred(self._search, request, controls, send).addCallbacks(done, refused)
 
     def _search(self, request, controls, send):
-        if not self._is_root_dse(request):  # clients read it before StartTLS and bind
-            self._require_confidentiality()
-            if self.boundUser is None:
-                raise ldaperrors.LDAPOperationsError(
-                    'a successful bind must be completed before searching')
-            try:
-                distinguishedname.DistinguishedName(request.baseObject)
-            except Exception:
-                raise ldaperrors.LDAPInvalidDNSyntax(_text(request.baseObject)) from None
-            check_filter(request.filter)
+        if self._is_root_dse(request):  # anyone may read it: clients do before StartTLS and bind
+            self.checkControls(controls)
+            return self.getRootDSE(request, send)
+        self._require_confidentiality()
+        if self.boundUser is None:
+            raise ldaperrors.LDAPOperationsError('a successful bind must be completed before searching')
+        try:
+            distinguishedname.DistinguishedName(request.baseObject)
+        except Exception:
+            raise ldaperrors.LDAPInvalidDNSyntax(_text(request.baseObject)) from None
+        check_filter(request.filter)
         return LDAPServer.handle_LDAPSearchRequest(self, request, controls, send)
 
     def _cbSearchGotBase(self, base, dn, request, reply):
@@ -439,11 +447,21 @@ class LabLDAPServer(LDAPServer, TimeoutMixin):
         raise ldaperrors.LDAPUnwillingToPerform(f'filter {filter_text(request.filter)} not supported')
 
     def getRootDSE(self, request, reply):
+        """RFC 4512 §5.1 root DSE: the requested attributes, all of them for none, '*' or '+'.
+
+        No supportedSASLMechanisms: only simple binds are served, and an attribute without
+        values cannot be sent."""
         root = IConnectedLDAPEntry(self.factory)
-        attributes = [('supportedLDAPVersion', ['3']), ('namingContexts', [root.dn.getText()]),
-                      ('vendorName', [self.factory.persona.identity.get('vendor', 'safeq-lab')])]
+        attributes = [('objectClass', ['top']), ('namingContexts', [root.dn.getText()]),
+                      ('supportedLDAPVersion', ['3'])]
         if self.factory.tls_options is not None:
             attributes.append(('supportedExtension', [STARTTLS_OID]))
+        attributes.append(('vendorName', [str(self.factory.persona.identity.get('vendor') or 'safeq-lab')]))
+        wanted = {_text(name).lower() for name in request.attributes or ()}
+        if wanted and not wanted & {'*', '+'}:
+            attributes = [(name, values) for name, values in attributes if name.lower() in wanted]
+        if request.typesOnly:
+            attributes = [(name, []) for name, _values in attributes]
         reply(pureldap.LDAPSearchResultEntry(objectName='', attributes=attributes))
         return pureldap.LDAPSearchResultDone(resultCode=ldaperrors.Success.resultCode)
 

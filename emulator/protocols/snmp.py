@@ -8,10 +8,19 @@ TCP/IP")
     with another community is dropped silently, as real agents do. It serves
     the SNMPv2-MIB system group (sysDescr, sysObjectID, sysUpTime, sysContact,
     sysName = persona.host, sysLocation, sysServices) from the persona, and on
-    printers (roles ``mfd``/``mfd-*`` or ``identity['printer']``) the
-    HOST-RESOURCES-MIB device row and Printer-MIB status:
+    printers (roles ``mfd``/``mfd-*`` or ``identity['printer']``) what print
+    management polls: the HOST-RESOURCES-MIB device row (hrDeviceDescr,
     hrDeviceStatus.1 = running(2), hrPrinterStatus.1 = idle(3) unless the
-    persona says otherwise.
+    persona says otherwise) and the Printer-MIB (RFC 3805) for hrDeviceIndex 1:
+    prtGeneral (printer name, serial number, default indexes), prtInputTable
+    (one row per tray), prtMarkerTable (marker 1: electrophotographic laser,
+    prtMarkerLifeCount = the persona's page counter), prtMarkerSuppliesTable
+    and prtMarkerColorantTable (one toner per colour: description, type,
+    unit, max capacity, level). Their values come from the persona
+    (``emulator.persona_import``: serial_number, page_count, toner, trays);
+    invented where the persona gives none: the counters, margins and media
+    sizes. A persona imported from a real device (``snmp_objects``) is served
+    exactly (OIDs, types, values) on top, except the live sysUpTime.
 
 Notification receiver (``snmp-trap``, 162/udp)
     A pysnmp ``NotificationReceiver`` for the same community: SNMPv1/v2c traps
@@ -107,6 +116,10 @@ HR_DEVICE_STATUS = (1, 3, 6, 1, 2, 1, 25, 3, 2, 1, 5, 1)
 HR_PRINTER_STATUS = (1, 3, 6, 1, 2, 1, 25, 3, 5, 1, 1, 1)
 HR_PRINTER_ERROR_STATE = (1, 3, 6, 1, 2, 1, 25, 3, 5, 1, 2, 1)
 HR_DEVICE_PRINTER = (1, 3, 6, 1, 2, 1, 25, 3, 1, 5)   # hrDeviceTypes.hrDevicePrinter
+SNMP_ENGINE_ID = (1, 3, 6, 1, 6, 3, 10, 2, 1, 1, 0)
+SNMP_ENGINE_BOOTS = (1, 3, 6, 1, 6, 3, 10, 2, 1, 2, 0)
+SNMP_ENGINE_TIME = (1, 3, 6, 1, 6, 3, 10, 2, 1, 3, 0)
+SNMP_ENGINE_MAX_MESSAGE_SIZE = (1, 3, 6, 1, 6, 3, 10, 2, 1, 4, 0)
 SNMP_TRAP_OID = (1, 3, 6, 1, 6, 3, 1, 1, 4, 1, 0)
 COLD_START = (1, 3, 6, 1, 6, 3, 1, 1, 5, 1)
 # SafeQ's own notification MIB is not public; the lab's state-change
@@ -208,6 +221,129 @@ def _choice(table: dict[str, int], value: Any, default: str) -> int:
     return table[default]
 
 
+PRINTER_MIB = (1, 3, 6, 1, 2, 1, 43)
+PRT_GENERAL = PRINTER_MIB + (5, 1, 1)           # prtGeneralEntry, index hrDeviceIndex
+PRT_INPUT = PRINTER_MIB + (8, 2, 1)             # prtInputEntry, index hrDeviceIndex.prtInputIndex
+PRT_MARKER = PRINTER_MIB + (10, 2, 1)           # prtMarkerEntry, index hrDeviceIndex.prtMarkerIndex
+PRT_SUPPLIES = PRINTER_MIB + (11, 1, 1)         # prtMarkerSuppliesEntry, hrDeviceIndex.prtMarkerSuppliesIndex
+PRT_COLORANT = PRINTER_MIB + (12, 1, 1)         # prtMarkerColorantEntry
+PRT_GENERAL_PRINTER_NAME = PRT_GENERAL + (16, 1)
+PRT_GENERAL_SERIAL_NUMBER = PRT_GENERAL + (17, 1)
+PRT_MARKER_LIFE_COUNT = PRT_MARKER + (4, 1, 1)
+DEVICE = 1                                       # hrDeviceIndex of the printer
+A4_MICROMETERS = (297000, 210000)                # feed x cross-feed
+
+
+def _octets(text: str) -> Any:
+    return v2c.OctetString(str(text).encode('utf-8'))
+
+
+def printer_mib_objects(persona: Persona, model: str) -> dict[tuple[int, ...], Any]:
+    """Printer-MIB rows for the persona's device (see the module docstring)."""
+    from emulator.persona_import import input_trays, number, supplies, SUPPLY_UNITS
+
+    ident = persona.identity
+    toners = supplies(ident)
+    trays = input_trays(ident)
+    page_count = number(ident, 'page_count', 0)
+    g = PRT_GENERAL
+    objects: dict[tuple[int, ...], Any] = {
+        g + (1, DEVICE): v2c.Counter32(0),                     # prtGeneralConfigChanges
+        g + (2, DEVICE): v2c.Integer(1),                       # prtGeneralCurrentLocalization
+        g + (3, DEVICE): v2c.Integer(3),                       # prtGeneralReset: notResetting(3)
+        g + (6, DEVICE): v2c.Integer(1),                       # prtInputDefaultIndex
+        g + (7, DEVICE): v2c.Integer(1),                       # prtOutputDefaultIndex
+        g + (8, DEVICE): v2c.Integer(1),                       # prtMarkerDefaultIndex
+        g + (9, DEVICE): v2c.Integer(1),                       # prtMediaPathDefaultIndex
+        PRT_GENERAL_PRINTER_NAME: _octets(ident.get('printer_name') or model),
+        PRT_GENERAL_SERIAL_NUMBER: _octets(ident.get('serial_number') or ''),
+        g + (18, DEVICE): v2c.Counter32(0),                    # prtAlertCriticalEvents
+        g + (19, DEVICE): v2c.Counter32(0),                    # prtAlertAllEvents
+    }
+    for index, tray in enumerate(trays, 1):
+        row = (DEVICE, index)
+        objects.update({
+            PRT_INPUT + (2,) + row: v2c.Integer(5 if tray.manual else 3),   # sheetFeedManual / AutoRemovableTray
+            PRT_INPUT + (3,) + row: v2c.Integer(4),                         # micrometers
+            PRT_INPUT + (4,) + row: v2c.Integer(A4_MICROMETERS[0]),
+            PRT_INPUT + (5,) + row: v2c.Integer(A4_MICROMETERS[1]),
+            PRT_INPUT + (8,) + row: v2c.Integer(8),                         # sheets
+            PRT_INPUT + (9,) + row: v2c.Integer(tray.capacity),
+            PRT_INPUT + (10,) + row: v2c.Integer(-3),                       # at least one sheet
+            PRT_INPUT + (11,) + row: v2c.Integer(0),                        # available and idle
+            PRT_INPUT + (12,) + row: _octets('A4'),
+            PRT_INPUT + (13,) + row: _octets(tray.name),
+            PRT_INPUT + (18,) + row: _octets(tray.name),
+            PRT_INPUT + (21,) + row: _octets('stationery'),
+            PRT_INPUT + (22,) + row: _octets('white'),
+        })
+    marker = (DEVICE, 1)
+    objects.update({
+        PRT_MARKER + (2,) + marker: v2c.Integer(4),              # electrophotographicLaser
+        PRT_MARKER + (3,) + marker: v2c.Integer(7),              # impressions
+        PRT_MARKER_LIFE_COUNT: v2c.Counter32(page_count),
+        PRT_MARKER + (5,) + marker: v2c.Counter32(0),            # prtMarkerPowerOnCount
+        PRT_MARKER + (6,) + marker: v2c.Integer(len(toners)),    # prtMarkerProcessColorants
+        PRT_MARKER + (7,) + marker: v2c.Integer(0),
+        PRT_MARKER + (8,) + marker: v2c.Integer(3),              # tenThousandthsOfInches
+        PRT_MARKER + (9,) + marker: v2c.Integer(600),
+        PRT_MARKER + (10,) + marker: v2c.Integer(600),
+        PRT_MARKER + (15,) + marker: v2c.Integer(0),
+    })
+    for index, toner in enumerate(toners, 1):
+        row = (DEVICE, index)
+        objects.update({
+            PRT_SUPPLIES + (2,) + row: v2c.Integer(1),           # prtMarkerSuppliesMarkerIndex
+            PRT_SUPPLIES + (3,) + row: v2c.Integer(index),       # prtMarkerSuppliesColorantIndex
+            PRT_SUPPLIES + (4,) + row: v2c.Integer(3),           # supplyThatIsConsumed
+            PRT_SUPPLIES + (5,) + row: v2c.Integer(5 if toner.kind == 'ink' else 3),   # ink(5) / toner(3)
+            PRT_SUPPLIES + (6,) + row: _octets(toner.description),
+            PRT_SUPPLIES + (7,) + row: v2c.Integer(SUPPLY_UNITS[toner.unit]),
+            PRT_SUPPLIES + (8,) + row: v2c.Integer(toner.capacity),
+            PRT_SUPPLIES + (9,) + row: v2c.Integer(toner.level),
+            PRT_COLORANT + (2,) + row: v2c.Integer(1),           # prtMarkerColorantMarkerIndex
+            PRT_COLORANT + (3,) + row: v2c.Integer(3),           # process
+            PRT_COLORANT + (4,) + row: _octets(toner.colour),
+            PRT_COLORANT + (5,) + row: v2c.Integer(256),         # tonality levels
+        })
+    return objects
+
+
+_SNMP_VALUE_TYPES = {
+    'integer': v2c.Integer, 'timeticks': v2c.TimeTicks, 'counter32': v2c.Counter32,
+    'gauge32': v2c.Gauge32, 'counter64': v2c.Counter64,
+}
+
+
+def imported_value(kind: str, value: Any):
+    """A persona ``snmp_objects`` value (already validated) as the pysnmp value it stands for."""
+    if kind in _SNMP_VALUE_TYPES:
+        return _SNMP_VALUE_TYPES[kind](value)
+    if kind == 'string':
+        return v2c.OctetString(value.encode('utf-8'))
+    if kind == 'hex':
+        return v2c.OctetString(bytes.fromhex(value))
+    if kind == 'opaque':
+        return v2c.Opaque(bytes.fromhex(value))
+    if kind == 'oid':
+        return v2c.ObjectIdentifier(parse_oid(value))
+    return v2c.IpAddress(value)   # ipaddress
+
+
+def imported_objects(persona: Persona) -> dict[tuple[int, ...], Any]:
+    """The persona's ``snmp_objects`` (a capture of a real device), sysUpTime excepted."""
+    from emulator.persona_import import snmp_objects
+
+    return {parse_oid(oid): imported_value(entry['type'], entry['value'])
+            for oid, entry in snmp_objects(persona.identity).items() if parse_oid(oid) != SYS_UPTIME}
+
+
+def engine_id(sys_object_id: tuple[int, ...], host: str) -> bytes:
+    """RFC 3411 snmpEngineID: the vendor's enterprise number, format 4 (text), the host name."""
+    enterprise = sys_object_id[6] if sys_object_id[:6] == (1, 3, 6, 1, 4, 1) and len(sys_object_id) > 6 else 8072
+    return (0x80000000 | enterprise).to_bytes(4, 'big') + b'\x04' + host.encode('utf-8', 'replace')[:27]
+
+
 def persona_objects(persona: Persona, uptime: Callable[[], int]) -> dict[tuple[int, ...], Any]:
     """OID -> value (or zero-argument callable) served by the agent for ``persona``."""
     ident = persona.identity
@@ -230,6 +366,12 @@ def persona_objects(persona: Persona, uptime: Callable[[], int]) -> dict[tuple[i
         SYS_LOCATION: v2c.OctetString(str(ident.get('sys_location', 'SafeQ lab')).encode()),
         # physical(1) + application(64) + end-to-end(8): a host offering services.
         SYS_SERVICES: v2c.Integer(int(ident.get('sys_services', 72))),
+        # SNMP-FRAMEWORK-MIB snmpEngine group, as every SNMPv3-capable agent serves it (and a walk
+        # of the standard MIBs then ends at a subtree boundary, not at the end of the MIB).
+        SNMP_ENGINE_ID: v2c.OctetString(engine_id(sys_object_id, persona.host)),
+        SNMP_ENGINE_BOOTS: v2c.Integer(1),
+        SNMP_ENGINE_TIME: lambda: v2c.Integer(uptime() // 100),
+        SNMP_ENGINE_MAX_MESSAGE_SIZE: v2c.Integer(MAX_MESSAGE - 28),   # a UDP/IPv4 datagram's payload
     }
     if _is_printer(persona):
         objects.update({
@@ -241,6 +383,8 @@ def persona_objects(persona: Persona, uptime: Callable[[], int]) -> dict[tuple[i
             HR_PRINTER_STATUS: v2c.Integer(_choice(HR_PRINTER_STATUSES, ident.get('printer_status'), 'idle')),
             HR_PRINTER_ERROR_STATE: v2c.OctetString(b'\x00'),   # no error bits set
         })
+        objects.update(printer_mib_objects(persona, model or sys_descr))
+    objects.update(imported_objects(persona))
     return objects
 
 

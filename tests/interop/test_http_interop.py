@@ -2,8 +2,8 @@
 
 The stub runs as ``python -m emulator.roled`` on 127.0.0.1 (a Terminal Server persona with
 a throw-away lab CA): plain HTTP, HTTPS verified with --cacert (and refused without it),
-SOAP 1.1/1.2, a malformed SOAP envelope, WebDAV PROPFIND/PUT/GET, etcd v2 keys, and the
-daemon's request log as the server-side witness.
+SOAP 1.1/1.2, a malformed SOAP envelope, WebDAV PROPFIND/PUT/GET, and the daemon's request
+log as the server-side witness. (etcd and Infinispan: test_cluster_protocols_interop.py.)
 """
 
 from __future__ import annotations
@@ -132,15 +132,10 @@ def test_webdav_propfind_put_get(stub):
     assert all(r['peer'] == '127.0.0.1' for r in puts)
 
 
-def test_etcd_v2_keys_like_etcdctl(stub):
-    url = f'{stub["url"]}/v2/keys/safeq/locks/mfd-7'
-    status, headers, body, rc = curl('-X', 'PUT', '-d', 'value=alice', url)
-    assert rc == 0 and status in (200, 201) and json.loads(body)['node']['value'] == 'alice'
-    assert headers['x-etcd-index']
-    status, _, body, _ = curl(url)
-    assert status == 200 and json.loads(body)['node']['value'] == 'alice'
-    status, _, body, _ = curl(f'{stub["url"]}/v2/keys/nope')
-    assert status == 404 and json.loads(body)['errorCode'] == 100
+def test_etcd_v2_keys_are_gone_from_http(stub):
+    # etcd (v3 JSON gateway) has its own module now: tests/interop/test_cluster_protocols_interop.py.
+    status, _, _, rc = curl('-X', 'PUT', '-d', 'value=alice', f'{stub["url"]}/v2/keys/safeq/locks/mfd-7')
+    assert rc == 0 and status == 404
 
 
 def test_request_log_is_the_servers_witness(stub):

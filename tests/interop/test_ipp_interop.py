@@ -35,9 +35,9 @@ def tool(name: str, package: str) -> str:
 
 
 def ipptool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    # No ipptool -T: with it, ipptool 2.4.2 reads "0 bytes in response" from any ipps://
-    # server (also behind socat's OpenSSL) and spins until killed; subprocess bounds the run.
-    command = [tool('ipptool', 'cups-ipp-utils'), *args]
+    # -T as CUPS's ipp backend runs it: ipptool 2.4 (GnuTLS) then reads a TLS 1.3 NewSessionTicket
+    # as "0 bytes in response" and reconnects in a loop; IPPS serves TLS 1.2 for that reason.
+    command = [tool('ipptool', 'cups-ipp-utils'), '-T', '10', *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 

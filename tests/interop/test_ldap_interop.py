@@ -156,3 +156,37 @@ def test_stub_keeps_serving_after_malformed_ber(ldapsearch, stub):
     out = groups_of_alice(ldapsearch, stub, f'ldap://127.0.0.1:{port}')
     assert out.returncode == 0 and cns(out.stdout) == ['print-users', 'scan-users'], out
 
+
+
+ROOT_DSE_ATTRIBUTES = ('namingContexts', 'supportedLDAPVersion', 'supportedExtension',
+                       'supportedSASLMechanisms')
+
+
+def ldif_values(output: str) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        if ': ' in line:
+            name, value = line.split(': ', 1)
+            values.setdefault(name, []).append(value)
+    return values
+
+
+@pytest.mark.parametrize('security', ['plain', 'starttls'])
+def test_anonymous_root_dse_search_answers_like_a_real_directory(ldapsearch, stub, security):
+    port = stub['ports'][security]
+    out = run(ldapsearch, stub, f'ldap://127.0.0.1:{port}', '-b', '', '-s', 'base', '(objectClass=*)',
+              *ROOT_DSE_ATTRIBUTES, bind=False)
+    assert out.returncode == 0, out.stderr
+    got = ldif_values(out.stdout)
+    assert got['namingContexts'] == [BASE] and got['supportedLDAPVersion'] == ['3']
+    starttls = ['1.3.6.1.4.1.1466.20037'] if security == 'starttls' else None
+    assert got.get('supportedExtension') == starttls, got
+    # ldapsearch's default filter is (objectclass=*), lower case: the same root DSE.
+    out = run(ldapsearch, stub, f'ldap://127.0.0.1:{port}', '-b', '', '-s', 'base', bind=False)
+    assert out.returncode == 0 and ldif_values(out.stdout)['namingContexts'] == [BASE], out
+
+
+def test_other_anonymous_searches_stay_refused(ldapsearch, stub):
+    out = run(ldapsearch, stub, f'ldap://127.0.0.1:{stub["ports"]["plain"]}', '-b', BASE, '(uid=alice)',
+              bind=False)
+    assert out.returncode == 1 and 'bind must be completed' in out.stderr + out.stdout, out

@@ -22,16 +22,20 @@ import ssl
 import struct
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import pytest
 from ldaptor.protocols import pureldap
+from pamqp import commands
+from twisted.conch.ssh.transport import SSHClientTransport
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols import tls as twisted_tls
 
 from emulator import pki, protocols
-from emulator.protocols import framed, ipp, ldap, snmp
+from emulator.protocols import ajp, amqp, framed, ipp, jgroups, jmx, ldap, mdns, mssql, netbios, pgsql, smb, snmp
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import fresh_reactor
 
@@ -41,7 +45,7 @@ READ_WAIT = 0.02            # seconds a fuzz client waits for an answer before i
 SETTLE = 2.0                # seconds the stub gets to close what the fuzz clients left
 FD_SLACK = 2                # sockets a stub may hold beyond its baseline after settling
 ROLES = ('terminal-server', 'spooler-controller', 'mfd', 'management', 'ldap-server',
-         'payment-system', 'terminal-ultralight')
+         'payment-system', 'terminal-ultralight', 'mail-server')
 
 DEEP_JSON = b'[' * 1000 + b']' * 1000
 
@@ -114,6 +118,10 @@ def _kinds() -> list[Kind]:
                                                 dnAttributes=False)]))
     starttls = ldap.encode_message(pureldap.LDAPStartTLSRequest(), 1)
     snmp_get = snmp.get_request('public', [snmp.SYS_DESCR]).message
+    snmp_printer = snmp.get_request('public', [snmp.PRT_MARKER_LIFE_COUNT, snmp.PRT_GENERAL_SERIAL_NUMBER]).message
+    root_dse = ldap.encode_message(pureldap.LDAPSearchRequest(
+        baseObject=b'', scope=pureldap.LDAP_SCOPE_baseObject, filter=pureldap.LDAPFilter_present('objectclass'),
+        attributes=[b'namingContexts', b'supportedExtension']), 1)
     lpd_seeds = [b'\x02print\n\x0224 cfA001fuzz\nHfuzz\nPfuzz\n', b'\x01print\n', b'\x03print\n']
     raw_seeds = [b'\x1b%-12345X@PJL INFO STATUS\r\n\x1b%-12345X', b'%!PS\nshowpage\n']
     ftp_seeds = [b'USER scan\r\nPASS nope\r\nSTAT\r\n', b'USER scan\r\nPASS scan\r\nSTAT\r\nQUIT\r\n',
@@ -139,13 +147,153 @@ def _kinds() -> list[Kind]:
         Kind('ipps', 'ipp', 'tcp', 'tls', ipp_seeds, ipp_hostile, wrap_tls=True),
         Kind('lpd', 'lpr', 'tcp', 'plain', lpd_seeds),
         Kind('raw', 'raw', 'tcp', 'plain', raw_seeds),
-        Kind('ldap', 'ldap', 'tcp', 'plain', [bind + search], [bad_filter, bind + bad_filter]),
+        Kind('ldap', 'ldap', 'tcp', 'plain', [bind + search, root_dse], [bad_filter, bind + bad_filter]),
         Kind('ldap starttls', 'ldap', 'tcp', 'starttls', [starttls], [bad_filter]),
         Kind('ldaps', 'ldap', 'tcp', 'tls', [bind + search], [bad_filter], wrap_tls=True),
-        Kind('snmp udp', 'snmp', 'udp', 'plain', [snmp_get], [b'GARBAGE', b'\x30\x03\x02\x01']),
-        Kind('snmp tcp', 'snmp', 'tcp', 'plain', [snmp_get], [b'\x30\x82\x00\x05\x04\x03abc' + b'\x00' * 5]),
+        Kind('snmp udp', 'snmp', 'udp', 'plain', [snmp_get, snmp_printer], [b'GARBAGE', b'\x30\x03\x02\x01']),
+        Kind('snmp tcp', 'snmp', 'tcp', 'plain', [snmp_get, snmp_printer], [b'\x30\x82\x00\x05\x04\x03abc' + b'\x00' * 5]),
         Kind('time udp', 'time', 'udp', 'plain', [b'', b'x']),
         Kind('ftp', 'ftp', 'tcp', 'plain', ftp_seeds),
+    ] + _mail_kinds() + _database_kinds() + _cluster_kinds() + _ssh_mdns_kinds() + _java_side_kinds() + _windows_kinds()
+
+
+def _mail_kinds() -> list[Kind]:
+    mail_login = b'a1 LOGIN safeq safeq-lab-mail\r\na2 SELECT INBOX\r\n'
+    smtp_seeds = [b'EHLO fuzz\r\nMAIL FROM:<scan@safeq.lab>\r\nRCPT TO:<alice@safeq.lab>\r\nDATA\r\n'
+                  b'Subject: fuzz\r\n\r\nbody\r\n.\r\nQUIT\r\n',
+                  b'EHLO fuzz\r\nAUTH PLAIN AHNhZmVxAHNhZmVxLWxhYi1tYWls\r\n',
+                  b'EHLO fuzz\r\nAUTH LOGIN\r\nc2FmZXE=\r\neA==\r\n']
+    smtp_hostile = [b'AUTH PLAIN !!!\r\nAUTH\r\n\xff\xfe\r\n', b'x' * 20000,
+                    b'EHLO x\r\nMAIL FROM:<' + b'a' * 5000 + b'>\r\n', b'EHLO x\r\nSTARTTLS\r\nSTARTTLS\r\n']
+    pop3_seeds = [b'USER safeq\r\nPASS safeq-lab-mail\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nTOP 1 5\r\nQUIT\r\n',
+                  b'APOP safeq 0123456789abcdef0123456789abcdef\r\n', b'CAPA\r\nAUTH\r\nAUTH PLAIN\r\nAAAA\r\n']
+    pop3_hostile = [b'USER safeq\r\nPASS safeq-lab-mail\r\nLIST 0\r\nUIDL x\r\nDELE 99\r\nRSET\r\nLAST\r\nRPOP x\r\n',
+                    b'x' * 5000]
+    imap_seeds = [mail_login + b'a3 FETCH 1:* (BODY[] BODYSTRUCTURE ENVELOPE FLAGS INTERNALDATE RFC822.SIZE)\r\n'
+                  b'a4 UID SEARCH ALL\r\na5 LOGOUT\r\n',
+                  b'a1 AUTHENTICATE PLAIN\r\nAHNhZmVxAHNhZmVxLWxhYi1tYWls\r\na2 LIST "" *\r\n'
+                  b'a3 STATUS INBOX (MESSAGES UIDNEXT)\r\n', b'a1 CAPABILITY\r\na2 NOOP\r\n']
+    imap_hostile = [b'a1 LOGIN {5}\r\nsafeq {14}\r\nsafeq-lab-mail\r\n',
+                    mail_login + b'a3 FETCH 1:* (BODY[1.2.3] BODY[HEADER.FIELDS.NOT (X)] RFC822 RFC822.TEXT)\r\n'
+                    b'a4 SEARCH OR FROM x NOT TO y\r\na5 SEARCH SINCE 1-Jan-2020 LARGER 5 TEXT pdf\r\n',
+                    mail_login + b'a3 IDLE\r\nDONE\r\na4 EXAMINE inbox\r\na5 CLOSE\r\na6 STATUS INBOX (BOGUS)\r\n']
+    return [
+        Kind('smtp', 'smtp', 'tcp', 'plain', smtp_seeds, smtp_hostile),
+        Kind('smtp optional', 'smtp', 'tcp', 'optional', smtp_seeds, smtp_hostile),
+        Kind('smtps', 'smtp', 'tcp', 'tls', smtp_seeds, smtp_hostile, wrap_tls=True),
+        Kind('pop3', 'pop3', 'tcp', 'plain', pop3_seeds, pop3_hostile),
+        Kind('pop3s', 'pop3', 'tcp', 'tls', pop3_seeds, pop3_hostile, wrap_tls=True),
+        Kind('imap', 'imap', 'tcp', 'plain', imap_seeds, imap_hostile),
+        Kind('imaps', 'imap', 'tcp', 'tls', imap_seeds, imap_hostile, wrap_tls=True),
+    ]
+
+
+def _database_kinds() -> list[Kind]:
+    pg_startup = pgsql.startup_message({'user': 'safeq', 'database': 'safeq', 'application_name': 'fuzz'})
+    pg_seeds = [pg_startup, pgsql.ssl_request(), pg_startup + pgsql.message(b'p', b'md5' + b'0' * 32 + b'\0'),
+                struct.pack('!IIII', 16, 80877102, 1234, 5678)]
+    pg_hostile = [b'\0\0\0\xa4\xff\x53\x4d\x42' + b'\0' * 156, pgsql.ssl_request() + pg_startup,
+                  b'\x7f\xff\xff\xff' + b'\0' * 8, pgsql.message(b'Q', b'SELECT 1\0') * 3]
+    tds_prelogin_off = mssql.packets(mssql.PRELOGIN, mssql.encode_prelogin(
+        [(mssql.PL_VERSION, b'\x0f\0\0\0\0\0'), (mssql.PL_ENCRYPTION, b'\0'), (mssql.PL_INSTOPT, b'MSSQLServer\0')]))
+    tds_prelogin_none = mssql.packets(mssql.PRELOGIN, mssql.encode_prelogin(
+        [(mssql.PL_VERSION, b'\x0f\0\0\0\0\0'), (mssql.PL_ENCRYPTION, b'\x02')]))
+    tds_login = mssql.packets(mssql.LOGIN7, mssql.encode_login7('safeq', 'safeq-lab-pw', 'safeq', 'fuzz', 'stub.lab'))
+    tds_batch = mssql.packets(mssql.SQL_BATCH, struct.pack('<IIHQI', 22, 18, 2, 0, 1) + 'SELECT 1'.encode('utf-16-le'))
+    tds_seeds = [tds_prelogin_off, tds_prelogin_none + tds_login + tds_batch]
+    tds_hostile = [b'\x12\x01\xff\xff\0\0\0\0' + b'\0' * 64, tds_batch,
+                   mssql.packets(mssql.LOGIN7, b'\xff' * 94), tds_prelogin_none + tds_login + tds_batch * 3]
+    return [
+        Kind('pgsql optional', 'pgsql', 'tcp', 'optional', pg_seeds, pg_hostile),
+        Kind('mssql optional', 'mssql', 'tcp', 'optional', tds_seeds, tds_hostile),
+    ]
+
+
+def _cluster_kinds() -> list[Kind]:
+    etcd_put = _http('POST', '/v3/kv/put', b'{"key": "L3NhZmVxL2xvY2tzL21mZC0x", "value": "YWxpY2U="}',
+                     {'Content-Type': 'application/json'})
+    etcd_range = _http('POST', '/v3/kv/range', b'{"key": "AA==", "range_end": "AA=="}')
+    etcd_seeds = [etcd_put, etcd_range, _http('GET', '/version')]
+    etcd_hostile = [_http('POST', '/v3/kv/put', DEEP_JSON), _http('POST', '/v3/kv/range', b'{"key": 5}'),
+                    etcd_put + etcd_range]
+    ispn_put = _http('PUT', '/rest/v2/caches/jobs/J-1', b'{"id": "J-1"}', {'Content-Type': 'application/json'})
+    ispn_seeds = [ispn_put, _http('GET', '/rest/v2/caches/jobs/J-1'), _http('GET', '/rest/v2/caches'),
+                  _http('DELETE', '/rest/v2/caches/jobs/J-1')]
+    ispn_hostile = [_http('PUT', '/rest/v2/caches/jobs/%ff%00', b'x'), _http('GET', '/rest/v2/caches/' + 'a/' * 50),
+                    ispn_put + ispn_put]
+    asker = uuid.UUID(int=1)
+    discovery = jgroups.encode_message(jgroups.Discovery(
+        type=jgroups.GET_MBRS_REQ, cluster='ISPN', sender=asker,
+        data=jgroups.PingData(asker, 0, 'fuzz', jgroups.IpAddress('127.0.0.1', 7800))))
+    preamble = jgroups.encode_preamble(jgroups.IpAddress('127.0.0.1', 7800))
+    jg_tcp = [preamble + jgroups.frame(discovery)]
+    jg_hostile = [preamble + b'\x7f\xff\xff\xff', preamble + jgroups.frame(b'\x00' * 40), b'bela\xff\xff']
+    return [
+        Kind('etcd', 'etcd', 'tcp', 'plain', etcd_seeds, etcd_hostile),
+        Kind('infinispan', 'infinispan', 'tcp', 'plain', ispn_seeds, ispn_hostile),
+        Kind('jgroups tcp', 'jgroups', 'tcp', 'plain', jg_tcp, jg_hostile),
+        Kind('jgroups tcp opt', 'jgroups', 'tcp', 'optional', jg_tcp, jg_hostile),
+        Kind('jgroups udp', 'jgroups', 'udp', 'plain', [discovery], [b'\x28\x8c', discovery[:-3]]),
+        Kind('jgroups udp opt', 'jgroups', 'udp', 'optional', [discovery], [b'\x28\x8c']),
+    ]
+
+
+def _java_side_kinds() -> list[Kind]:
+    rmi_list = (jmx.protocol_header() + jmx.endpoint('127.0.0.1', 0)
+                + jmx.call(jmx.ObjID(0), 1, jmx.REGISTRY_INTERFACE_HASH) + bytes((jmx.PING,)))
+    rmi_lookup = (jmx.protocol_header() + jmx.endpoint('127.0.0.1', 0)
+                  + jmx.call(jmx.ObjID(0), 2, jmx.REGISTRY_INTERFACE_HASH) + jmx.string_object('jmxrmi'))
+    ajp_get = ajp.CPING_PACKET + ajp.ForwardRequest('GET', '/', headers=[('host', 'stub.lab')]).encode()
+    ajp_post = (ajp.ForwardRequest('POST', '/x', headers=[('content-length', '4')]).encode()
+                + ajp.server_packet(b'\x00\x04abcd'))
+    amqp_session = (amqp.PROTOCOL_HEADER + amqp.method_frame(commands.Connection.StartOk(
+        {}, 'PLAIN', amqp.plain_response(amqp.LAB_USER, amqp.LAB_PASSWORD), 'en_US'))
+        + amqp.method_frame(commands.Connection.TuneOk(2047, 131072, 0))
+        + amqp.method_frame(commands.Connection.Open('/')) + amqp.method_frame(commands.Channel.Open(), 1))
+    return [
+        Kind('jmx', 'jmx', 'tcp', 'plain', [rmi_list, rmi_lookup],
+             [jmx.protocol_header(jmx.SINGLE_OP_PROTOCOL) + b'\x50\xac\xed\x00\x05\x7a\x7f\xff\xff\xff']),
+        Kind('ajp', 'ajp', 'tcp', 'plain', [ajp_get, ajp_post], [b'GET / HTTP/1.0\r\n\r\n', b'\x12\x34\xff\xff']),
+        Kind('amqp', 'amqp', 'tcp', 'plain', [amqp_session], [b'AMQP\x01\x01\x00\x0a', b'\x01\x00\x00\x7f\xff\xff\xff']),
+        Kind('amqps', 'amqp', 'tcp', 'tls', [amqp_session], [b'AMQP\x01\x01\x00\x0a'], wrap_tls=True),
+    ]
+
+
+def _windows_kinds() -> list[Kind]:
+    nb_status = netbios.encode_ns_query(0x4242, netbios.NetbiosName('*', 0), netbios.TYPE_NBSTAT)
+    nb_query = netbios.encode_ns_query(0x4243, netbios.NetbiosName('STUB', 0x20))
+    backup_list = netbios.encode_datagram(
+        netbios.DIRECT_UNIQUE, 7, '127.0.0.1', 0, netbios.NetbiosName('FUZZ', 0),
+        netbios.NetbiosName('WORKGROUP', 0x1D),
+        netbios.encode_mailslot(netbios.BROWSE_MAILSLOT, netbios.get_backup_list_request(1)))
+    smb_negotiate = smb.frame(smb.Header(smb.NEGOTIATE).pack() + smb.negotiate_request())
+    smb_session = smb.frame(smb.Header(smb.SESSION_SETUP, message_id=1).pack() +
+                            smb.session_setup_request(smb.spnego_init(smb.ntlm_negotiate())))
+    smb_smb1 = smb.frame(b'\xffSMBr' + bytes(27) + b'\x00\x0c\x00\x02NT LM 0.12\x00')
+    smb_chain = smb.frame(smb.Header(smb.ECHO, next_command=64).pack() + smb.Header(smb.ECHO).pack())
+    return [
+        Kind('netbios-ns', 'netbios-ns', 'udp', 'optional', [nb_status, nb_query],
+             [nb_query[:12] + b'\xc0\x0c' + nb_query[-4:]]),
+        Kind('netbios-dgm', 'netbios-dgm', 'udp', 'optional', [backup_list],
+             [backup_list[:10] + b'\xff\xff\x00\x00' + backup_list[14:]]),
+        Kind('smb', 'smb', 'tcp', 'plain', [smb_negotiate, smb_negotiate + smb_session, smb_smb1],
+             [b'\x00\xff\xff\xff', smb_negotiate + smb_chain, smb_negotiate + smb_negotiate]),
+    ]
+
+
+def _ssh_client_hello() -> bytes:
+    """What an SSH client sends first: its version line and KEXINIT (Conch's client, in memory)."""
+    client = SSHClientTransport()
+    client.makeConnection(StringTransport())
+    return client.transport.value()
+
+
+def _ssh_mdns_kinds() -> list[Kind]:
+    # The catalog's 'tls' on SSH's port means SSH's own encryption: the fuzz client speaks no TLS there.
+    return [
+        Kind('ssh', 'ssh', 'tcp', 'tls', [_ssh_client_hello(), b'SSH-2.0-OpenSSH_9.2p1\r\n'],
+             [b'SSH-2.0-fuzz\r\n' + b'\xff' * 64, b'x' * 5000, b'SSH-1.5-old\r\n']),
+        Kind('mdns', 'mdns', 'udp', 'plain', [mdns.ptr_query(b'_ipp._tcp.local', 7)], [b'', b'\xff' * 12]),
     ]
 
 

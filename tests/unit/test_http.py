@@ -348,22 +348,14 @@ def test_upload_returns_size_and_digest():
     assert records[0]['stored'] == 5000
 
 
-def test_etcd_keys_set_get_list_delete():
-    site, reactor, _ = make_site(TS)
-    conn = Conn(site, reactor)
-    form = {'Content-Type': 'application/x-www-form-urlencoded'}
-    [(status, headers, body)] = conn.send(request('PUT', '/v2/keys/locks/mfd1', b'value=alice', form))
-    assert status == 201 and json.loads(body)['node']['value'] == 'alice' and headers['x-etcd-index'] == '1'
-    [(status, _, body)] = conn.send(request('PUT', '/v2/keys/locks/mfd1', b'value=bob', form))
-    assert status == 200 and json.loads(body)['prevNode']['value'] == 'alice'
-    [(status, _, body)] = conn.send(request('GET', '/v2/keys/locks'))
-    assert status == 200 and json.loads(body)['node']['dir'] is True
-    [(status, _, body)] = conn.send(request('DELETE', '/v2/keys/locks/mfd1'))
-    assert status == 200 and json.loads(body)['action'] == 'delete'
-    [(status, _, body)] = conn.send(request('GET', '/v2/keys/locks/mfd1'))
-    assert status == 404 and json.loads(body)['errorCode'] == 100
-    [(status, _, body)] = conn.send(request('PUT', '/v2/keys/x', b'nothing=here', form))
-    assert status == 400 and json.loads(body)['errorCode'] == 209
+def test_etcd_and_infinispan_are_not_http_surfaces():
+    # They have their own modules now (etcd.py, infinispan.py; tests in test_cluster_protocols.py).
+    persona = Persona(host='big', roles=('terminal-server', 'infinispan', 'js-infinispan'))
+    for path in ('/v2/keys/safeq/locks/mfd1', '/v3/kv/range', '/rest/v2/caches/jobs/J-1'):
+        (status, _, _), _, _ = one(persona, request('GET', path))
+        assert status == 404, path
+    surface = http.load_surface()
+    assert not {'terminal-server-38', 'terminal-server-39', 'others-02', 'others-29'} & set(surface.flows)
 
 
 # --- server: SOAP -----------------------------------------------------------------------------
@@ -545,7 +537,7 @@ ALL_ROLES = Persona(host='big', roles=('terminal-server', 'spooler-controller', 
 def test_probe_every_kind_ok():
     cases = [dict(), dict(flow='spooler-controller-02'), dict(flow='spooler-controller-07'),
              dict(flow='terminal-server-07'), dict(flow='flexi-spooler-01', size=4096),
-             dict(flow='terminal-server-38'), dict(flow='others-02'), dict(flow='mfd-04'),
+             dict(flow='mfd-04'),
              dict(flow='payment-03'), dict(flow='ims-03'),
              dict(protocol='soap', flow='terminal-server-11'),
              dict(protocol='soap', flow='terminal-server-12', options={'soap_version': '1.2'}),

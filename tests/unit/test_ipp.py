@@ -721,3 +721,41 @@ def test_plain_probe_on_the_ipps_port_is_a_protocol_error(ipps_stub):
     port, _, _ = ipps_stub
     result = run_on_fresh_reactor(lambda r: ipp.probe(r, target(port)))
     assert result.outcome == 'protocol_error', result
+
+
+# --- persona data, IPPS TLS ----------------------------------------------------------------------
+
+def test_printer_reads_persona_strings_as_roles_identity_hands_them_over():
+    persona = Persona(host='m', roles=('mfd',), identity={
+        'color': 'False', 'document_formats': 'application/pdf image/urf', 'ipp_versions': '1.1 2.0',
+        'pages_per_minute': '33', 'toner': 'black:40', 'toner_capacity': '80'})
+    printer = ipp.Printer(MemoryReactorClock(), persona)
+    served = {a.name: a.values for _, a in printer.printer_attributes(
+        ipp.Context('h:1', '/ipp/print', False, 'p', 1))}
+    assert served['color-supported'] == [False] and served['print-color-mode-supported'] == ['monochrome']
+    assert served['document-format-supported'] == ['application/pdf', 'image/urf']
+    assert served['ipp-versions-supported'] == ['1.1', '2.0'] and served['pages-per-minute'] == [33]
+    assert served['marker-names'] == ['Black Toner'] and served['marker-levels'] == [50]
+
+
+def test_imported_attributes_replace_generated_ones_and_bad_ones_fail_at_listen():
+    persona = Persona(host='m', roles=('mfd',), identity={'ipp_attributes': {
+        'sides-supported': {'syntax': 'keyword', 'values': ['one-sided']},
+        'printer-kind': {'syntax': 'keyword', 'values': ['document']},
+        'printer-state': {'syntax': 'enum', 'values': [5]}}})
+    pairs = ipp.Printer(MemoryReactorClock(), persona).printer_attributes(ipp.Context('h:1', '/', False, 'p', 1))
+    groups = {a.name: (g, a.values) for g, a in pairs}
+    assert groups['sides-supported'] == ('job-template', ['one-sided'])
+    assert groups['printer-kind'] == ('printer-description', ['document'])
+    assert groups['printer-state'][1] == [ipp.PRINTER_IDLE]   # live: never the captured value
+    broken = Persona(host='m', roles=('mfd',), identity={'ipp_attributes': {
+        'printer-name': {'syntax': 'keyword', 'values': ['ünïcode keyword']}}})
+    with pytest.raises(ValueError, match='printer-name'):
+        ipp.listen(MemoryReactorClock(), Listener('tcp', 0, 'ipp'), broken)
+
+
+def test_ipps_is_capped_at_tls_1_2_unless_the_persona_says_otherwise():
+    plain = Persona(host='m', roles=('mfd',), identity={'vendor': 'X'})
+    assert ipp.ipps_persona(plain).identity == {'vendor': 'X', 'tls_max_version': '1.2'}
+    chosen = Persona(host='m', roles=('mfd',), identity={'tls_max_version': '1.3'})
+    assert ipp.ipps_persona(chosen) is chosen

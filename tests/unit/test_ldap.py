@@ -308,6 +308,34 @@ def test_root_dse_is_readable_anonymously_and_lists_starttls_where_offered(pki):
     assert root_dse(Stub('starttls', pki))['supportedextension'] == [ldap.STARTTLS_OID.decode()]
 
 
+def test_root_dse_answers_any_case_of_objectclass_and_only_the_requested_attributes(pki):
+    stub = Stub('optional', pki)
+    entry, done = stub.send(pureldap.LDAPSearchRequest(
+        baseObject='', scope=pureldap.LDAP_SCOPE_baseObject,
+        filter=pureldap.LDAPFilter_present('objectclass'),   # ldapsearch's default filter
+        attributes=['namingContexts', 'supportedLDAPVersion', 'supportedExtension',
+                    'supportedSASLMechanisms']))
+    assert done.resultCode == 0 and ldap._text(entry.objectName) == ''
+    assert attrs(entry) == {'namingcontexts': [ldap.BASE_DN], 'supportedldapversion': ['3'],
+                            'supportedextension': [ldap.STARTTLS_OID.decode()]}
+    assert stub.records[-1]['op'] == 'search' and stub.records[-1]['entries'] == 1
+
+
+def test_root_dse_with_all_attributes_and_other_anonymous_searches_still_refused():
+    stub = Stub('plain')
+    every = {'objectclass', 'namingcontexts', 'supportedldapversion', 'vendorname'}
+    for wanted in ([], ['*'], ['+']):
+        entry, done = stub.send(pureldap.LDAPSearchRequest(
+            baseObject='', scope=pureldap.LDAP_SCOPE_baseObject,
+            filter=pureldap.LDAPFilter_present('OBJECTCLASS'), attributes=wanted))
+        assert set(attrs(entry)) == every, wanted
+    [done] = stub.send(pureldap.LDAPSearchRequest(
+        baseObject='', scope=pureldap.LDAP_SCOPE_wholeSubtree, filter=pureldap.LDAPFilter_present('objectClass')))
+    assert done.resultCode == 1   # a subtree search from the root is a search: bind first
+    [done] = stub.search(ldap.BASE_DN, pureldap.LDAPFilter_present('objectClass'))
+    assert done.resultCode == 1
+
+
 @pytest.mark.parametrize('op', [
     pureldap.LDAPAddRequest(entry='cn=x,' + ldap.GROUPS_DN, attributes=[
         (pureldap.LDAPAttributeDescription('cn'), pureldap.BERSet([pureldap.LDAPAttributeValue('x')]))]),

@@ -153,7 +153,7 @@ def test_persona_mib_get_and_getnext():
     assert isinstance(no_object, rfc1905.NoSuchObject)
     [(first, _), (after_descr, _), (_, end)] = mib.read_next_variables(
         (name((1, 3, 6, 1, 2, 1)), None), (name(snmp.SYS_DESCR), None),
-        (name(snmp.HR_PRINTER_ERROR_STATE), None))
+        (name(snmp.SNMP_ENGINE_MAX_MESSAGE_SIZE), None))   # the last object served
     assert tuple(first) == snmp.SYS_DESCR
     assert tuple(after_descr) == snmp.SYS_OBJECT_ID
     assert isinstance(end, rfc1905.EndOfMibView)
@@ -558,3 +558,47 @@ def test_runs_on_twisted_asyncioreactor():
     assert out['get']['outcome'] == 'ok' and 'Xerox AltaLink' in out['get']['detail'], out
     assert out['inform']['outcome'] == 'ok', out
     assert [r['op'] for r in out['records']] == ['get', 'trap']
+
+
+# --- Printer-MIB from the persona, imported objects ----------------------------------------------
+
+def test_printer_mib_rows_come_from_the_persona_and_walk_in_order():
+    persona = Persona(host='mfd-sharp', roles=('mfd', 'mfd-sharp-esf'), identity={
+        'make_model': 'SHARP MX-M3071', 'serial_number': 'S-42', 'page_count': '12345', 'color': 'False',
+        'toner': 'black:61', 'input_trays': 'Tray 1=550; Bypass Tray=100'})
+    objects = snmp.persona_objects(persona, lambda: 0)
+    supplies = snmp.PRT_SUPPLIES
+    assert objects[snmp.PRT_GENERAL_SERIAL_NUMBER].asOctets() == b'S-42'
+    assert objects[snmp.PRT_GENERAL_PRINTER_NAME].asOctets() == b'SHARP MX-M3071'
+    assert int(objects[snmp.PRT_MARKER_LIFE_COUNT]) == 12345
+    assert objects[supplies + (6, 1, 1)].asOctets() == b'Black Toner'
+    assert [int(objects[supplies + (column, 1, 1)]) for column in (5, 7, 8, 9)] == [3, 19, 100, 61]
+    assert supplies + (6, 1, 2) not in objects   # mono: one cartridge
+    assert int(objects[snmp.PRT_INPUT + (2, 1, 2)]) == 5 and int(objects[snmp.PRT_INPUT + (9, 1, 1)]) == 550
+    mib = snmp.PersonaMib(objects)
+    walked, name = [], v2c.ObjectIdentifier(snmp.PRINTER_MIB)
+    while True:
+        [(name, value)] = mib.read_next_variables((name, None))
+        if tuple(name)[:len(snmp.PRINTER_MIB)] != snmp.PRINTER_MIB:
+            break
+        walked.append(tuple(name))
+    assert walked == sorted(o for o in objects if o[:len(snmp.PRINTER_MIB)] == snmp.PRINTER_MIB)
+    assert tuple(name) == snmp.SNMP_ENGINE_ID   # the walk leaves the subtree, not the MIB
+
+
+def test_terminals_serve_no_printer_mib():
+    assert not any(oid[:7] == snmp.PRINTER_MIB for oid in snmp.persona_objects(TERMINAL, lambda: 0))
+
+
+def test_imported_objects_are_served_exactly_and_bad_ones_are_refused():
+    persona = Persona(host='x', roles=('mfd',), identity={'snmp_objects': {
+        '1.3.6.1.4.1.367.9.1.0': {'type': 'gauge32', 'value': 7},
+        '1.3.6.1.2.1.1.1.0': {'type': 'hex', 'value': '00ff'},
+        '1.3.6.1.2.1.1.3.0': {'type': 'timeticks', 'value': 999}}})
+    objects = snmp.persona_objects(persona, lambda: 5)
+    assert objects[(1, 3, 6, 1, 4, 1, 367, 9, 1, 0)] == v2c.Gauge32(7)
+    assert objects[snmp.SYS_DESCR].asOctets() == b'\x00\xff'
+    assert objects[snmp.SYS_UPTIME]() == v2c.TimeTicks(5)
+    broken = Persona(host='x', roles=('mfd',), identity={'snmp_objects': {'1.3.6.1': {'type': 'gauge32', 'value': -1}}})
+    with pytest.raises(ValueError, match='unsigned 32-bit'):   # listen builds these before serving
+        snmp.persona_objects(broken, lambda: 0)
