@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import yaml
 
@@ -76,6 +76,7 @@ class HostSpec:
     link: LinkShape = LinkShape()
     rules: Path | None = None  # the host's own firewall (INPUT/OUTPUT), loaded when the lab is built
     fleet: str = ""  # the fleet (its name) that declared this device, "" for a listed host
+    persona: str = ""  # an entry of the topology's persona files that overrides what its roles say
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Topology:
     firewalls: tuple[FirewallNode, ...] = ()  # () when built by hand: one node `firewall` owning every zone
     transit: ipaddress.IPv4Network | None = None  # the segment joining several firewall nodes
     profile: DeploymentProfile = field(default_factory=DeploymentProfile)
+    personas: Mapping[str, Mapping] = field(default_factory=dict, hash=False)  # persona name -> entry (persona files)
 
     def __post_init__(self):
         if not self.firewalls:
@@ -437,6 +439,35 @@ def _parse_rules_file(path: Path, where: str, value) -> Path:
     return rules
 
 
+def _parse_persona_files(path: Path, value) -> dict[str, dict]:
+    """{persona name: entry} from the files `personas:` lists (relative to the topology file), as
+    `safeq-lab persona import` writes them; each entry is checked the way the stubs will use it."""
+    from emulator import persona_import
+
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _fail(path, "personas", "expected a list of persona files (YAML written by `safeq-lab persona import`)")
+    personas: dict[str, dict] = {}
+    for file in value:
+        where = path.parent / file
+        if not where.is_file():
+            raise _fail(path, "personas", f"persona file {where} does not exist")
+        if not where.read_bytes().strip():
+            raise LabError(f"{where}: the persona file is empty; write one with `safeq-lab persona import`")
+        data = read_topology_yaml(where)
+        if not isinstance(data, dict) or not all(isinstance(e, dict) for e in data.values()):
+            raise LabError(f"{where}: expected `name: {{persona fields}}` entries, as `safeq-lab persona import` writes")
+        for name, entry in data.items():
+            if name in personas:
+                raise LabError(f"{where}: persona {name!r} is also in another of the topology's persona files")
+            try:
+                persona_import.snmp_objects(entry)
+                persona_import.ipp_attributes(entry)
+            except ValueError as exc:
+                raise LabError(f"{where}: persona {name!r}: {exc}") from None
+            personas[str(name)] = entry
+    return personas
+
+
 def _parse_firewalls(path: Path, raw) -> list[dict]:
     """The firewall nodes as given (name, zones or None for 'every zone', rules, address); zones checked later."""
     if "firewall" in raw and "firewalls" in raw:
@@ -613,10 +644,11 @@ def _check_link_names(path: Path, zones: list[Zone], transit_ports: int) -> None
 
 
 def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
-    _check_keys(path, "top level", raw, ("name", "description", "firewall", "firewalls", "transit", "profile", "zones"),
-                ("name", "zones"))
+    _check_keys(path, "top level", raw, ("name", "description", "firewall", "firewalls", "transit", "profile",
+                                         "personas", "zones"), ("name", "zones"))
     if not isinstance(raw["name"], str) or not TOPOLOGY_NAME.match(raw["name"]):
         raise _fail(path, "name", f"{raw['name']!r}: lowercase letters, digits and '-' only")
+    personas = _parse_persona_files(path, raw.get("personas", []))
     nodes = _parse_firewalls(path, raw)
     owner = {z: n["name"] for n in nodes if n["zones"] is not None for z in n["zones"]}
     if not isinstance(raw["zones"], list) or not raw["zones"]:
@@ -660,7 +692,8 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
         hosts = []
         for hi, hraw in enumerate(listed):
             hwhere = f"{zwhere}.hosts[{hi}]"
-            _check_keys(path, hwhere, hraw, ("name", "roles", "address", "link", "rules", "description"), ("name", "roles"))
+            _check_keys(path, hwhere, hraw, ("name", "roles", "address", "link", "rules", "persona", "description"),
+                        ("name", "roles"))
             hname = hraw["name"]
             if not isinstance(hname, str) or not HOST_NAME.match(hname):
                 raise _fail(path, f"{hwhere}.name", f"{hname!r}: lowercase letters/digits/'-', at most 10 chars")
@@ -687,8 +720,12 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
                     raise _fail(path, f"{hwhere}", f"subnet {subnet} has no room for another host")
                 address = usable[FIRST_HOST_OFFSET - 1 + hi]
             rules = _parse_rules_file(path, f"{hwhere}.rules", hraw["rules"]) if "rules" in hraw else None
+            persona = hraw.get("persona", "")
+            if persona not in ("", *personas):
+                known = ", ".join(sorted(personas)) or "none: list persona files under `personas:`"
+                raise _fail(path, f"{hwhere}.persona", f"unknown persona {persona!r}; the topology's persona files hold {known}")
             hosts.append(HostSpec(hname, zname, str(address), tuple(roles),
-                                  _parse_link(path, f"{hwhere}.link", hraw.get("link")), rules))
+                                  _parse_link(path, f"{hwhere}.link", hraw.get("link")), rules, persona=persona))
         addresses = [h.address for h in hosts]
         if len(set(addresses)) != len(addresses):
             raise _fail(path, f"{zwhere}.hosts", "two hosts share an address")
@@ -721,4 +758,4 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
     if not isinstance(description, (str, int, float)) or isinstance(description, bool):
         raise _fail(path, "description", "expected one line of text")
     return Topology(str(raw["name"]), " ".join(str(description).split()), path, firewalls[0].name, tuple(zones),
-                    tuple(firewalls), transit, profile)
+                    tuple(firewalls), transit, profile, personas)
