@@ -12,7 +12,8 @@ packages=(mininet bridge-utils iptables nftables iproute2 iputils-ping tcpdump u
           python3 python3-venv
           curl lftp ldap-utils snmp snmptrapd rdate cups-ipp-utils openssl nmap netcat-openbsd
           swaks libnet-ssleay-perl libio-socket-ssl-perl freetds-bin postgresql-client openssh-client dnsutils
-          samba-common-bin smbclient gnutls-bin)
+          samba-common-bin smbclient gnutls-bin
+          libnetfilter-queue-dev python3-dev build-essential)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
