@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import roles
 from emulator import attribution, trace, witness
-from emulator.catalog import Catalog
 from emulator.evidence import FIREWALL_FINDINGS, LAB_FAULTS, PASSED, Evidence, HopRecord, Judgement, Verdict, judge
 from emulator.pki import LAB_CA_NAME, server_name
 from emulator.plan import Check, CheckKind
@@ -29,6 +29,8 @@ DROPPED_TIMEOUT = 0.5  # seconds a probe waits when a knock already showed its f
 KNOCK_WAIT = 3.0     # seconds the first firewall of each path may take to count every knock
 KNOCK_SETTLE = 0.05  # then for the knocks to cross the later firewalls of a path
 RETRIED = ("silent", "timeout")  # unanswered probes the firewalls passed: probed once more, alone
+# What run_audit tells its `progress` callback, in this order, once each: (phase, what it does in words).
+AUDIT_PHASES = ("knock", "probe", "sweep", "judge", "attribute")
 
 # Exit status bits of `safeq-lab audit` (4 is bad input, set by the CLI).
 EXIT_BLOCKED = 1
@@ -109,8 +111,9 @@ def probe_targets(checks: list[Check], topology: Topology, timeout: float = PROB
             id=str(index), host=topology.host(check.server_host).address, transport=ep.transport,
             protocol=ep.protocol, port=ep.port, security=ep.security,
             timeout=min(timeout, DROPPED_TIMEOUT) if index in dropped else timeout,
-            size=PAYLOAD_SIZES.get(ep.protocol, 1024), flow=check.flow_id or "",
+            size=PAYLOAD_SIZES.get(ep.protocol, 1024),
             server_name=server_name(check.server_host), ca_file=ca_file,
+            # what this flow's client asks for: resolved here, from roles/, and nowhere else
             options={**roles.probe_options(check.flow_id or ""), **({"mode": check.variant} if check.variant else {})}))
     return by_host
 
@@ -163,10 +166,19 @@ def _server_witness(request_log: list[dict]) -> dict[tuple[str, str, int], set[s
     return saw
 
 
+def path_loss(check: Check, topology: Topology, lossy: dict[str, float]) -> str:
+    """The impaired links on a check's path that lose packets, in words ('' when none does)."""
+    links = {topology.host(check.client_host).zone, topology.host(check.server_host).zone}
+    links |= {topology.firewall_node(e.node).wan_link for e in check.enforcers if e.hook == "forward"}
+    on_path = sorted(link for link in links if lossy.get(link))
+    return ", ".join(f"the {link} link loses {lossy[link]:g} % of packets" for link in on_path)
+
+
 def evidence_for(check: Check, topology: Topology, result: ProbeResult | None,
                  records: dict[str, witness.FirewallRecord], saw, dead: dict[str, str],
-                 complete: dict[str, bool] | None = None) -> Evidence:
-    """`complete` (exposure knocks): per node, whether it counted every knock expected to reach it."""
+                 complete: dict[str, bool] | None = None, lossy: dict[str, float] | None = None) -> Evidence:
+    """`complete` (exposure knocks): per node, whether it counted every knock expected to reach it;
+    `lossy`: link -> loss percent of the lab's impaired links."""
     ep = check.endpoint
     src, dst = topology.host(check.client_host).address, topology.host(check.server_host).address
     hops = []
@@ -185,7 +197,8 @@ def evidence_for(check: Check, topology: Topology, result: ProbeResult | None,
     if check.kind == CheckKind.REQUIRED and ep.transport != "icmp":
         server_saw = frozenset(saw.get((check.server_host, ep.transport, ep.port), ()))
     return Evidence(result, tuple(hops), server_saw, check.server_host not in dead, src,
-                    encrypted=bool(result and result.tls_issuer), client_up=check.client_host not in dead)
+                    encrypted=bool(result and result.tls_issuer), client_up=check.client_host not in dead,
+                    path_loss=path_loss(check, topology, lossy or {}))
 
 
 def _read_records(lab, nodes) -> dict[str, witness.FirewallRecord]:
@@ -242,11 +255,14 @@ def _sweep(lab, nodes, exposures: list[Check], topology: Topology, dead: dict[st
 
 # -- the audit ------------------------------------------------------------------------------------
 def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROBE_TIMEOUT,
-              rulesets: dict[str, Ruleset] | None = None, explain_all: bool = False) -> AuditReport:
+              rulesets: dict[str, Ruleset] | None = None, explain_all: bool = False,
+              progress: Callable[[str, str], None] | None = None) -> AuditReport:
     """Probe, sweep and judge every check against the rules already applied to the lab.
 
     `rulesets` (node -> Ruleset) names the files findings are attributed to; by default what
-    `lab.apply_rules` applied to each node."""
+    `lab.apply_rules` applied to each node. `progress(phase, words)` is called as each of
+    AUDIT_PHASES starts (for the console; it must not raise)."""
+    progress = progress or (lambda _phase, _words: None)
     topology, catalog = lab.topology, lab.catalog
     rulesets = {**lab.rulesets, **(rulesets or {})}
     nodes = sorted({e.node for c in checks for e in c.enforcers})
@@ -256,15 +272,21 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     timings: dict[str, float] = {}
 
     started = time.monotonic()
+    required = sum(c.kind == CheckKind.REQUIRED for c in checks)
+    progress("knock", f"knocking once for each of {required} required flow checks")
     dropped = _first_packet_dropped(lab, nodes, checks, topology)
     targets = probe_targets(checks, topology, timeout, lab.ca_file, dropped)
+    progress("probe", f"probing {required} required flow checks")
     results, records, traces = _probe(lab, nodes, targets, dropped)
     timings["probe"] = time.monotonic() - started
 
     started = time.monotonic()
     exposures = [c for c in checks if c.kind == CheckKind.EXPOSURE]
+    progress("sweep", f"knocking {len(exposures)} exposure ports")
     sweep, complete, knock_errors = _sweep(lab, nodes, exposures, topology, lab.dead_daemons())
     timings["sweep"] = time.monotonic() - started
+
+    lossy = {link: lab.impairment(link).loss for link in lab.links if lab.impairment(link).loss}
 
     def judged(indexes, results, records) -> dict[int, FlowVerdict]:
         dead, saw = lab.dead_daemons(), _server_witness(lab.request_log())
@@ -273,12 +295,13 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
             check, result = checks[index], results.get(str(index))
             evidence = None
             if check.kind == CheckKind.REQUIRED:
-                evidence = evidence_for(check, topology, result, records, saw, dead)
+                evidence = evidence_for(check, topology, result, records, saw, dead, lossy=lossy)
             elif check.kind == CheckKind.EXPOSURE:
-                evidence = evidence_for(check, topology, None, sweep, saw, dead, complete)
+                evidence = evidence_for(check, topology, None, sweep, saw, dead, complete, lossy)
             out[index] = _verdict(check, judge(check, evidence, catalog), result)
         return out
 
+    progress("judge", "judging the evidence (unanswered flows are probed once more, alone)")
     verdicts = judged(range(len(checks)), results, records)
     # A required flow every firewall passed but that got no answer was probed while all hosts probed at
     # once: probe it again alone, so a busy stub is not reported as the firewall's BROKEN.
@@ -297,6 +320,7 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     # the exposures found, knocked again under tracing so the rule that let them in is named
     started = time.monotonic()
     found = [v.check for v in verdicts if v.verdict == Verdict.EXPOSED]
+    progress("attribute", "naming the rule behind each finding")
     if found:
         lab.start_trace(nodes)
         try:

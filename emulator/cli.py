@@ -130,8 +130,18 @@ def _build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--against", metavar="[NODE=]FILE", action="append", default=[],
                        help="differential audit: run the same lab with these rules too and list only the checks "
                             "whose verdict changed, with the rule responsible on each side")
-    audit.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
-    audit.add_argument("--all", action="store_true", help="also list exposure probes that were correctly blocked")
+    audit.add_argument("--json", metavar="FILE", help="also write the full report as JSON (schema 2)")
+    audit.add_argument("--report", metavar="DIR",
+                       help="also write DIR/report.json (schema 3), DIR/junit.xml (one test case per check, for CI) "
+                            "and DIR/report.html (one self-contained page); DIR is created if missing")
+    audit.add_argument("--pcap", action="store_true",
+                       help="capture every filtering node's traffic during the audit and write one pcap per finding "
+                            "to DIR/pcap/ (needs --report DIR and tcpdump)")
+    shown = audit.add_mutually_exclusive_group()
+    shown.add_argument("--all", action="store_true",
+                       help="list every check, exposure knocks that were closed included (default: a zone x zone "
+                            "matrix, then only what is wrong)")
+    shown.add_argument("--quiet", "-q", action="store_true", help="print only the totals and the verdict, no progress")
     audit.add_argument("--timeout", type=_timeout, default=5.0, help="seconds a probe may take; a dropped SYN costs this once, not per flow (default 5)")
 
     up = sub.add_parser("up", help="build the lab and open Mininet's CLI; leaving it tears everything down")
@@ -146,6 +156,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from emulator import persona_import
     persona_import.add_arguments(persona_sub.add_parser(
         "import", help="build a persona from snmpwalk -On / .snmprec and ipptool -tv captures of a real device"))
+
+    from emulator.scenario import command as scenario_command
+    scenario_command.add_arguments(sub)
 
     clean = sub.add_parser("clean", help="remove whatever a killed run left behind")
     clean.add_argument("--force", action="store_true", help="also stop a lab that is still running")
@@ -348,39 +361,91 @@ def _describe_rules(rulesets: dict) -> str:
 
 
 def _cmd_audit(args) -> int:
-    from emulator.audit import run_audit
+    from emulator import pcap, report_files, report_json
+    from emulator.audit import AUDIT_PHASES
+    from emulator.console import AuditConsole
     from emulator.lab import Lab, preflight
-    from emulator.report import format_diff, format_report
+    from emulator.report import format_console, format_diff, verdict_line
+    from emulator.report_model import Zones
 
     preflight()
+    if args.pcap and not args.report:
+        raise LabError("--pcap writes one capture per finding next to the report: give --report DIR too")
+    if args.pcap:
+        pcap.require_tcpdump()
     json_path = _writable(args.json, "--json") if args.json else None  # before the lab: the report must not be lost
+    report_dir = report_files.prepare(args.report, pcap=args.pcap) if args.report else None
     host_rules = {**_host_rules(args.rules, args.topology), **_host_rules(args.against, args.topology)}
     catalog, topology, checks = _plan(args.topology, host_rules)
     rulesets = _rulesets(args.rules, topology, checks, args.certs)
     against = _rulesets(args.against, topology, checks) if args.against else None
+    zones = Zones.of(topology)
+    audits = 2 if against is not None else 1
+    steps = 1 + audits * (len(AUDIT_PHASES) + args.pcap) + (report_dir is not None)
+    pcaps: list[dict] = []
     started = time.monotonic()
-    with Lab(topology, catalog, certs_dir=args.certs) as lab:
-        lab.apply_rules(rulesets)
-        print(f"safeq-lab: {topology.name} up in {time.monotonic() - started:.1f}s ({len(topology.hosts)} hosts); "
-              f"probing {sum(c.kind == 'required' for c in checks)} required flow checks and knocking "
-              f"{sum(c.kind == 'exposure' for c in checks)} exposure ports", file=sys.stderr, flush=True)
-        report = run_audit(lab, checks, _describe_rules(rulesets), timeout=args.timeout, rulesets=rulesets,
-                           explain_all=against is not None)
+    with AuditConsole(quiet=args.quiet) as console:
+        console.begin(steps, f"building the {topology.name} lab ({len(topology.hosts)} hosts) and starting its daemons")
+        with Lab(topology, catalog, certs_dir=args.certs) as lab:
+            lab.apply_rules(rulesets)
+            console.note(f"safeq-lab: {topology.name} up in {time.monotonic() - started:.1f}s ({len(topology.hosts)} "
+                         f"hosts); probing {sum(c.kind == 'required' for c in checks)} required flow checks and "
+                         f"knocking {sum(c.kind == 'exposure' for c in checks)} exposure ports")
+            report = _audited(args, lab, checks, rulesets, console, pcaps, "before-" if audits == 2 else "",
+                              report_dir, explain_all=against is not None)
+            if against is not None:
+                lab.apply_rules(against)
+                second = _audited(args, lab, checks, against, console, pcaps, "after-", report_dir, explain_all=True)
+        report.timings.update(lab.timings)
+        report.timings["total"] = time.monotonic() - started
+        final = second if against is not None else report
+        if report_dir is not None:
+            console.step(f"writing the report to {report_dir}")
+            if against is not None:
+                document = report_json.differential_document(report, second, zones, *pcaps, include_closed=args.all)
+            else:
+                document = report_json.audit_document(report, zones, pcaps[0] if pcaps else None, include_closed=args.all)
+            report_files.write(report_dir, document, final, zones, pcaps[-1] if pcaps else None)
         if against is not None:
-            lab.apply_rules(against)
-            second = run_audit(lab, checks, _describe_rules(against), timeout=args.timeout, rulesets=against,
-                               explain_all=True)
-    report.timings.update(lab.timings)
-    report.timings["total"] = time.monotonic() - started
-    if against is not None:
-        print(format_diff(report, second))
-        if json_path is not None:
-            _write(json_path, json.dumps({"before": report.to_dict(), "after": second.to_dict()}, indent=1), "--json")
-        return second.exit_status
-    print(format_report(report, show_closed=args.all))
+            console.report(verdict_line(second) if args.quiet else format_diff(report, second))
+        else:
+            console.report(format_console(report, zones, "quiet" if args.quiet else "all" if args.all else "default"))
+        if report_dir is not None:
+            cut = sum(1 for found in pcaps for p in found.values() if p.name)
+            console.note(f"safeq-lab: report in {report_dir}/: {report_files.REPORT_HTML}, {report_files.JUNIT_XML}, "
+                         f"{report_files.REPORT_JSON}" + (f"; {cut} pcaps in {report_dir}/{report_files.PCAP_DIR}/"
+                                                          if args.pcap else ""))
     if json_path is not None:
-        _write(json_path, json.dumps(report.to_dict(include_closed=args.all), indent=1), "--json")
-    return report.exit_status
+        if against is not None:
+            _write(json_path, json.dumps({"before": report.to_dict(), "after": second.to_dict()}, indent=1), "--json")
+        else:
+            _write(json_path, json.dumps(report.to_dict(include_closed=args.all), indent=1), "--json")
+    return final.exit_status
+
+
+def _audited(args, lab, checks, rulesets, console, pcaps: list, prefix: str, report_dir, explain_all: bool):
+    """One audit of the lab as it is, captured with --pcap (then one pcap per finding is cut, in pcaps)."""
+    from emulator import pcap, report_files
+    from emulator.audit import run_audit
+    from emulator.report_model import findings
+
+    def audit():
+        return run_audit(lab, checks, _describe_rules(rulesets), timeout=args.timeout, rulesets=rulesets,
+                         explain_all=explain_all, progress=console.progress)
+
+    if not args.pcap:
+        return audit()
+    nodes = sorted({e.node for c in checks for e in c.enforcers})
+    with pcap.Capture(lab, nodes, lab.run_dir / f"capture{'-' + prefix.rstrip('-') if prefix else ''}") as capture:
+        report = audit()
+    lost = {node: n for node, n in capture.stop().items() if n}
+    if lost:
+        console.note("safeq-lab: tcpdump's buffer overflowed (" + ", ".join(f"{n} packets on {node}" for node, n in
+                                                                           lost.items()) + "): a pcap may miss packets")
+    console.step(f"cutting one pcap per finding ({len(findings(report))} findings)")
+    pcaps.append(pcap.write_finding_pcaps(capture, findings(report), lab.topology,
+                                          report_dir / report_files.PCAP_DIR, prefix))
+    return report
 
 
 def _cmd_up(args) -> int:
@@ -420,6 +485,12 @@ def _cmd_clean(args) -> int:
     return 0
 
 
+def _cmd_scenario(args) -> int:
+    from emulator.scenario import command as scenario_command
+
+    return scenario_command.run(args)
+
+
 def _cmd_persona(args) -> int:
     from emulator import persona_import
 
@@ -430,7 +501,7 @@ def _cmd_persona(args) -> int:
 
 
 _COMMANDS = {"catalog": _cmd_catalog, "rules": _cmd_rules, "audit": _cmd_audit, "up": _cmd_up,
-             "topology": _cmd_topology, "persona": _cmd_persona, "clean": _cmd_clean}
+             "topology": _cmd_topology, "persona": _cmd_persona, "scenario": _cmd_scenario, "clean": _cmd_clean}
 
 if __name__ == "__main__":
     sys.exit(main())

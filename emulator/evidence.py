@@ -57,6 +57,7 @@ class Evidence:
     client_address: str = ""
     encrypted: bool = False              # the exchange ran over TLS
     client_up: bool = True               # the client's daemon (its prober and knocker) was alive after probing
+    path_loss: str = ""                  # impaired links on the path that lose packets, in words
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,13 @@ def _first_drop(evidence: Evidence) -> HopRecord | None:
     return next((hop for hop in evidence.hops if hop.seen and not hop.passed), None)
 
 
+def _unrecorded(evidence: Evidence, missing: HopRecord, what: str) -> str:
+    """A node saw nothing of a packet: on a path with a lossy link that is the likely reason, so say so."""
+    if evidence.path_loss:
+        return f"{missing.node} has no record of {what}; {evidence.path_loss}, so it may never have reached {missing.node}"
+    return f"{missing.node} has no record of {what}"
+
+
 def _unseen(evidence: Evidence) -> HopRecord | None:
     """The first node with no record of the packet although every node before it passed it."""
     for hop in evidence.hops:
@@ -104,7 +112,7 @@ def _judge_exposure(check: Check, evidence: Evidence) -> Judgement:
     if missing is not None and not evidence.client_up:
         return Judgement(Verdict.LAB_ERROR, f"the daemon on {check.client_host} is down: its knock was not sent")
     if missing is not None:
-        return Judgement(Verdict.LAB_ERROR, f"{missing.node} has no record of the probe packet")
+        return Judgement(Verdict.LAB_ERROR, _unrecorded(evidence, missing, "the probe packet"))
     last = evidence.hops[-1].node
     return Judgement(Verdict.EXPOSED, f"{check.detail}; let through by {', '.join(h.node for h in evidence.hops)}",
                      last, "request")
@@ -141,6 +149,10 @@ def _judge_required(check: Check, evidence: Evidence, catalog: Catalog) -> Judge
         return Judgement(Verdict.ALLOWED)
     if not evidence.service_up:
         return Judgement(Verdict.NO_SERVICE, f"the role daemon on {check.server_host} is down ({probe.outcome})")
+    if evidence.path_loss and probe.outcome == Outcome.TIMEOUT:
+        # no node dropped it (that was judged above): an impaired link, not a rule, may have lost it
+        return Judgement(Verdict.LAB_ERROR, f"no answer ({probe.outcome}); {evidence.path_loss}, "
+                                            f"so the request or its reply may have been lost there, not filtered")
     for hop in evidence.hops:
         # only an unanswered probe can have lost its reply: a RST or ICMP error did come back
         if hop.passed and hop.replied is False and probe.outcome == Outcome.TIMEOUT:
@@ -151,5 +163,5 @@ def _judge_required(check: Check, evidence: Evidence, catalog: Catalog) -> Judge
                                               f"({probe.detail or probe.outcome})", hop.node, "data")
     missing = _unseen(evidence)
     if missing is not None:
-        return Judgement(Verdict.LAB_ERROR, f"{missing.node} has no record of the request ({probe.outcome}: {probe.detail})")
+        return Judgement(Verdict.LAB_ERROR, _unrecorded(evidence, missing, f"the request ({probe.outcome}: {probe.detail})"))
     return Judgement(Verdict.BROKEN, f"every firewall passed it, but {probe.outcome}: {probe.detail}")

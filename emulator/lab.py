@@ -8,6 +8,13 @@ each with static routes to the others' zones. Any filtering node (firewall node,
 host firewall) holds one ruleset at a time (`apply_rules`) and can be traced (`start_trace`):
 `nft monitor trace` in its namespace records which rule decided each traced packet.
 
+Links can be impaired (emulator.impair): a link the topology shapes, or one named in
+`Lab(..., impairable=[...])`, gets a transparent shaper node between the firewall node and the
+bridge, never on the firewall under test (a user's ruleset there may flush everything);
+`impair(link, Impairment)` and `clear_impairment(link)` change it while the lab runs. Without
+either, the lab builds no shaper at all. Shapers and their delayers go with the lab's teardown and
+are recorded for `safeq-lab clean`.
+
 The lab keeps to itself. Every host and firewall node drops and counts any packet to an address
 outside 198.18.0.0/15 (loopback excepted) and all IPv6 (`EGRESS_TABLE`, re-added after each
 ruleset; `egress_drops`). Link-local multicast (224.0.0.0/24: the IGMP reports the kernel sends, and
@@ -23,6 +30,7 @@ import ctypes
 import functools
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -30,17 +38,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import roles
-from emulator import jobs, pki, schedule, state
+from emulator import impair, jobs, pki, schedule, state
 from emulator.catalog import Catalog, load_catalog
 from emulator.errors import LabError
 from emulator.protocols.base import ProbeResult, ProbeTarget
 from emulator.rules import Ruleset, apply_commands, load_rules_file
+from emulator.impair import Impairment
 from emulator.topology import BRIDGE_PREFIX, INTERFACE_MAX, LinkShape, Topology, bridge_name, port_name
 from emulator.trace import MONITOR_COMMAND, TRACE_TABLE, TRACE_TABLE_NAME
 from emulator.zygote import Zygote
@@ -48,6 +58,7 @@ from emulator.zygote import Zygote
 DAEMON_READY_TIMEOUT = 60.0
 PROBE_JOB_TIMEOUT = 600.0
 COMMAND_TIMEOUT = 60.0
+DELAYER_TIMEOUT = 10.0  # for the delayer to bind its queues, or to answer a command
 TRACE_LISTEN_TIMEOUT = 10.0  # until `nft monitor trace` has joined the kernel's trace group
 TRACE_DRAIN_TIMEOUT = 5.0  # without progress, before the monitor is stopped with events still queued
 # nft sets its monitor socket's receive buffer to 16 MiB (32 MiB accounted): ~28,000 trace events,
@@ -211,10 +222,33 @@ def _check_host_forwarding() -> None:
                    "`iptables -I FORWARD -s 198.18.0.0/15 -d 198.18.0.0/15 -j ACCEPT` (safeq-lab never changes host rules)")
 
 
+@dataclass
+class Shaper:
+    """The transparent node impairing one link (emulator.impair), and what it does now."""
+
+    link: str
+    node: str
+    first_queue: int  # its delayer's NFQUEUE numbers: this one and the next
+    impairment: Impairment = Impairment()
+    delayer: subprocess.Popen | None = None
+
+
 class Lab:
     def __init__(self, topology: Topology, catalog: Catalog | None = None, python: str = sys.executable,
-                 certs_dir: str | None = None):
+                 certs_dir: str | None = None, impairable: Iterable[str] = ()):
+        """`impairable`: links (Topology.link_names) a shaper is put on although the topology does not
+        impair them, so that `impair` can change them while the lab runs."""
         self.topology = topology
+        unknown = sorted(set(impairable) - set(topology.link_names))
+        if unknown:
+            raise LabError(f"cannot make {', '.join(unknown)} impairable: not a link of topology {topology.name} "
+                           f"(links: {', '.join(topology.link_names)}; a zone's link is named after the zone, "
+                           f"a firewall node's link to the transit segment wan-<node>)")
+        wanted = set(impairable) | set(topology.shaped_links)
+        self._shapers: dict[str, Shaper] = {
+            link: Shaper(link, impair.shaper_name(link), 2 * index)
+            for index, link in enumerate(topology.link_names) if link in wanted}
+        self._netem: bool | None = None  # the kernel has sch_netem (asked once, when first needed)
         self.catalog = catalog or load_catalog()
         self.python = python
         self.certs_dir = certs_dir
@@ -230,6 +264,7 @@ class Lab:
         self._claimed = False
         self._stopped: set[str] = set()  # daemons stopped on purpose (stop_daemon)
         self._monitors: dict[str, subprocess.Popen] = {}  # node -> its `nft monitor trace`
+        self._helpers: list[subprocess.Popen] = []  # other processes started in nodes (captures, ...): see popen()
         self.trace_buffer: dict[str, bool] = {}  # node -> its monitor's receive buffer was raised to TRACE_BUFFER
         self.trace_lost: dict[str, int] = {}  # node -> trace events its monitor lost in the last trace
 
@@ -280,9 +315,14 @@ class Lab:
         with deferred_signals():
             stopped = False
             try:
-                for proc in self._monitors.values():
+                for proc in [*self._monitors.values(), *self._helpers]:
                     _terminate(proc)
                 self._monitors.clear()
+                self._helpers.clear()
+                for shaper in self._shapers.values():
+                    if shaper.delayer is not None:
+                        _terminate(shaper.delayer)
+                        shaper.delayer = None
                 if self.zygote is not None:
                     self.zygote.close()
                     self.zygote = None
@@ -335,7 +375,9 @@ class Lab:
     def _record_state(self, note: str = "running") -> None:
         """Everything this run started, so that `safeq-lab clean` can end it after a kill."""
         procs = [n.shell for n in self.net.hosts + self.net.switches if n.shell] if self.net is not None else []
-        procs += list(self._monitors.values()) + ([self.zygote.proc] if self.zygote is not None else [])
+        procs += list(self._monitors.values()) + [p for p in self._helpers if p.poll() is None]
+        procs += [self.zygote.proc] if self.zygote is not None else []
+        procs += [s.delayer for s in self._shapers.values() if s.delayer is not None]
         pids = [proc.pid for proc in procs] + (self.zygote.pids() if self.zygote is not None else [])
         recorded = [p for p in map(state.process, pids) if p is not None]
         state.record(self.topology, self.run_id, processes=recorded, interfaces=self.interfaces, note=note)
@@ -381,23 +423,33 @@ class Lab:
 
         with self._marked_environment():
             firewalls = {fw.name: add_node(fw.name, cls=Node, ip=None) for fw in topo.firewalls}
+            def attach(firewall, interface: str, address: str, bridge, index: int, link: str) -> None:
+                """The firewall node's interface to a bridge, through the link's shaper if it has one."""
+                shaper = self._shapers.get(link)
+                if shaper is None:
+                    net.addLink(firewall, bridge, cls=link_cls, intfName1=interface, intfName2=port(index),
+                                params1={"ip": address})
+                    return
+                node = add_node(shaper.node, cls=Node, ip=None)
+                net.addLink(firewall, node, cls=link_cls, intfName1=interface, intfName2=impair.FW_PORT,
+                            params1={"ip": address})
+                net.addLink(node, bridge, cls=link_cls, intfName1=impair.NET_PORT, intfName2=port(index))
+
             for index, zone in enumerate(topo.zones, start=1):
                 bridge = net.addSwitch(topo.bridge(zone, self.run_id), dpid=f"{index:x}", stp=False)
                 prefix = zone.subnet.prefixlen
-                net.addLink(firewalls[topo.zone_firewall(zone).name], bridge,
-                            cls=_link_class(zone.link, tclink_cls, link_cls), intfName1=topo.firewall_interface(zone),
-                            intfName2=port(index), params1={"ip": f"{zone.gateway}/{prefix}"},
-                            **_link_params(zone.link))
+                attach(firewalls[topo.zone_firewall(zone).name], topo.firewall_interface(zone),
+                       f"{zone.gateway}/{prefix}", bridge, index, zone.name)
                 for spec in zone.hosts:
                     host = add_node(spec.name, ip=f"{spec.address}/{prefix}", defaultRoute=f"via {zone.gateway}")
                     net.addLink(host, bridge, cls=_link_class(spec.link, tclink_cls, link_cls), intfName2=port(index),
-                                **_link_params(spec.link))
+                                **_link_params(spec.link, spec.name, zone.name))
             if topo.transit is not None:
                 transit_index = len(topo.zones) + 1
                 transit = net.addSwitch(topo.run_transit_bridge(self.run_id), dpid=f"{transit_index:x}", stp=False)
                 for fw in topo.firewalls:
-                    net.addLink(firewalls[fw.name], transit, cls=link_cls, intfName1=fw.transit_interface,
-                                intfName2=port(transit_index), params1={"ip": f"{fw.transit_address}/{topo.transit.prefixlen}"})
+                    attach(firewalls[fw.name], fw.transit_interface, f"{fw.transit_address}/{topo.transit.prefixlen}",
+                           transit, transit_index, fw.wan_link)
             self._record_state("building")
             net.build()
             net.start()
@@ -409,7 +461,8 @@ class Lab:
                     self._node_cmd(node, ["ip", "route", "add", str(topo.zone(zone_name).subnet),
                                           "via", other.transit_address], what="a route to " + zone_name)
         self._record_state()
-        self._apply_loss()
+        for shaper in self._shapers.values():
+            self._start_shaper(shaper)
         for name in self.egress_nodes:
             self.nft_load(name, EGRESS_TABLE)
 
@@ -435,15 +488,111 @@ class Lab:
 
         return dict(_each(read, list(self.egress_nodes)))
 
-    def _apply_loss(self, nodes=None) -> None:
-        # sch_netem is not in every kernel; random loss at the zone's firewall node works everywhere.
-        for zone in self.topology.zones:
-            owner = self.topology.zone_firewall(zone).name
-            if zone.link.loss and (nodes is None or owner in nodes):
-                self._node_cmd(self.net.get(owner), [
-                    "iptables", "-t", "mangle", "-A", "FORWARD", "-i", self.topology.firewall_interface(zone),
-                    "-m", "statistic", "--mode", "random", "--probability", f"{zone.link.loss / 100:.4f}", "-j", "DROP"],
-                    what=f"the link loss of zone {zone.name}")
+    # -- impairments: shaper nodes (emulator.impair) ---------------------------------------------
+    @property
+    def links(self) -> tuple[str, ...]:
+        """The links this lab can impair (each has a shaper): those the topology impairs, and `impairable`."""
+        return tuple(self._shapers)
+
+    def _shaper(self, link: str) -> Shaper:
+        shaper = self._shapers.get(link)
+        if shaper is None:
+            known = ", ".join(self.links) or "none"
+            if link in self.topology.link_names:
+                raise LabError(f"link {link!r} was not made impairable (impairable links: {known}): pass it in "
+                               f"Lab(..., impairable=[{link!r}]) so that the lab puts a shaper on it")
+            raise LabError(f"topology {self.topology.name} has no link {link!r} (links: "
+                           f"{', '.join(self.topology.link_names)}; impairable: {known})")
+        if self.net is None:
+            raise LabError(f"the lab is not running: cannot impair {link}")
+        return shaper
+
+    def _start_shaper(self, shaper: Shaper) -> None:
+        """Join the shaper's two veths with a bridge whose IPv4 frames cross its iptables, then impair it."""
+        node = self.net.get(shaper.node)
+        self._node_cmd(node, ["ip", "-batch", "-"], impair.SHAPER_SETUP, what="the shaper's bridge")
+        # per-namespace: bridged IPv4 of this namespace's bridge crosses its iptables FORWARD chain
+        node.cmd("echo 1 > /proc/sys/net/bridge/bridge-nf-call-iptables")
+        if node.cmd("cat /proc/sys/net/bridge/bridge-nf-call-iptables").strip() != "1":
+            raise LabError(f"shaper {shaper.node} cannot filter bridged frames: the kernel lacks br_netfilter "
+                           "(`modprobe br_netfilter`), which impairments need")
+        self.impair(shaper.link, self.topology.link_shape(shaper.link))
+
+    def impair(self, link: str, impairment: Impairment) -> str:
+        """Apply (or replace) the link's impairment now; one line saying what it does and by which mechanism."""
+        shaper = self._shaper(link)
+        if self._netem is None:
+            self._netem = impair.kernel_has_netem()
+        chosen = impair.mechanisms(impairment, self._netem)
+        node = self.net.get(shaper.node)
+        what = f"the impairment of link {link}"
+        if chosen.delay == "delayer":
+            self._delayer_config(shaper, impairment)
+        for port in impair.PORTS:
+            node.cmd(f"tc qdisc del dev {port} root 2>/dev/null")  # none there is fine
+            for argv in impair.tc_commands(port, impairment, chosen):
+                self._node_cmd(node, argv, what=what)
+        self._node_cmd(node, ["iptables-restore"], impair.iptables_rules(impairment, chosen, shaper.first_queue),
+                       what=what)
+        if chosen.delay != "delayer" and shaper.delayer is not None:
+            self._stop_delayer(shaper)  # its queue rules are gone: it releases what it holds, then exits
+        shaper.impairment = impairment
+        return impair.describe(impairment, chosen, shaper.node)
+
+    def clear_impairment(self, link: str) -> str:
+        """The link passes everything unchanged again (its shaper stays)."""
+        return self.impair(link, Impairment())
+
+    def impairment(self, link: str) -> Impairment:
+        return self._shaper(link).impairment
+
+    def delayer_stats(self, link: str) -> dict:
+        """The link's delayer counters per queue (admitted, released, held, most_held, dropped); {} without one."""
+        shaper = self._shaper(link)
+        if shaper.delayer is None:
+            return {}
+        shaper.delayer.stdin.write("stats\n")
+        shaper.delayer.stdin.flush()
+        return json.loads(self._delayer_line(shaper))
+
+    def _delayer_config(self, shaper: Shaper, impairment: Impairment) -> None:
+        """Start the link's delayer (its queues bound before any rule sends packets there), or reconfigure it."""
+        delay, jitter = impairment.delay_ms or 0, impairment.jitter_ms or 0
+        if shaper.delayer is not None and shaper.delayer.poll() is None:
+            shaper.delayer.stdin.write(json.dumps({"delay_ms": delay, "jitter_ms": jitter}) + "\n")
+            shaper.delayer.stdin.flush()
+            answer = self._delayer_line(shaper)
+            if answer != "OK":
+                raise LabError(f"the delayer of link {shaper.link} refused its new delay: {answer}")
+            return
+        queues = impair.queues(shaper.first_queue).values()
+        with open(self._stderr_file(shaper.node), "a") as stderr:
+            shaper.delayer = self.net.get(shaper.node).popen(
+                [self.python, "-m", "emulator.delayer", "--queues", ",".join(map(str, queues)),
+                 "--delay-ms", str(delay), "--jitter-ms", str(jitter)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self._env())
+        self._record_state()
+        said = self._delayer_line(shaper)
+        if said != "READY":
+            raise LabError(f"the delayer of link {shaper.link} did not start: "
+                           f"{said or self._last_stderr_line(shaper.node) or 'no answer'}")
+
+    def _delayer_line(self, shaper: Shaper) -> str:
+        proc = shaper.delayer
+        ready, _, _ = select.select([proc.stdout], [], [], DELAYER_TIMEOUT)
+        if not ready:
+            raise LabError(f"the delayer of link {shaper.link} did not answer within {DELAYER_TIMEOUT:.0f}s")
+        return proc.stdout.readline().strip()
+
+    def _stop_delayer(self, shaper: Shaper) -> None:
+        proc, shaper.delayer = shaper.delayer, None
+        proc.stdin.close()  # end of input: it releases its held packets when due, then exits
+        try:
+            proc.wait(timeout=DELAYER_TIMEOUT + (shaper.impairment.delay_ms or 0) / 1000)
+        except subprocess.TimeoutExpired:
+            pass
+        _terminate(proc)
+        self._record_state()
 
     def _issue_certificates(self) -> None:
         """The lab CA signs every host's certificate; a customer's pairs (--certs) replace them."""
@@ -559,7 +708,6 @@ class Lab:
                 self._node_cmd(node, argv, stdin, what=ruleset.source)
             self.nft_load(name, EGRESS_TABLE)  # the ruleset flushed it: nothing leaves the lab meanwhile either
             self.rulesets[name] = ruleset
-            self._apply_loss(nodes={name})
             if traced:
                 self._start_monitor(name, mode="a")
 
@@ -719,6 +867,15 @@ class Lab:
                     continue
         return records
 
+    def popen(self, node: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        """A process in a lab node that this run owns: marked with the run, recorded in its state (so
+        `safeq-lab clean` ends it after a kill) and stopped with the lab if still running."""
+        proc = self.node(node).popen(argv, env={**kwargs.pop("env", os.environ), state.RUN_ENV: str(self.run_dir)},
+                                     **kwargs)
+        self._helpers.append(proc)
+        self._record_state()
+        return proc
+
     def node(self, name: str):
         return self.net.get(name)
 
@@ -829,19 +986,15 @@ def _sleeping(pid: int) -> bool:
 
 
 def _link_class(shape: LinkShape, shaped_cls, plain_cls):
-    return shaped_cls if shape.bw is not None or shape.delay_ms is not None else plain_cls
+    return shaped_cls if shape.bw is not None else plain_cls
 
 
-def _link_params(shape: LinkShape) -> dict:
-    params = {}
-    if shape.bw is not None:
-        params["bw"] = shape.bw
-    if shape.delay_ms is not None:
-        if not Path("/sys/module/sch_netem").exists() and subprocess.run(["modprobe", "-q", "sch_netem"]).returncode:
-            raise LabError("link delay needs the kernel's sch_netem qdisc, which this kernel lacks; "
-                           "remove delay_ms from the topology (bandwidth and loss work)")
-        params["delay"] = f"{shape.delay_ms}ms"
-    return params
+def _link_params(shape: LinkShape, host: str = "", zone: str = "") -> dict:
+    """A single host's link (TCLink): bandwidth only; delay, jitter and loss belong on its zone's link."""
+    if shape.delayed or shape.loss:
+        raise LabError(f"host {host}'s link sets delay, jitter or loss: only bw is applied per host; "
+                       f"put them on zone {zone}'s link, where a shaper node applies them")
+    return {"bw": shape.bw} if shape.bw is not None else {}
 
 
 def _terminate(proc: subprocess.Popen) -> None:

@@ -4,14 +4,14 @@ A persona (``roles/personas.yaml`` entry, or an entry of a persona file a user g
 stub is. Besides flat strings (vendor, make_model, sys_descr, sys_object_id, ...) a printer
 persona may hold:
 
-Generated device data (flat, so it survives ``roles.identity``, which keeps strings)
+Generated device data (types: emulator/protocols/persona_schema.py)
     ``serial_number``; ``page_count`` (prtMarkerLifeCount); ``color`` (true/false);
     ``toner``: ``"black:72 cyan:64"`` (colour:level, in ``supply_unit``, of ``toner_capacity``);
     ``supply_unit``: percent | impressions | tenthsOfGrams (default percent, capacity 100);
     ``supply_type``: toner (default) or ink;
     ``input_trays``: ``"Tray 1=500; Bypass Tray=100"`` (name=capacity in sheets, the last one
-    named Bypass/Manual is a manual feed); ``document_formats`` and ``ipp_versions``: space- or
-    comma-separated lists. The SNMP stub builds Printer-MIB/HOST-RESOURCES rows from them, the
+    named Bypass/Manual is a manual feed); ``document_formats`` and ``ipp_versions``: lists of
+    strings. The SNMP stub builds Printer-MIB/HOST-RESOURCES rows from them, the
     IPP stub printer and marker attributes.
 
 Imported device data (exact, from ``safeq-lab persona import``)
@@ -37,13 +37,14 @@ Captures read (the standard tools a person runs at the device)
 from __future__ import annotations
 
 import argparse
-import ast
 import ipaddress
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from emulator.protocols.persona_schema import PersonaError, check_field
 
 MAX_CAPTURE = 16 << 20       # bytes of a capture file read
 MAX_LINE = 64 << 10          # longest capture line accepted
@@ -76,54 +77,34 @@ class PersonaDataError(ValueError):
 
 # --- the typed persona parts -------------------------------------------------------------------
 
-def structured(identity: dict, key: str) -> dict:
-    """A mapping-valued persona field ({} when absent).
-
-    ``roles.identity`` turns every value into ``str(value)``; a mapping then arrives as its Python
-    literal, which is read back here (literals only, never code)."""
+def _typed(identity: dict, key: str, default: Any) -> Any:
+    """A persona field, type-checked against the schema (``default`` when absent)."""
     value = identity.get(key)
-    if value in (None, ''):
-        return {}
-    if isinstance(value, str):
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            raise PersonaDataError(f'{key}: not a mapping ({value[:60]!r}...)') from None
-    if not isinstance(value, dict):
-        raise PersonaDataError(f'{key}: must be a mapping, got {type(value).__name__}')
+    if value is None:
+        return default
+    try:
+        check_field(key, value, 'persona')
+    except PersonaError as exc:
+        raise PersonaDataError(str(exc)) from None
     return value
 
 
+def structured(identity: dict, key: str) -> dict:
+    """A mapping-valued persona field ({} when absent)."""
+    return _typed(identity, key, {})
+
+
 def flag(identity: dict, key: str, default: bool) -> bool:
-    value = identity.get(key)
-    if value is None or value == '':
-        return default
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ('true', 'yes', '1', 'on'):
-        return True
-    if text in ('false', 'no', '0', 'off'):
-        return False
-    raise PersonaDataError(f'{key}: {value!r} is not true or false')
+    return _typed(identity, key, default)
 
 
 def words(identity: dict, key: str) -> tuple[str, ...]:
-    """A list field given as a YAML list or as a space/comma-separated string."""
-    value = identity.get(key)
-    if value is None or value == '':
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(str(item) for item in value)
-    return tuple(part for part in re.split(r'[\s,]+', str(value)) if part)
+    """A list-of-strings field (() when absent)."""
+    return tuple(_typed(identity, key, ()))
 
 
 def number(identity: dict, key: str, default: int) -> int:
-    value = identity.get(key, default)
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise PersonaDataError(f'{key}: {value!r} is not a whole number') from None
+    return _typed(identity, key, default)
 
 
 @dataclass(frozen=True)
@@ -151,14 +132,14 @@ SUPPLY_UNITS = {'impressions': 7, 'tenthsOfGrams': 13, 'percent': 19}
 
 def supplies(identity: dict) -> list[Supply]:
     """Toner cartridges: ``toner`` "colour:level ..." (default: full black, plus CMY on colour)."""
-    unit = str(identity.get('supply_unit') or 'percent')
+    unit = _typed(identity, 'supply_unit', 'percent')
     if unit not in SUPPLY_UNITS:
         raise PersonaDataError(f'supply_unit: {unit!r} is not one of {", ".join(SUPPLY_UNITS)}')
     capacity = number(identity, 'toner_capacity', 100)
-    kind = str(identity.get('supply_type') or 'toner')
+    kind = _typed(identity, 'supply_type', 'toner')
     if kind not in ('toner', 'ink'):
         raise PersonaDataError(f'supply_type: {kind!r} is not toner or ink')
-    text = str(identity.get('toner') or '')
+    text = _typed(identity, 'toner', '')
     if not text:
         colours = ('black', 'cyan', 'magenta', 'yellow') if flag(identity, 'color', True) else ('black',)
         return [Supply(colour, capacity, capacity, unit, kind) for colour in colours]
@@ -174,7 +155,7 @@ def supplies(identity: dict) -> list[Supply]:
 
 
 def input_trays(identity: dict) -> list[Tray]:
-    text = str(identity.get('input_trays') or 'Tray 1=500; Tray 2=500; Bypass Tray=100')
+    text = _typed(identity, 'input_trays', '') or 'Tray 1=500; Tray 2=500; Bypass Tray=100'
     result = []
     for item in (part.strip() for part in text.split(';')):
         name, sep, capacity = item.rpartition('=')

@@ -5,6 +5,10 @@ firewall nodes, one transit segment joins them and each routes to the others' zo
 so a flow between zones of two nodes crosses both. Any host may also carry a host firewall
 (`rules:`), which filters what enters (INPUT) and leaves (OUTPUT) that host.
 
+Links (emulator.impair): a zone's `link:` and a firewall node's `wan:` (its link to the transit
+segment, named wan-<node>) take bw, delay_ms, jitter_ms and loss, applied by a shaper node; a
+single host's `link:` takes bw only.
+
 Pure data and validation; nothing here touches Mininet (see emulator.lab).
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Mapping, NamedTuple
 import yaml
 
 from emulator.errors import LabError
+from emulator.impair import Impairment, wan_link
 from emulator.profile import DeploymentProfile, parse_profile
 
 TOPOLOGIES_DIR = Path(__file__).resolve().parent.parent / "topologies"
@@ -54,17 +59,7 @@ MAX_DEPTH = 32  # YAML nesting; a topology needs about six levels
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
-@dataclass(frozen=True)
-class LinkShape:
-    """Properties of the link between a host (or a zone's switch) and the network."""
-
-    bw: float | None = None  # Mbit/s
-    delay_ms: float | None = None
-    loss: float | None = None  # percent
-
-    @property
-    def shaped(self) -> bool:
-        return any(v is not None for v in (self.bw, self.delay_ms, self.loss))
+LinkShape = Impairment  # a link's shape in a topology is the impairment the lab applies to it (emulator.impair)
 
 
 @dataclass(frozen=True)
@@ -87,10 +82,16 @@ class FirewallNode:
     zones: tuple[str, ...]
     transit_address: str | None = None  # None with a single firewall node (no transit segment)
     rules: Path | None = None  # default rules for this node, loaded when the lab is built
+    wan: LinkShape = LinkShape()  # the shape of its link to the transit segment (its WAN)
 
     @property
     def transit_interface(self) -> str:
         return f"{self.name}-{TRANSIT}"
+
+    @property
+    def wan_link(self) -> str:
+        """The name of its link to the transit segment (emulator.impair): wan-<node>."""
+        return wan_link(self.name)
 
 
 class Enforcer(NamedTuple):
@@ -224,6 +225,29 @@ class Topology:
         if server.rules is not None:
             path.append(Enforcer(server.name, "input"))
         return tuple(path)
+
+    # -- links a lab can impair (emulator.impair) ---------------------------------------------------
+    @property
+    def link_names(self) -> tuple[str, ...]:
+        """Every link a shaper can sit on: each zone's (named after the zone), then each firewall
+        node's link to the transit segment (wan-<node>) when there is one."""
+        return tuple(z.name for z in self.zones) + (
+            tuple(fw.wan_link for fw in self.firewalls) if self.transit is not None else ())
+
+    def link_shape(self, link: str) -> LinkShape:
+        """The shape the topology gives a link (see link_names)."""
+        for zone in self.zones:
+            if zone.name == link:
+                return zone.link
+        for fw in self.firewalls:
+            if self.transit is not None and fw.wan_link == link:
+                return fw.wan
+        raise LabError(f"topology {self.name} has no link {link!r}; links: {', '.join(self.link_names)}")
+
+    @property
+    def shaped_links(self) -> tuple[str, ...]:
+        """The links whose topology entry sets an impairment."""
+        return tuple(link for link in self.link_names if self.link_shape(link).shaped)
 
     # -- bridges ---------------------------------------------------------------------------------
     def bridge(self, zone: Zone, run_id: str = "") -> str:
@@ -415,18 +439,34 @@ def _check_keys(path, where, mapping, allowed, required=()):
             raise _fail(path, where, f"missing key {key!r}")
 
 
-def _parse_link(path, where, raw) -> LinkShape:
+LINK_KEYS = ("bw", "delay_ms", "jitter_ms", "loss")
+
+
+def _parse_link(path, where, raw, keys=LINK_KEYS, refused: str = "") -> LinkShape:
+    """A link's shape; keys outside `keys` are refused with `refused` as the fix."""
     if raw is None:
         return LinkShape()
-    _check_keys(path, where, raw, ("bw", "delay_ms", "loss"))
+    _check_keys(path, where, raw, LINK_KEYS)
     values = {}
     for key, value in raw.items():
+        if key not in keys:
+            raise _fail(path, f"{where}.{key}", refused)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise _fail(path, f"{where}.{key}", f"expected a non-negative number, got {value!r}")
         if key == "loss" and value > 100:
             raise _fail(path, f"{where}.{key}", "loss is a percentage (0-100)")
         values[key] = float(value)
-    return LinkShape(**values)
+    try:
+        return LinkShape(**values)
+    except LabError as exc:
+        raise _fail(path, where, str(exc)) from None
+
+
+def _parse_host_link(path, where, raw, zone: str) -> LinkShape:
+    """A single host's link: bandwidth only (delay, jitter and loss sit on the zone's link, in a shaper)."""
+    return _parse_link(path, where, raw, keys=("bw",),
+                       refused=f"a host's link takes only bw; delay, jitter and loss go on its zone's link "
+                               f"(zones[{zone}].link), where a shaper node applies them")
 
 
 def _parse_rules_file(path: Path, where: str, value) -> Path:
@@ -482,7 +522,8 @@ def _parse_firewalls(path: Path, raw) -> list[dict]:
     nodes, owner = [], {}
     for fi, fraw in enumerate(raw["firewalls"]):
         fwhere = f"firewalls[{fi}]"
-        _check_keys(path, fwhere, fraw, ("name", "zones", "rules", "transit_address", "description"), ("name", "zones"))
+        _check_keys(path, fwhere, fraw, ("name", "zones", "rules", "transit_address", "wan", "description"),
+                    ("name", "zones"))
         name = fraw["name"]
         if not isinstance(name, str) or not HOST_NAME.match(name):
             raise _fail(path, f"{fwhere}.name", f"{name!r} is not a valid node name (lowercase letters/digits/'-', at most 10 chars)")
@@ -498,7 +539,7 @@ def _parse_firewalls(path: Path, raw) -> list[dict]:
             owner[zone] = name
         rules = _parse_rules_file(path, f"{fwhere}.rules", fraw["rules"]) if "rules" in fraw else None
         nodes.append({"name": name, "zones": tuple(zones), "rules": rules, "address": fraw.get("transit_address"),
-                      "where": fwhere})
+                      "wan": _parse_link(path, f"{fwhere}.wan", fraw.get("wan")), "where": fwhere})
     return nodes
 
 
@@ -507,6 +548,8 @@ def _parse_transit(path: Path, raw, nodes: list[dict], subnets) -> tuple[ipaddre
     if len(nodes) == 1:
         if "transit" in raw:
             raise _fail(path, "transit", f"a transit segment joins several firewall nodes; this topology has one ({nodes[0]['name']})")
+        if nodes[0].get("wan", LinkShape()).shaped:
+            raise _fail(path, f"{nodes[0]['where']}.wan", "only firewall nodes joined by a transit segment have a WAN link")
         if nodes[0]["address"] is not None:
             raise _fail(path, f"{nodes[0]['where']}.transit_address", "only firewall nodes joined by a transit segment have one")
         return None, [None]
@@ -725,7 +768,7 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
                 known = ", ".join(sorted(personas)) or "none: list persona files under `personas:`"
                 raise _fail(path, f"{hwhere}.persona", f"unknown persona {persona!r}; the topology's persona files hold {known}")
             hosts.append(HostSpec(hname, zname, str(address), tuple(roles),
-                                  _parse_link(path, f"{hwhere}.link", hraw.get("link")), rules, persona=persona))
+                                  _parse_host_link(path, f"{hwhere}.link", hraw.get("link"), zname), rules, persona=persona))
         addresses = [h.address for h in hosts]
         if len(set(addresses)) != len(addresses):
             raise _fail(path, f"{zwhere}.hosts", "two hosts share an address")
@@ -752,7 +795,7 @@ def _parse(path: Path, raw, known_roles: set[str]) -> Topology:
         if transit is not None and len(f"{node['name']}-{TRANSIT}") > INTERFACE_MAX:
             raise _fail(path, f"{node['where']}.name", f"interface name {node['name']}-{TRANSIT} exceeds "
                                                        f"{INTERFACE_MAX} chars; shorten the node name")
-        firewalls.append(FirewallNode(node["name"], owned, transit_address, node["rules"]))
+        firewalls.append(FirewallNode(node["name"], owned, transit_address, node["rules"], node.get("wan", LinkShape())))
     profile = parse_profile(path, raw.get("profile"))
     description = raw.get("description") or ""
     if not isinstance(description, (str, int, float)) or isinstance(description, bool):

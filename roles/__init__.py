@@ -7,6 +7,7 @@ faithful stub changes every role that serves that protocol at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import yaml
 from emulator.catalog import Catalog, Endpoint, Flow, Role, load_catalog
 from emulator.profile import DeploymentProfile
 from emulator.protocols.base import Listener
+from emulator.protocols.persona_schema import check_identity
 
 LOCALHOST = "127.0.0.1"
 
@@ -69,20 +71,55 @@ def _rank(protocol: str) -> int:
 
 
 PERSONAS_FILE = Path(__file__).with_name("personas.yaml")
+HTTP_SURFACES_FILE = Path(__file__).with_name("http_surfaces.yaml")
+
+
+class PersonaFileError(ValueError):
+    """roles/personas.yaml or roles/http_surfaces.yaml is wrong; the message is one line."""
 
 
 @lru_cache(maxsize=None)
 def _personas() -> dict:
-    return yaml.safe_load(PERSONAS_FILE.read_text()) or {}
+    """Every role's persona entry, checked against the persona schema (types and field names)."""
+    data = yaml.safe_load(PERSONAS_FILE.read_text()) or {}
+    if not isinstance(data, dict):
+        raise PersonaFileError(f"{PERSONAS_FILE.name}: must map role ids to persona entries")
+    return {role_id: check_identity(entry or {}, f"{PERSONAS_FILE.name}: {role_id}")
+            for role_id, entry in data.items()}
+
+
+@lru_cache(maxsize=None)
+def _http_surfaces() -> dict:
+    data = yaml.safe_load(HTTP_SURFACES_FILE.read_text()) or {}
+    where = HTTP_SURFACES_FILE.name
+    endpoints = data.get("endpoints") or {}
+    for name, patterns in [*endpoints.items(), ("soap", data.get("soap", [])), ("webdav", data.get("webdav", []))]:
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+            raise PersonaFileError(f"{where}: {name} must be a list of role id patterns")
+    return {"endpoints": endpoints, "soap": data.get("soap", []), "webdav": data.get("webdav", [])}
+
+
+def _served_by(patterns, role_ids) -> bool:
+    return any(fnmatch(role_id, pattern) for pattern in patterns for role_id in role_ids)
+
+
+def http_surface(role_ids) -> dict:
+    """The persona fields saying which parts of the lab HTTP surface a host of these roles serves."""
+    surfaces = _http_surfaces()
+    return {"http_endpoints": [name for name, patterns in surfaces["endpoints"].items()
+                               if _served_by(patterns, role_ids)],
+            "http_soap": _served_by(surfaces["soap"], role_ids),
+            "http_webdav": _served_by(surfaces["webdav"], role_ids)}
 
 
 def identity(role_ids) -> dict:
-    """Persona data of a host: its roles' entries merged; a vendor's entry beats a generic one."""
+    """Persona data of a host: its roles' entries merged; a vendor's entry beats a generic one.
+    Values keep their schema types (emulator/protocols/persona_schema.py)."""
     merged: dict = {}
     for role_id in sorted(role_ids, key=lambda r: "vendor" not in (_personas().get(r) or {})):
         for key, value in (_personas().get(role_id) or {}).items():
-            merged.setdefault(key, value if isinstance(value, (dict, list)) else str(value))
-    return merged
+            merged.setdefault(key, value)
+    return {**merged, **http_surface(role_ids)}
 
 
 def daemon_spec(host_name: str, role_ids, log_path: str, catalog: Catalog | None = None,

@@ -143,3 +143,24 @@ def request_log(log: Path, wait: float = 2.0, count: int = 1) -> list[dict]:
         if len(records) >= count or time.monotonic() > deadline:
             return records
         time.sleep(0.05)
+
+
+JUNIT_SCHEMA = REPO / "tests" / "data" / "junit.xsd"
+
+
+def junit_problems(xml: str | Path) -> str:
+    """What xmllint (libxml2) finds wrong with a JUnit XML document (a path or its text) against
+    tests/data/junit.xsd; '' when it validates. A separate validator process: libxml2 is what many CI
+    servers' parsers build on, and no Python import can change its verdict."""
+    import shutil
+    import tempfile
+
+    if shutil.which("xmllint") is None:
+        raise AssertionError("xmllint not found: apt-get install libxml2-utils")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(xml) if isinstance(xml, Path) else Path(scratch, "junit.xml")
+        if not isinstance(xml, Path):
+            path.write_text(xml)
+        done = subprocess.run(["xmllint", "--noout", "--schema", str(JUNIT_SCHEMA), str(path)],
+                              capture_output=True, text=True, timeout=60)
+    return "" if done.returncode == 0 else done.stderr.strip()

@@ -48,13 +48,12 @@ import html
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import OnRequest, StreamClient, StreamProbe, crashed, error_result, report
+from .probing import OnRequest, StreamClient, StreamProbe, crashed, error_result
 from .serving import StubConnection, StubFactory, listen_plain_tcp
 
 PROTOCOL_IDS = ('ajp',)
@@ -286,7 +285,6 @@ class _ContainerServer(StubConnection, Protocol):
     def __init__(self, factory: _ContainerFactory) -> None:
         self.factory = factory
         self.buffer = b''
-        self.closing = False
         self.request: ForwardRequest | None = None   # set while its body is arriving
         self.body_left = 0
         self.body_bytes = 0
@@ -304,7 +302,7 @@ class _ContainerServer(StubConnection, Protocol):
                 return
             except AjpError:
                 self.transport.write(BAD_REQUEST)
-                self._close()
+                self.hang_up()
 
     def _packet(self, payload: bytes) -> None:
         if self.request is not None:
@@ -312,11 +310,11 @@ class _ContainerServer(StubConnection, Protocol):
         kind = payload[:1]
         if kind == bytes((CPING,)):
             self.transport.write(CPONG_PACKET)
-            self._record({'op': 'cping'})
+            self.report_request('cping')
         elif kind == bytes((FORWARD_REQUEST,)):
             self._forward_request(decode_forward_request(payload))
         else:
-            self._close()   # SHUTDOWN, PING or unknown: nothing a container answers here
+            self.hang_up()   # SHUTDOWN, PING or unknown: nothing a container answers here
         return None
 
     def _forward_request(self, request: ForwardRequest) -> None:
@@ -358,24 +356,9 @@ class _ContainerServer(StubConnection, Protocol):
         else:
             status, headers, body = 405, [('Allow', ', '.join(ALLOWED)), ('Content-Length', '0')], b''
         self.transport.write(send_headers(status, headers) + body_chunks(body) + end_response(True))
-        self._record({'op': 'forward-request', 'method': request.method, 'uri': request.uri[:256],
-                      'status': status, 'body_bytes': self.body_bytes,
-                      'remote_addr': request.remote_addr[:64], 'server_name': request.server_name[:128]})
-
-    def _record(self, fields: dict[str, Any]) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer, **fields})
-
-    def _close(self) -> None:
-        self.closing = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        self.closing = True
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
+        self.report_request('forward-request', method=request.method, uri=request.uri[:256], status=status,
+                            body_bytes=self.body_bytes, remote_addr=request.remote_addr[:64],
+                            server_name=request.server_name[:128])
 
 
 class _ContainerFactory(StubFactory):

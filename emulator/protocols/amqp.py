@@ -56,8 +56,8 @@ from twisted.internet.protocol import Protocol
 
 from . import tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import OnRequest, StreamClient, StreamProbe, crashed, error_result, report
-from .serving import LISTEN_BACKLOG, StubConnection, StubFactory
+from .probing import OnRequest, StreamClient, StreamProbe, crashed, error_result
+from .serving import StubConnection, StubFactory
 
 PROTOCOL_IDS = ('amqp',)
 
@@ -162,19 +162,19 @@ class _BrokerServer(StubConnection, Protocol):
     def __init__(self, factory: _BrokerFactory) -> None:
         self.factory = factory
         self.buffer = b''
-        self.state = 'header'     # header -> start-ok -> tune-ok -> open -> opened; closing
+        self.state = 'header'     # header -> start-ok -> tune-ok -> open -> opened (and ``closing``)
         self.channels: set[int] = set()
         self.frame_max = FRAME_MAX
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == 'closing':
+        if self.closing:
             return
         self.resetTimeout()
         self.buffer += data
         try:
             if self.state == 'header':
                 self._header()
-            while self.state not in ('header', 'closing') and self.buffer:
+            while not self.closing and self.state != 'header' and self.buffer:
                 used, channel, value = read_frame(self.buffer, self.frame_max)
                 self.buffer = self.buffer[used:]
                 self._frame(channel, value)
@@ -182,13 +182,13 @@ class _BrokerServer(StubConnection, Protocol):
             return
         except AmqpError as exc:
             self.transport.write(method_frame(connection_close(exc)))
-            self._close()
+            self.hang_up()
 
     def _header(self) -> None:
         got = self.buffer[:len(PROTOCOL_HEADER)]
         if got != PROTOCOL_HEADER[:len(got)]:
             self.transport.write(PROTOCOL_HEADER)   # the version we speak, then close (spec §4.2.2)
-            self._close()
+            self.hang_up()
             return
         if len(got) < len(PROTOCOL_HEADER):
             raise _Incomplete()
@@ -216,7 +216,7 @@ class _BrokerServer(StubConnection, Protocol):
                                             f'not offered', method)
         user, password = parse_plain(method.response)
         accepted = (user, password) == (LAB_USER, LAB_PASSWORD)
-        self._record('login', user=user[:64], accepted=accepted)
+        self.report_request('login', user=user[:64], accepted=accepted)
         if not accepted:
             raise AmqpError(ACCESS_REFUSED, 'ACCESS_REFUSED - Login was refused using authentication '
                                             'mechanism PLAIN', method)
@@ -232,40 +232,27 @@ class _BrokerServer(StubConnection, Protocol):
     def _open(self, channel: int, method) -> None:
         self.state = 'opened'
         self.transport.write(method_frame(commands.Connection.OpenOk()))
-        self._record('connection-open', vhost=method.virtual_host[:128])
+        self.report_request('connection-open', vhost=method.virtual_host[:128])
 
     def _channel_open(self, channel: int, method) -> None:
         if channel in self.channels or channel > CHANNEL_MAX:
             raise AmqpError(COMMAND_INVALID, f'COMMAND_INVALID - channel {channel} cannot be opened', method)
         self.channels.add(channel)
         self.transport.write(method_frame(commands.Channel.OpenOk(), channel))
-        self._record('channel-open', channel=channel)
+        self.report_request('channel-open', channel=channel)
 
     def _channel_close(self, channel: int, method) -> None:
         self.channels.discard(channel)
         self.transport.write(method_frame(commands.Channel.CloseOk(), channel))
-        self._record('channel-close', channel=channel)
+        self.report_request('channel-close', channel=channel)
 
     def _connection_close(self, channel: int, method) -> None:
         self.transport.write(method_frame(commands.Connection.CloseOk()))
-        self._record('connection-close', reply_code=method.reply_code)
-        self._close()
+        self.report_request('connection-close', reply_code=method.reply_code)
+        self.hang_up()
 
-    def _record(self, op: str, **fields: Any) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
-                                          'op': op, 'tls': self.factory.security == 'tls', **fields})
-
-    def _close(self) -> None:
-        self.state = 'closing'
-        self.setTimeout(None)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        self.state = 'closing'
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
+    def request_fields(self) -> dict[str, Any]:
+        return {'tls': self.factory.security == 'tls'}
 
 
 # (state, pamqp method name) -> handler: what the broker accepts when.
@@ -292,9 +279,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     if listener.security not in ('plain', 'tls'):
         raise ValueError(f'amqp 0-9-1 has no in-band TLS upgrade; listener security {listener.security!r}')
     factory = _BrokerFactory(reactor, persona, on_request, listener.security)
-    if listener.security == 'tls':
-        return tls.listen_tls(reactor, listener.port, factory, persona, interface=interface)
-    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
+    return tls.listen_stream(reactor, listener, factory, persona, interface=interface)
 
 
 # --- client probe -------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from .persona_schema import check_identity
+
 
 class Outcome(StrEnum):
     """What a probe observed; equal to its JSON string, so records stay plain JSON."""
@@ -86,10 +88,11 @@ class ProbeTarget:
     security: str = 'plain'
     timeout: float = 2.0
     size: int = 1024
-    flow: str = ''            # catalog flow id: picks the role-specific request (e.g. job preview on one port)
     server_name: str = ''     # the server's lab host name: TLS probes verify the certificate against it
     ca_file: str = ''         # PEM bundle of trusted CAs for TLS probes ('' = no TLS verification possible)
-    options: dict = field(default_factory=dict, hash=False)  # protocol-specific knobs, e.g. {'mode': 'active'}
+    # protocol-specific knobs, e.g. {'mode': 'active'}: what the client asks for, where a flow differs
+    # from the protocol's default request (the audit resolves them from roles/probe_options.yaml)
+    options: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         owner = 'ProbeTarget'
@@ -197,12 +200,13 @@ class Persona:
     cert_file: str = ''       # PEM certificate (chain) for TLS listeners, issued to `host`
     key_file: str = ''        # its private key
     ca_file: str = ''         # CAs the stub trusts (and hands to peers)
-    identity: dict = field(default_factory=dict, hash=False)  # persona data: vendor, sys_descr, make_model, ...
+    identity: dict = field(default_factory=dict, hash=False)  # typed persona fields: persona_schema.FIELDS
 
     def __post_init__(self) -> None:
         _need_str('Persona', 'host', self.host)
         if not isinstance(self.identity, dict):
             raise ValueError(f'Persona.identity must be a mapping, got {self.identity!r}')
+        check_identity(self.identity, 'Persona.identity')
         if not isinstance(self.roles, tuple) or not all(isinstance(r, str) and r for r in self.roles):
             raise ValueError(f'Persona.roles must be a tuple of non-empty strings, got {self.roles!r}')
 

@@ -66,12 +66,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.protocols.basic import Int32StringReceiver
-from twisted.protocols.policies import TimeoutMixin
 
 from OpenSSL import SSL
 
 from . import tls
-from .serving import IDLE_TIMEOUT, LISTEN_BACKLOG, listen_udp, loads_json
+from .serving import LISTEN_BACKLOG, StubConnection, listen_udp, loads_json
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
                       connect_timeout, crashed, error_result, no_connection_detail, report)
@@ -192,53 +191,33 @@ def answer(persona: Persona, payload: bytes, *, port: int, peer: str,
 
 # --- server stub --------------------------------------------------------------
 
-class _HelloServer(Int32StringReceiver, TimeoutMixin):
+class _HelloServer(StubConnection, Int32StringReceiver):
     MAX_LENGTH = MAX_FRAME
 
     def __init__(self, factory: _HelloFactory) -> None:
         self.factory = factory
-        self._closing = False
-
-    def callLater(self, period, func):
-        # TimeoutMixin would otherwise use the global reactor.
-        return self.factory.reactor.callLater(period, func)
-
-    def connectionMade(self) -> None:
-        self.setTimeout(IDLE_TIMEOUT)
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         super().dataReceived(data)
 
     def stringReceived(self, string: bytes) -> None:
-        if self._closing:  # frames already buffered behind a bad one
+        if self.closing:  # frames already buffered behind a bad one
             return
         reply, record = answer(self.factory.persona, string,
                                port=self.transport.getHost().port,
                                peer=self.transport.getPeer().host, limit=MAX_FRAME)
         self.sendString(reply)
         if record is None:
-            self._close()
+            self.hang_up()
         else:
             report(self.factory.on_request, {'transport': 'tcp', **record})
 
     def lengthLimitExceeded(self, length: int) -> None:
         # Int32StringReceiver calls this again on every later chunk.
-        if not self._closing:
+        if not self.closing:
             self.sendString(encode_error(f'frame of {length} B exceeds the {MAX_FRAME} B limit'))
-            self._close()
-
-    def _close(self) -> None:
-        self._closing = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        # An idle peer may not read either; a graceful close could wait forever.
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
+            self.hang_up()
 
 
 class _HelloFactory(Factory):

@@ -66,10 +66,10 @@ Probe
 =====
 ``ftplib`` runs in the reactor's thread pool. ``target.options``:
 ``mode`` (``passive`` default, or ``active``), ``user``, ``password``,
-``document`` (``scan`` or ``install``; default: ``install`` for flows whose
-server is an MFD, i.e. ids ``mfd-*``, else ``scan``). The upload is
-``max(target.size, MIN_UPLOAD)`` bytes, deterministic for a flow and size (a
-PDF with one JPEG page image, or a ZIP package). The control connect and
+``document`` (``scan``, the default, or ``install``: a terminal package for
+a device). The upload is ``max(target.size, MIN_UPLOAD)`` bytes,
+deterministic for a target id and size (a PDF with one JPEG page image, or a
+ZIP package). The control connect and
 every data-channel open are bounded by ``target.timeout``; the whole session
 by ``transfer_budget(target.timeout)`` = max(3 x timeout, 10 s).
 
@@ -83,7 +83,6 @@ import contextlib
 import ftplib
 import hashlib
 import os
-import random
 import re
 import secrets
 import select
@@ -92,9 +91,7 @@ import socket
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 from pyftpdlib.authorizers import DummyAuthorizer
@@ -115,6 +112,7 @@ except ImportError:  # pragma: no cover - pyftpdlib 1.5
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .serving import LISTEN_BACKLOG
 from .probing import UNREACHABLE_ERRNOS, OnRequest, crashed, error_result, report
+from .payloads import install_package, scan_document
 
 PROTOCOL_IDS = ('ftp',)
 
@@ -138,91 +136,11 @@ def transfer_budget(timeout: float) -> float:
     return max(timeout * 3, MIN_BUDGET)
 
 
-def _noise(size: int, seed: str) -> bytes:
-    # Deterministic and incompressible, like JPEG data or a compressed package.
-    return random.Random(seed).randbytes(size)
-
-
-@lru_cache(maxsize=1)  # the same seed gives the same bytes: a daemon sends one kind again and again
-def scan_document(size: int, seed: str) -> bytes:
-    """A one-page PDF of exactly ``size`` bytes whose page is a JPEG (DCT) image.
-
-    The image data is deterministic noise shaped like a JPEG (SOI ... EOI);
-    the PDF structure (objects, xref with real offsets, trailer) is valid, so
-    a content-inspecting firewall sees a PDF, as it would from a scanner.
-    """
-    def build(image: bytes) -> bytes:
-        objects = [
-            b'<< /Type /Catalog /Pages 2 0 R >>',
-            b'<< /Type /Pages /Kids [3 0 R] /Count 1 >>',
-            b'<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] '
-            b'/Resources << /XObject << /Im0 4 0 R >> >> /Contents 5 0 R >>',
-            b'<< /Type /XObject /Subtype /Image /Width 2480 /Height 3508 '
-            b'/ColorSpace /DeviceRGB /BitsPerComponent 8 /Filter /DCTDecode /Length '
-            + str(len(image)).encode() + b' >>\nstream\n' + image + b'\nendstream',
-            b'<< /Length 35 >>\nstream\nq 595 0 0 842 0 0 cm /Im0 Do Q\nendstream',
-        ]
-        out = bytearray(b'%PDF-1.4\n%\xe2\xe3\xcf\xd3\n')
-        offsets = []
-        for number, body in enumerate(objects, start=1):
-            offsets.append(len(out))
-            out += b'%d 0 obj\n' % number + body + b'\nendobj\n'
-        xref = len(out)
-        out += b'xref\n0 %d\n0000000000 65535 f \n' % (len(objects) + 1)
-        out += b''.join(b'%010d 00000 n \n' % offset for offset in offsets)
-        out += b'trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n' % (
-            len(objects) + 1, xref)
-        return bytes(out)
-
-    # The length digits and xref offsets depend on the image size: settle in two passes.
-    overhead = len(build(b''))
-    for _ in range(3):
-        room = size - overhead
-        if room < 4:
-            raise ValueError(f'a scan document needs at least {overhead + 4} B, not {size}')
-        image = b'\xff\xd8' + _noise(room - 4, seed) + b'\xff\xd9'
-        document = build(image)
-        if len(document) == size:
-            return document
-        overhead += len(document) - size
-    raise AssertionError('scan_document did not converge')  # pragma: no cover
-
-
-@lru_cache(maxsize=1)
-def install_package(size: int, seed: str) -> bytes:
-    """A ZIP archive of exactly ``size`` bytes holding one stored member (a
-    terminal installation package as a device's install endpoint receives it)."""
-    name = b'safeq-terminal/terminal.bin'
-    local = 30 + len(name)
-    central = 46 + len(name)
-    room = size - local - central - 22
-    if room < 0:
-        raise ValueError(f'an install package needs at least {size - room} B, not {size}')
-    data = _noise(room, seed)
-    crc = zlib.crc32(data)
-
-    def le(value: int, width: int) -> bytes:
-        return value.to_bytes(width, 'little')
-
-    header = (b'PK\x03\x04' + le(20, 2) + le(0, 2) + le(0, 2) + le(0, 2) + le(0x21, 2)
-              + le(crc, 4) + le(room, 4) + le(room, 4) + le(len(name), 2) + le(0, 2) + name)
-    directory = (b'PK\x01\x02' + le(20, 2) + le(20, 2) + le(0, 2) + le(0, 2) + le(0, 2)
-                 + le(0x21, 2) + le(crc, 4) + le(room, 4) + le(room, 4) + le(len(name), 2)
-                 + le(0, 2) + le(0, 2) + le(0, 2) + le(0, 2) + le(0, 4) + le(0, 4) + name)
-    end = (b'PK\x05\x06' + le(0, 2) + le(0, 2) + le(1, 2) + le(1, 2)
-           + le(len(directory), 4) + le(len(header) + room, 4) + le(0, 2))
-    return header + data + directory + end
-
-
 def upload_for(target: ProbeTarget) -> tuple[str, bytes]:
     """(file name, content) the probe uploads for ``target``."""
-    kind = target.options.get('document')
-    if kind is None:
-        # Flows are named after their server: mfd-* flows upload *to* an MFD,
-        # which is the Terminal Server installing the terminal.
-        kind = 'install' if target.flow.startswith('mfd-') else 'scan'
+    kind = target.options.get('document', 'scan')
     size = max(target.size, MIN_UPLOAD)
-    seed = f'{target.flow or "ftp"}:{kind}:{size}'
+    seed = f'{target.id or "ftp"}:{kind}:{size}'
     token = secrets.token_hex(6)
     if kind == 'install':
         return f'safeq-terminal_{token}.zip', install_package(size, seed)

@@ -41,7 +41,7 @@ from typing import Any
 
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IListeningPort, ISSLTransport
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.mail import imap4
@@ -54,8 +54,8 @@ from zope.interface import implementer
 from . import mailstore, tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .mailstore import LabAccountChecker, LineClient, MailStore, StoredMessage
-from .probing import OnRequest, StreamProbe, crashed, error_result, report
-from .serving import IDLE_TIMEOUT, LISTEN_BACKLOG, StubConnection, StubFactory
+from .probing import OnRequest, StreamProbe, crashed, error_result
+from .serving import IDLE_TIMEOUT, StubConnection, StubFactory
 
 PROTOCOL_IDS = ('imap',)
 
@@ -257,7 +257,7 @@ class Account:
         if str(name).upper() != INBOX:
             return None
         mailbox = SessionMailbox(self.session.factory.store)
-        self.session.record('select', mailbox=INBOX, exists=mailbox.getMessageCount())
+        self.session.report_request('select', mailbox=INBOX, exists=mailbox.getMessageCount())
         return mailbox
 
     def listMailboxes(self, ref, wildcard):
@@ -338,16 +338,11 @@ class LabIMAP(imap4.IMAP4Server, StubConnection):
                       f'(peer {self.peer})').encode()
         super().connectionMade()
 
-    @property
-    def tls_active(self) -> bool:
-        return ISSLTransport.providedBy(self.transport)
-
-    def record(self, op: str, **fields: Any) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
-                                         'op': op, 'tls': self.tls_active, **fields})
+    def request_fields(self) -> dict[str, Any]:
+        return {'tls': self.tls_active}
 
     def _login(self, user: str, ok: bool) -> None:
-        self.record('login', user=user, result='success' if ok else 'failure')
+        self.report_request('login', user=user, result='success' if ok else 'failure')
 
     # hostile input: answers, never tracebacks ------------------------------------------
     # twisted logs every unexpected exception with log.err (a traceback per bad line); these
@@ -399,7 +394,7 @@ class LabIMAP(imap4.IMAP4Server, StubConnection):
     # cooperator: never on an injected reactor. Messages are in memory and bounded anyway.
 
     def do_FETCH(self, tag, messages, query, uid=0) -> None:
-        self.record('fetch', messages=str(messages)[:100], uid=bool(uid),
+        self.report_request('fetch', messages=str(messages)[:100], uid=bool(uid),
                     items=' '.join(str(item) for item in query)[:200])
         imap4.IMAP4Server.do_FETCH(self, tag, messages, query, uid)
 
@@ -522,9 +517,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     if listener.security not in ('plain', 'tls'):
         raise ValueError(f'imap serves plain or implicit TLS, not {listener.security!r} (no STARTTLS)')
     factory = IMAPStubFactory(reactor, persona, on_request, listener.security, mailstore.store_for(persona))
-    if listener.security == 'tls':
-        return tls.listen_tls(reactor, listener.port, factory, persona, interface=interface)
-    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
+    return tls.listen_stream(reactor, listener, factory, persona, interface=interface)
 
 
 # --- client probe ---------------------------------------------------------------------

@@ -47,7 +47,6 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 from twisted.internet.defer import Deferred

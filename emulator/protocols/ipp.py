@@ -73,7 +73,6 @@ import dataclasses
 import datetime
 import io
 import math
-import os
 import re
 import struct
 import uuid
@@ -81,22 +80,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
 from twisted.web import http as web_http
-from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from emulator import persona_import as persona_data
 
+from . import http
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import (BytesProducer, OnRequest, Verdict, classify_os_error, connect_timeout, crashed,
-                      error_result, no_connection_detail)
+from .payloads import print_document
+from .probing import OnRequest, crashed, error_result
 
 PROTOCOL_IDS = ('ipp',)
 CONTENT_TYPE = 'application/ipp'
@@ -1110,7 +1104,6 @@ class IppResource(Resource):
         return self.render_POST(request)
 
     def render_POST(self, request) -> bytes:
-        from . import http
         raw_type = request.getHeader(b'content-type') or b''
         try:
             content_type = raw_type.decode('ascii').split(';')[0].strip().lower()
@@ -1171,7 +1164,6 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     The Site is the ``http`` module's, so the port also answers what an HTTP client asks
     a printer (GET / status, the persona's REST endpoints such as an install page).
     """
-    from . import http
     if listener.transport != 'tcp':
         raise ValueError(f'ipp runs over tcp, not {listener.transport!r}')
     persona = ipps_persona(persona)
@@ -1199,26 +1191,8 @@ PROBE_REQUESTED = ('printer-name', 'printer-make-and-model', 'printer-state', 'p
 USER_AGENT = 'CUPS/2.4 (Linux; x86_64) IPP/2.0'
 
 
-class _ProbeError(Exception):
-    """The server answered, but not with what an IPP printer must answer."""
-
-
 def _size_text(size: int) -> str:
     return f'{size // 1024} KiB' if size >= 1024 and size % 1024 == 0 else f'{size} B'
-
-
-def make_document(size: int, document_format: str = 'application/pdf') -> bytes:
-    """``size`` bytes of job data: random (incompressible) content, framed as a PDF when it fits."""
-    if document_format != 'application/pdf':
-        return os.urandom(size)
-    tail = b'\nendstream\nendobj\ntrailer\n<< /Root 1 0 R >>\n%%EOF\n'
-    length = size
-    for _ in range(3):  # the /Length digits change the header length; settles in <= 2 rounds
-        head = b'%%PDF-1.4\n%%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Length %d >>\nstream\n' % length
-        length = size - len(head) - len(tail)
-    if length < 0:
-        return os.urandom(size)
-    return head + os.urandom(length) + tail
 
 
 def _operation_group(message: Message, printer_uri: str, user: str) -> Group:
@@ -1247,132 +1221,29 @@ def print_job_request(request_id: int, printer_uri: str, user: str, job_name: st
     return message
 
 
-def _tls_detail(failure) -> str | None:
-    """'certificate: ...' / 'tls: ...' when ``failure`` is a TLS failure, else None."""
-    from OpenSSL import SSL
-    from service_identity import VerificationError
-    if failure.check(VerificationError):
-        return f'certificate: host name does not match ({failure.getErrorMessage()})'
-    if failure.check(SSL.Error):
-        from . import tls
-        return tls.describe_failure(failure)
-    return None
-
-
-def _classify(failure) -> tuple[str, str]:
-    """(outcome, detail) for a failed HTTP exchange."""
-    reasons = getattr(failure.value, 'reasons', None)  # ResponseNeverReceived, ResponseFailed, ...
-    for reason in reasons or ():
-        detail = _tls_detail(reason)
-        if detail:
-            return 'protocol_error', detail
-    detail = _tls_detail(failure)
-    if detail:
-        return 'protocol_error', detail
-    if reasons:
-        what = '; '.join(reason.getErrorMessage() for reason in reasons) or failure.getErrorMessage()
-        return 'protocol_error', f'connection closed before a complete IPP response: {what}'
-    if isinstance(failure.value, (net_error.ConnectError, OSError)):
-        return classify_os_error(failure.value)
-    return 'error', f'{failure.type.__name__}: {failure.getErrorMessage()}'
-
-
-class _Tracker(WrappingFactory):
-    """Sees every connection the HTTP pool opens, so the probe can wait until all are closed."""
-
-    noisy = False
-
-    def __init__(self, wrapped, exchange: _Exchange) -> None:
-        super().__init__(wrapped)
-        self.exchange = exchange
-
-    def registerProtocol(self, protocol) -> None:
-        super().registerProtocol(protocol)
-        self.exchange.connected = True
-
-    def unregisterProtocol(self, protocol) -> None:
-        super().unregisterProtocol(protocol)
-        self.exchange.connection_closed()
-
-
-@implementer(IAgentEndpointFactory, IStreamClientEndpoint)
-class _Endpoint:
-    """TCP (+ TLS) to the target's address, whatever host name the URL carries."""
-
-    def __init__(self, exchange: _Exchange) -> None:
-        self.exchange = exchange
-
-    def endpointForURI(self, uri):  # IAgentEndpointFactory
-        return self
-
-    def connect(self, factory):     # IStreamClientEndpoint
-        from twisted.internet.endpoints import TCP4ClientEndpoint
-        exchange = self.exchange
-        target = exchange.target
-        tracker = _Tracker(factory, exchange)
-        exchange.trackers.append(tracker)
-        endpoint = TCP4ClientEndpoint(exchange.reactor, target.host, target.port,
-                                      timeout=connect_timeout(target))
-        if exchange.creator is None:
-            return endpoint.connect(tracker).addCallback(lambda wrapper: wrapper.wrappedProtocol)
-        # Not wrapClientTLS: it would schedule TLS writes on the global reactor, not ours.
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-        tls_factory = TLSMemoryBIOFactory(exchange.creator, True, tracker, clock=exchange.reactor)
-        return endpoint.connect(tls_factory).addCallback(
-            lambda tls_protocol: tls_protocol.wrappedProtocol.wrappedProtocol)
-
-
-class _BodyReader(Protocol):
-    """Collects a response body. Not readBody: it warns about our wrapped transport, and a
-    cancelled read needs no abort here (the probe aborts its connections itself)."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def connectionLost(self, reason) -> None:
-        from twisted.web.client import PotentialDataLoss, ResponseDone
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b''.join(self.chunks))
-        else:
-            self.done.errback(reason)
-
-
-class _Exchange(Verdict):
-    """Get-Printer-Attributes [+ Print-Job] on one keep-alive connection.
+class _PrinterExchange(http.HttpVerdict):
+    """Get-Printer-Attributes [+ Print-Job] on one keep-alive connection (``http.HttpClient``).
 
     ``done`` fires once the verdict is known *and* every connection is closed.
     """
+
+    awaited = 'IPP exchange'
 
     def __init__(self, reactor, target: ProbeTarget) -> None:
         super().__init__(reactor, target)
         options = target.options or {}
         self.secure = target.security == 'tls'
         self.mode = options.get('mode') or 'print'
-        path = str(options.get('path') or DEFAULT_PATH)
+        self.path = str(options.get('path') or DEFAULT_PATH)
         authority = f'{target.server_name or target.host}:{target.port}'
-        self.url = f'{"https" if self.secure else "http"}://{authority}{path}'
-        self.printer_uri = f'{"ipps" if self.secure else "ipp"}://{authority}{path}'
+        self.printer_uri = f'{"ipps" if self.secure else "ipp"}://{authority}{self.path}'
         self.user = str(options.get('user') or 'safeq')
         self.document_format = str(options.get('document_format') or 'application/pdf')
         self.document_size = max(target.size, MIN_DOCUMENT)
         self.request_id = 0
-        self.connected = False
-        self.trackers: list[_Tracker] = []
-        self.creator = None
         self._pending: Deferred | None = None
-        self._pool = None
-        self._pool_closed = False
         self.summary = ''   # what came back, for the exchange column
         self.peer_header: str | None = None
-
-    def _tls_transports(self):
-        return [wrapper.transport for tracker in self.trackers for wrapper in tracker.protocols]
 
     @property
     def exchange(self) -> str:
@@ -1382,21 +1253,14 @@ class _Exchange(Verdict):
         return f'{text} -> {self.summary}' if self.summary else text
 
     def start(self) -> Deferred[ProbeResult]:
-        from twisted.web.client import Agent, HTTPConnectionPool
         if self.mode not in ('print', 'status'):
             self.decide('error', f'options.mode must be print or status, got {self.mode!r}')
             return self.done
         try:
-            if self.secure:
-                from . import tls
-                self.creator = tls.client_creator(self.target)
+            self.client = http.HttpClient(self.reactor, self.target, keep_alive=True, user_agent=USER_AGENT)
         except Exception as exc:  # TLSMaterialMissing, unreadable CA file
             self.decide('error', f'tls: {exc}')
             return self.done
-        self._pool = HTTPConnectionPool(self.reactor, persistent=True)
-        self._pool.retryAutomatically = False
-        self._pool.maxPersistentPerHost = 1
-        self.agent = Agent.usingEndpointFactory(self.reactor, _Endpoint(self), pool=self._pool)
         self.arm()
         self._send(get_printer_attributes_request(self._next_id(), self.printer_uri, self.user),
                    self._after_printer_attributes)
@@ -1407,44 +1271,33 @@ class _Exchange(Verdict):
         return self.request_id
 
     def _send(self, message: Message, then) -> None:
-        from twisted.web.http_headers import Headers
-        headers = Headers({'content-type': [CONTENT_TYPE], 'user-agent': [USER_AGENT]})
-        d = self.agent.request(b'POST', self.url.encode('ascii'), headers, BytesProducer(encode(message)))
-        d.addCallback(self._read, message)
+        d = Deferred.fromCoroutine(self.client.request('POST', self.path, {'content-type': CONTENT_TYPE},
+                                                       encode(message)))
+        d.addCallback(self._check, message)
         d.addCallback(then)
         d.addErrback(self._failed)
         self._pending = d
 
-    def _read(self, response, request: Message):
-        body = _BodyReader()
-        response.deliverBody(body)
-        return body.done.addCallback(self._check, response, request)
-
-    def _check(self, body: bytes, response, request: Message) -> Message:
+    def _check(self, reply: http.Reply, request: Message) -> Message:
         operation = operation_name(request.code)
         # The lab's HTTP stack names the client address it saw (X-Lab-Peer).
-        seen = response.headers.getRawHeaders(b'x-lab-peer')
-        if seen:
-            self.peer_header = seen[0].decode('latin-1')
-        if response.code != 200:
-            phrase = response.phrase.decode('latin-1', 'replace') if response.phrase else ''
-            raise _ProbeError(f'{operation}: HTTP {response.code} {phrase}'.rstrip())
-        content_type = (response.headers.getRawHeaders(b'content-type') or [b''])[0]
-        if content_type.split(b';')[0].strip().lower() != CONTENT_TYPE.encode():
-            raise _ProbeError(f'{operation}: Content-Type {content_type.decode("latin-1")!r}, '
-                              f'not {CONTENT_TYPE}')
+        self.peer_header = reply.header('x-lab-peer') or self.peer_header
+        if reply.status != 200:
+            raise http.Reject(f'{operation}: HTTP {reply.status} {reply.phrase}'.rstrip())
+        if reply.media != CONTENT_TYPE:
+            raise http.Reject(f'{operation}: Content-Type {reply.header("content-type")!r}, not {CONTENT_TYPE}')
         try:
-            reply = decode(body)
+            answer = decode(reply.body)
         except IppError as exc:
-            raise _ProbeError(f'{operation}: malformed IPP response: {exc}') from None
-        if reply.request_id != request.request_id:
-            raise _ProbeError(f'{operation}: response request-id {reply.request_id}, '
+            raise http.Reject(f'{operation}: malformed IPP response: {exc}') from None
+        if answer.request_id != request.request_id:
+            raise http.Reject(f'{operation}: response request-id {answer.request_id}, '
                               f'sent {request.request_id}')
-        if reply.code >= 0x0100:
-            message = reply.value('status-message', OPERATION)
-            raise _ProbeError(f'{operation} -> {status_name(reply.code)}'
+        if answer.code >= 0x0100:
+            message = answer.value('status-message', OPERATION)
+            raise http.Reject(f'{operation} -> {status_name(answer.code)}'
                               + (f' ({message})' if isinstance(message, str) and message else ''))
-        return reply
+        return answer
 
     def _after_printer_attributes(self, reply: Message) -> None:
         if self.result is not None:
@@ -1453,7 +1306,7 @@ class _Exchange(Verdict):
         model = reply.value('printer-make-and-model', PRINTER)
         state = reply.value('printer-state', PRINTER)
         if not isinstance(state, int) or isinstance(state, bool):
-            raise _ProbeError('Get-Printer-Attributes: no printer-state in the response')
+            raise http.Reject('Get-Printer-Attributes: no printer-state in the response')
         self.state = PRINTER_STATES.get(state, f'state {state}')
         accepting = reply.value('printer-is-accepting-jobs', PRINTER)
         self.printer = f'{_text(name) or "?"} ({_text(model) or "?"}) {self.state}'
@@ -1463,8 +1316,8 @@ class _Exchange(Verdict):
             self.summary = self.state
             self.decide('ok', f'answered by {self.printer}', peer_seen=self.peer_header)
             return
-        label = self.target.id or self.target.flow or 'probe'
-        document = make_document(self.document_size, self.document_format)
+        label = self.target.id or 'probe'
+        document = print_document(self.document_size, self.document_format)
         self._send(print_job_request(self._next_id(), self.printer_uri, self.user,
                                      f'safeq-lab {label}', document, self.document_format),
                    self._after_print_job)
@@ -1474,7 +1327,7 @@ class _Exchange(Verdict):
             return
         job_id = reply.value('job-id', JOB)
         if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id <= 0:
-            raise _ProbeError('Print-Job: successful-ok but no job-id in the response')
+            raise http.Reject('Print-Job: successful-ok but no job-id in the response')
         state = reply.value('job-state', JOB)
         peer = reply.value('job-originating-host-name', JOB)
         self.summary = f'job {job_id}'
@@ -1485,40 +1338,14 @@ class _Exchange(Verdict):
     def _failed(self, failure) -> None:
         if self.result is not None:
             return None  # e.g. the cancellation our own verdict caused
-        if failure.check(_ProbeError):
-            self.decide('protocol_error', str(failure.value))
-        else:
-            self.decide(*_classify(failure))
+        self.decide(*http.classify_failure(failure, 'IPP response'))
         return None
-
-    def _timeout_detail(self) -> str:
-        if self.connected:
-            return f'connected, but no complete IPP exchange within {self.target.timeout:g} s'
-        return no_connection_detail(self.target)
 
     def _release(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None and not pending.called:
             pending.cancel()   # aborts a connection attempt or an unfinished response
-        if self._pool is None:
-            self._pool_closed = True
-            self.connection_closed()
-            return
-        for tracker in self.trackers:
-            for wrapper in list(tracker.protocols):
-                if self.result.outcome != 'ok' and wrapper.transport is not None:
-                    wrapper.transport.abortConnection()
-        closing = self._pool.closeCachedConnections()
-        closing.addErrback(lambda failure: _log.failure('closing IPP connections failed', failure))
-        closing.addBoth(self._pool_done)
-
-    def _pool_done(self, _) -> None:
-        self._pool_closed = True
-        self.connection_closed()
-
-    def connection_closed(self) -> None:
-        if self._pool_closed and not any(tracker.protocols for tracker in self.trackers):
-            self.fire()
+        super()._release()
 
 
 def _text(value) -> str:
@@ -1531,7 +1358,7 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Get-Printer-Attributes [+ Print-Job] against ``target``; always fires with a ProbeResult."""
     try:
         if target.transport == 'tcp':
-            return _Exchange(reactor, target).start()
+            return _PrinterExchange(reactor, target).start()
     except Exception as exc:
         return crashed(target, f'ipp/{target.transport}', exc)
     return error_result(target, f'ipp/{target.transport}', f'ipp runs over tcp, not {target.transport}')

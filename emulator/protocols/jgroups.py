@@ -382,16 +382,10 @@ class _JGroupsConnection(StubConnection, Protocol):
         self.factory = factory
         self.buffer = bytearray()
         self.peer_address: IpAddress | None = None
-        self.closing = False
-
-    def _record(self, fields: dict) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer, **fields})
 
     def _reject(self, reason: str) -> None:
-        self._record({'op': 'rejected', 'reason': reason[:200]})
-        self.closing = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
+        self.report_request('rejected', reason=reason[:200])
+        self.hang_up()
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
@@ -426,20 +420,14 @@ class _JGroupsConnection(StubConnection, Protocol):
         try:
             request = decode_message(data)
         except ValueError as exc:
-            self._record({'op': 'ignored', 'reason': str(exc)[:200], 'answered': False})
+            self.report_request('ignored', reason=str(exc)[:200], answered=False)
             return   # JGroups logs an undecodable message and keeps the connection
         local = self.transport.getHost()
         reply, fields = answer(self.factory.member, request, IpAddress(local.host, local.port))
         if reply is not None:
             self.transport.write(frame(encode_message(reply)))
-        self._record({**fields, 'sender': str(self.peer_address)})
+        self.report_request(**fields, sender=str(self.peer_address))
 
-    def timeoutConnection(self) -> None:
-        self.closing = True
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
 
 
 class _JGroupsFactory(StubFactory):

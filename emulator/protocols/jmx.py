@@ -59,7 +59,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import OnRequest, StreamClient, StreamProbe, crashed, error_result, report
+from .probing import OnRequest, StreamClient, StreamProbe, crashed, error_result
 from .serving import StubConnection, StubFactory, listen_plain_tcp
 
 PROTOCOL_IDS = ('jmx',)
@@ -363,17 +363,17 @@ class _RegistryServer(StubConnection, Protocol):
     def __init__(self, factory: _RegistryFactory) -> None:
         self.factory = factory
         self.buffer = b''
-        self.state = 'header'          # header -> endpoint -> messages; single (one message); closing
+        self.state = 'header'          # header -> endpoint -> messages; single (one message) (and ``closing``)
         self.rmi_protocol = ''
         self.client_endpoint = ''
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == 'closing':
+        if self.closing:
             return
         self.resetTimeout()
         self.buffer += data
         try:
-            while self.state != 'closing' and self.buffer:
+            while not self.closing and self.buffer:
                 reader = _Reader(self.buffer)
                 try:
                     getattr(self, f'_read_{self.state}')(reader)
@@ -383,7 +383,7 @@ class _RegistryServer(StubConnection, Protocol):
                     return
                 self.buffer = self.buffer[reader.pos:]
         except JrmpError:
-            self._close()   # a JVM drops a connection it cannot parse; nothing to answer
+            self.hang_up()   # a JVM drops a connection it cannot parse; nothing to answer
 
     def _read_header(self, reader: _Reader) -> None:
         reader.expect(MAGIC, "the 'JRMI' magic")
@@ -398,7 +398,7 @@ class _RegistryServer(StubConnection, Protocol):
             self.rmi_protocol, self.state = 'single-op', 'single'
         elif protocol == MULTIPLEX_PROTOCOL:
             self.transport.write(bytes((PROTOCOL_NOT_SUPPORTED,)))
-            self._close()
+            self.hang_up()
         else:
             raise JrmpError(f'unknown JRMP protocol 0x{protocol:02x}')
 
@@ -410,13 +410,13 @@ class _RegistryServer(StubConnection, Protocol):
 
     def _read_single(self, reader: _Reader) -> None:
         self._read_messages(reader)
-        self._close()
+        self.hang_up()
 
     def _read_messages(self, reader: _Reader) -> None:
         message = read_message(reader)
         if message == 'ping':
             self.transport.write(bytes((PING_ACK,)))
-            self._record('ping')
+            self.report_request('ping')
         elif isinstance(message, Call):
             self._answer(message)
 
@@ -425,34 +425,20 @@ class _RegistryServer(StubConnection, Protocol):
         names = self.factory.names
         if op == 'list':
             self.transport.write(return_data(string_array(names), self.factory.uid))
-            self._record('list', names=names)
+            self.report_request('list', names=names)
         elif op == 'lookup' and message.name in names:
             local = self.transport.getHost()
             stub = remote_stub(local.host, local.port, self.factory.exported[message.name])
             self.transport.write(return_data(stub, self.factory.uid))
-            self._record('lookup', name=message.name, bound=True)
+            self.report_request('lookup', name=message.name, bound=True)
         elif op == 'lookup':
-            self._record('lookup', name=message.name[:128], bound=False)
-            self._close()   # invented: a registry would return a serialized NotBoundException
+            self.report_request('lookup', name=message.name[:128], bound=False)
+            self.hang_up()   # invented: a registry would return a serialized NotBoundException
         else:
             raise JrmpError(f'call op {message.op} on ObjID {message.target.number} is not served')
 
-    def _record(self, op: str, **fields: Any) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
-                                          'op': op, 'rmi_protocol': self.rmi_protocol,
-                                          'client_endpoint': self.client_endpoint, **fields})
-
-    def _close(self) -> None:
-        self.state = 'closing'
-        self.setTimeout(None)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        self.state = 'closing'
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
+    def request_fields(self) -> dict[str, Any]:
+        return {'rmi_protocol': self.rmi_protocol, 'client_endpoint': self.client_endpoint}
 
 
 class _RegistryFactory(StubFactory):

@@ -52,8 +52,8 @@ from twisted.protocols.basic import LineReceiver
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .serving import StubConnection, StubFactory, listen_plain_tcp
-from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
-from .raw import postscript_job
+from .probing import OnRequest, StreamClient, StreamProbe, crashed
+from .payloads import postscript_job
 
 PROTOCOL_IDS = ('lpr',)
 
@@ -97,7 +97,7 @@ class _LpdServer(StubConnection, LineReceiver):
 
     def __init__(self, factory: _LpdFactory) -> None:
         self.factory = factory
-        self.state = 'command'        # command -> job <-> file -> job ...; closing
+        self.state = 'command'        # command -> job <-> file -> job ... (and ``closing`` once hung up)
         self.queue = ''
         self.file_kind = ''
         self.remaining = 0            # bytes of the current file still to come
@@ -111,7 +111,7 @@ class _LpdServer(StubConnection, LineReceiver):
 
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == 'closing':
+        if self.closing:
             return
         self.resetTimeout()
         super().dataReceived(data)
@@ -119,7 +119,7 @@ class _LpdServer(StubConnection, LineReceiver):
     # --- lines ---------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
-        if self.state == 'closing':
+        if self.closing:
             return
         if self.state == 'command':
             self._daemon_command(line)
@@ -144,12 +144,12 @@ class _LpdServer(StubConnection, LineReceiver):
             self.state = 'job'
             self.transport.write(ACK)
         elif code in (0x03, 0x04):
-            self._record({'op': 'queue-state', 'queue': queue, 'long': code == 0x04})
+            self.report_request('queue-state', queue=queue, long=code == 0x04)
             self.transport.write(self._queue_state(queue, long=code == 0x04))
-            self._close()
+            self.hang_up()
         elif code in (0x01, 0x05):
-            self._record({'op': 'print-waiting' if code == 0x01 else 'remove-jobs', 'queue': queue})
-            self._close()
+            self.report_request('print-waiting' if code == 0x01 else 'remove-jobs', queue=queue)
+            self.hang_up()
         else:
             self._nak(f'unknown command byte 0x{code:02x}')
 
@@ -221,32 +221,18 @@ class _LpdServer(StubConnection, LineReceiver):
         self._nak(f'command line longer than {MAX_LINE} B')
 
     def _nak(self, reason: str) -> None:
-        if self.state == 'closing':
+        if self.closing:
             return
         self.transport.write(NAK)
-        self._close()
-
-    def _close(self) -> None:
-        self.state = 'closing'
-        self.setTimeout(None)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        self.state = 'closing'
-        self.transport.abortConnection()
+        self.hang_up()
 
     def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
-        if self.queue and self.files and self.state == 'job':
-            self._record({'op': 'receive-job', 'queue': self.queue, 'bytes': self.data_bytes,
-                          'control_bytes': self.control_bytes, 'files': self.files,
-                          'user': self.info.get('user', ''), 'job': self.info.get('job', ''),
-                          'client_host': self.info.get('client_host', '')})
-        self.state = 'closing'
-
-    def _record(self, fields: dict[str, Any]) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port,
-                                          'peer': self.peer, **fields})
+        if self.queue and self.files and self.state == 'job' and not self.closing:
+            self.report_request('receive-job', queue=self.queue, bytes=self.data_bytes,
+                                control_bytes=self.control_bytes, files=self.files,
+                                user=self.info.get('user', ''), job=self.info.get('job', ''),
+                                client_host=self.info.get('client_host', ''))
+        super().connectionLost(reason)
 
 
 class _LpdFactory(StubFactory):

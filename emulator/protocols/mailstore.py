@@ -23,7 +23,6 @@ from __future__ import annotations
 import email.policy
 import hashlib
 import itertools
-import random
 import re
 import secrets
 import time
@@ -41,6 +40,7 @@ from zope.interface import implementer
 
 from .base import Persona
 from .probing import StreamClient
+from .payloads import pdf_document
 
 LAB_USER = 'safeq'
 LAB_PASSWORD = 'safeq-lab-mail'
@@ -96,53 +96,6 @@ class LabAccountChecker:
 
 
 # --- documents and messages -------------------------------------------------------
-
-def pdf_document(size: int, text: str, seed: str) -> bytes:
-    """A one-page PDF showing ``text``, exactly ``size`` bytes (or the smallest such PDF when
-    ``size`` is below it): an unreferenced stream of scan-like (incompressible) filler makes up
-    the size. Deterministic for (size, text, seed). Written here because the mail modules need a
-    valid small PDF with a correct xref, and none of the other modules' generators make one."""
-    shown = text.replace('\\', '\\\\').replace('(', '\\(').replace(')', '\\)').encode('latin-1', 'replace')
-    content = b'BT /F1 18 Tf 72 760 Td (' + shown + b') Tj ET'
-
-    def stream(data: bytes) -> bytes:
-        return b'<< /Length %d >>\nstream\n' % len(data) + data + b'\nendstream'
-
-    def build(filler_size: int, pad: int) -> bytes:
-        filler = random.Random(f'{seed}:{filler_size}').randbytes(filler_size)
-        objects = [b'<< /Type /Catalog /Pages 2 0 R >>',
-                   b'<< /Type /Pages /Kids [3 0 R] /Count 1 >>',
-                   b'<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] '
-                   b'/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>',
-                   b'<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>',
-                   stream(content)]
-        if filler_size:
-            objects.append(stream(filler))
-        out = bytearray(b'%PDF-1.4\n%\xe2\xe3\xcf\xd3\n')
-        offsets = []
-        for number, body in enumerate(objects, 1):
-            offsets.append(len(out))
-            out += b'%d 0 obj\n' % number + body + b'\nendobj\n'
-        out += b'\n' * pad                # whitespace between objects: fills a size the /Length digits skip
-        xref = len(out)
-        out += b'xref\n0 %d\n0000000000 65535 f \n' % (len(objects) + 1)
-        out += b''.join(b'%010d 00000 n \n' % offset for offset in offsets)
-        out += b'trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n' % (len(objects) + 1, xref)
-        return bytes(out)
-
-    smallest = build(0, 0)
-    if size <= len(smallest):
-        return smallest
-    filler = max(1, size - len(build(1, 0)) + 1)
-    for _ in range(4):   # the /Length digits move with the filler size; settles in <= 2 rounds
-        document = build(filler, 0)
-        if len(document) == size:
-            return document
-        if len(document) < size:
-            return build(filler, size - len(document))
-        filler -= len(document) - size
-    return build(max(1, filler), 0)
-
 
 def compose(sender: str, recipient: str, subject: str, text: str, attachment_name: str,
             attachment: bytes, domain: str = MAIL_DOMAIN) -> bytes:

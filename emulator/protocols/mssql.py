@@ -66,7 +66,7 @@ from twisted.internet.protocol import Protocol
 
 from . import tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
+from .probing import OnRequest, StreamClient, StreamProbe, crashed
 from .serving import LISTEN_BACKLOG, StubConnection, StubFactory
 
 PROTOCOL_IDS = ('mssql',)
@@ -537,7 +537,7 @@ class _TdsServer(StubConnection, Protocol):
     def __init__(self, factory: _TdsFactory) -> None:
         self.factory = factory
         self.reader = MessageReader()
-        self.state = 'prelogin'          # prelogin -> [handshake] -> login -> ready; closing
+        self.state = 'prelogin'          # prelogin -> [handshake] -> login -> ready (and ``closing``)
         self.mode = 'none'               # what TLS covers: none, login, all
         self.pipe: TlsPipe | None = None
         self.tls_in = self.tls_out = False
@@ -551,7 +551,7 @@ class _TdsServer(StubConnection, Protocol):
         return self.tds_version >= TDS_7_2
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == 'closing':
+        if self.closing:
             return
         self.resetTimeout()
         try:
@@ -561,13 +561,13 @@ class _TdsServer(StubConnection, Protocol):
             if self.tls_in:
                 data = self.pipe.decrypt(data)
             for kind, payload in self.reader.feed(data):
-                if self.state == 'closing':
+                if self.closing:
                     return
                 self._message(kind, payload)
             if self.reader.peek_type() not in (None, *CLIENT_TYPES):
                 raise TdsWireError(f'unknown packet type 0x{self.reader.peek_type():02x}')
-        except (TdsWireError, ssl.SSLError, struct.error) as exc:
-            self._close(str(exc))
+        except (TdsWireError, ssl.SSLError, struct.error):
+            self.hang_up()
 
     def _message(self, kind: int, payload: bytes) -> None:
         if self.state == 'prelogin' and kind == PRELOGIN:
@@ -579,9 +579,9 @@ class _TdsServer(StubConnection, Protocol):
         if kind == SQL_BATCH:
             return self._batch(payload)
         if kind == ATTENTION:
-            self._record('attention')
+            self.report_request('attention')
             return self._send(done(DONE_ATTN, wide=self.wide))
-        self._record('rpc', packet_type=kind)
+        self.report_request('rpc', packet_type=kind)
         return self._send(message_token(TOKEN_ERROR, 50000, 16, f'safeq-lab stub does not run request type '
                                                                f'0x{kind:02x}', self.factory.persona.host,
                                         self.wide) + done(DONE_ERROR, wide=self.wide))
@@ -590,12 +590,12 @@ class _TdsServer(StubConnection, Protocol):
         options = decode_prelogin(payload)
         client_flag = options.get(PL_ENCRYPTION, bytes([ENCRYPT_NOT_SUP]))[:1] or bytes([ENCRYPT_NOT_SUP])
         answer, self.mode = negotiate(self.factory.has_certificate, self.factory.forced, client_flag[0])
-        self._record('prelogin', client_encryption=ENCRYPTION_NAMES.get(client_flag[0] & 0x0F, 'other'),
+        self.report_request('prelogin', client_encryption=ENCRYPTION_NAMES.get(client_flag[0] & 0x0F, 'other'),
                      encryption=ENCRYPTION_NAMES[answer])
         self._send(encode_prelogin([(PL_VERSION, version_bytes(self.factory.version)),
                                     (PL_ENCRYPTION, bytes([answer])), (PL_INSTOPT, b'\0'), (PL_THREADID, b'')]))
         if answer == ENCRYPT_REQ and self.mode == 'none':
-            self._close('client cannot encrypt, server requires it')
+            self.hang_up()   # the client cannot encrypt, the server requires it
         elif self.mode == 'none':
             self.state = 'login'
         else:
@@ -627,7 +627,7 @@ class _TdsServer(StubConnection, Protocol):
         expected = self.factory.accounts.get(login.user)
         ok = (not login.integrated and expected is not None
               and secrets.compare_digest(login.password.encode(), expected.encode()))
-        self._record('login', user=login.user, database=self.database, app=login.app,
+        self.report_request('login', user=login.user, database=self.database, app=login.app,
                      tds_version=TDS_VERSIONS.get(login.tds_version, hex(login.tds_version)),
                      result='ok' if ok else 'failed')
         if self.mode == 'login':
@@ -636,7 +636,7 @@ class _TdsServer(StubConnection, Protocol):
         if not ok:
             self._send(message_token(TOKEN_ERROR, 18456, 14, f"Login failed for user '{login.user}'.", host,
                                      self.wide) + done(DONE_ERROR, wide=self.wide))
-            return self._close('login failed')
+            return self.hang_up()   # login failed
         self.state = 'ready'
         return self._send(env_change(1, self.database, 'master')
                           + env_change(4, str(self.packet_size), str(DEFAULT_PACKET))
@@ -654,29 +654,15 @@ class _TdsServer(StubConnection, Protocol):
         session = Session(self.user, self.database, self.peer, self.factory.persona.host,
                           self.factory.version, self.spid)
         reply, result = answer_batch(sql, session, self.wide)
-        self._record('batch', sql=sql[:200], result=result)
+        self.report_request('batch', sql=sql[:200], result=result)
         self._send(reply)
 
     def _send(self, payload: bytes, kind: int = TABULAR_RESULT) -> None:
         data = packets(kind, payload, self.packet_size)
         self.transport.write(self.pipe.encrypt(data) if self.tls_out else data)
 
-    def _close(self, reason: str = '') -> None:
-        self.state = 'closing'
-        self.setTimeout(None)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        self.state = 'closing'
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
-        self.state = 'closing'
-
-    def _record(self, op: str, **fields: Any) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer, 'op': op,
-                                          'tls': self.tls_in or self.tls_out, **fields})
+    def request_fields(self) -> dict[str, Any]:
+        return {'tls': self.tls_in or self.tls_out}
 
 
 class _TdsFactory(StubFactory):

@@ -56,7 +56,7 @@ from twisted.internet.protocol import Protocol
 
 from . import tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
+from .probing import OnRequest, StreamClient, StreamProbe, crashed
 from .serving import LISTEN_BACKLOG, StubConnection, StubFactory
 
 PROTOCOL_IDS = ('pgsql',)
@@ -272,7 +272,7 @@ class _PgServer(StubConnection, Protocol):
     def __init__(self, factory: _PgFactory) -> None:
         self.factory = factory
         self.buffer = b''
-        self.state = 'startup'          # startup -> password -> ready; closing
+        self.state = 'startup'          # startup -> password -> ready (and ``closing``)
         self.tls = False
         self.user = self.database = self.application = ''
         self.salt = b''
@@ -281,12 +281,12 @@ class _PgServer(StubConnection, Protocol):
     # framing ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == 'closing':
+        if self.closing:
             return
         self.resetTimeout()
         self.buffer += data
         try:
-            while self.state != 'closing' and self.buffer:
+            while not self.closing and self.buffer:
                 if not self._next():
                     return
         except PgWireError as exc:
@@ -319,12 +319,12 @@ class _PgServer(StubConnection, Protocol):
         if code == SSL_REQUEST_CODE:
             return self._ssl_request()
         if code == GSSENC_REQUEST_CODE:
-            self._record('gssencrequest', answer='N')
+            self.report_request('gssencrequest', answer='N')
             self.transport.write(b'N')
             return None
         if code == CANCEL_REQUEST_CODE:
-            self._record('cancel')
-            return self._close()
+            self.report_request('cancel')
+            return self.hang_up()
         if code >> 16 != 3:
             # Shaped like PostgreSQL 15's answer, which nmap's service probes recognise.
             return self._fatal('0A000', f'unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: '
@@ -337,7 +337,7 @@ class _PgServer(StubConnection, Protocol):
         if not self.user:
             return self._fatal('28000', 'no PostgreSQL user name specified in startup packet')
         if self.factory.require_tls and not self.tls:
-            self._record('login', user=self.user, database=self.database, result='no-encryption')
+            self.report_request('login', user=self.user, database=self.database, result='no-encryption')
             return self._fatal('28000', f'no pg_hba.conf entry for host "{self.peer}", user "{self.user}", '
                                         f'database "{self.database}", no encryption')
         self.state = 'password'
@@ -350,14 +350,14 @@ class _PgServer(StubConnection, Protocol):
 
     def _ssl_request(self) -> None:
         if self.tls or self.factory.tls_options is None:
-            self._record('sslrequest', answer='N')
+            self.report_request('sslrequest', answer='N')
             self.transport.write(b'N')
             return
         if self.buffer:
             # PostgreSQL refuses plaintext pipelined behind SSLRequest (CVE-2021-23214).
             self._fatal('08P01', 'received unencrypted data after SSL request')
             return
-        self._record('sslrequest', answer='S')
+        self.report_request('sslrequest', answer='S')
         self.transport.write(b'S')
         self.tls = True
         self.transport.startTLS(self.factory.tls_options)
@@ -370,10 +370,10 @@ class _PgServer(StubConnection, Protocol):
         if expected is not None and self.factory.auth != 'password':
             expected = md5_password(self.user, expected, self.salt)
         if expected is None or not secrets.compare_digest(given.encode(), expected.encode()):
-            self._record('login', user=self.user, database=self.database, application=self.application,
+            self.report_request('login', user=self.user, database=self.database, application=self.application,
                          result='failed')
             return self._fatal('28P01', f'password authentication failed for user "{self.user}"')
-        self._record('login', user=self.user, database=self.database, application=self.application,
+        self.report_request('login', user=self.user, database=self.database, application=self.application,
                      result='ok')
         self.state = 'ready'
         self.transport.write(message(b'R', struct.pack('!I', AUTH_OK)) + self._parameter_status()
@@ -395,7 +395,7 @@ class _PgServer(StubConnection, Protocol):
 
     def _ready(self, kind: bytes, body: bytes) -> None:
         if kind == b'X':
-            return self._close()
+            return self.hang_up()
         if kind == b'Q':
             return self._query(body.rstrip(b'\0').decode('utf-8', 'replace'))
         if kind == b'S':
@@ -405,7 +405,7 @@ class _PgServer(StubConnection, Protocol):
         if kind[0] in _EXTENDED_QUERY:
             if not self.skipping_to_sync:
                 self.skipping_to_sync = True
-                self._record('query', sql='', statements=0, result='0A000 extended protocol')
+                self.report_request('query', sql='', statements=0, result='0A000 extended protocol')
                 self.transport.write(error_response(
                     'ERROR', '0A000', 'safeq-lab stub speaks only the simple query protocol'))
             return None
@@ -414,7 +414,7 @@ class _PgServer(StubConnection, Protocol):
     def _query(self, sql: str) -> None:
         session = Session(self.user, self.database, self.peer, self.factory.persona.host, self.factory.version)
         reply, result = answer_query(sql, session)
-        self._record('query', sql=sql[:200], statements=len([s for s in sql.split(';') if s.strip()]),
+        self.report_request('query', sql=sql[:200], statements=len([s for s in sql.split(';') if s.strip()]),
                      result=result)
         self.transport.write(reply + message(b'Z', b'I'))
 
@@ -422,25 +422,14 @@ class _PgServer(StubConnection, Protocol):
 
     def _fatal(self, code: str, text: str, **extra: str) -> None:
         self.transport.write(error_response('FATAL', code, text, **extra))
-        self._close()
+        self.hang_up()
 
-    def _close(self) -> None:
-        self.state = 'closing'
+    def hang_up(self) -> None:
         self.buffer = b''
-        self.setTimeout(None)
-        self.transport.loseConnection()
+        super().hang_up()
 
-    def timeoutConnection(self) -> None:
-        self.state = 'closing'
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
-        self.state = 'closing'
-
-    def _record(self, op: str, **fields: Any) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
-                                          'op': op, 'tls': self.tls, **fields})
+    def request_fields(self) -> dict[str, Any]:
+        return {'tls': self.tls}
 
 
 class _PgFactory(StubFactory):

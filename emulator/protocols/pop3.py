@@ -36,7 +36,7 @@ from typing import Any
 
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, ISSLTransport
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Cooperator
 from twisted.mail._except import POP3Error
 from twisted.mail.interfaces import IMailboxPOP3, IServerFactoryPOP3
@@ -45,8 +45,8 @@ from zope.interface import implementer
 from . import mailstore, tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .mailstore import LabAccountChecker, LineClient, MailStore
-from .probing import OnRequest, StreamProbe, crashed, error_result, report
-from .serving import IDLE_TIMEOUT, LISTEN_BACKLOG, StubConnection, StubFactory
+from .probing import OnRequest, StreamProbe, crashed, error_result
+from .serving import IDLE_TIMEOUT, StubConnection, StubFactory
 
 PROTOCOL_IDS = ('pop3',)
 
@@ -143,16 +143,11 @@ class LabPOP3Session:
     def timeoutConnection(self) -> None:
         self.transport.abortConnection()
 
-    @property
-    def tls_active(self) -> bool:
-        return ISSLTransport.providedBy(self.transport)
-
-    def record(self, op: str, **fields: Any) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
-                                         'op': op, 'tls': self.tls_active, **fields})
+    def request_fields(self) -> dict[str, Any]:
+        return {'tls': self.tls_active}
 
     def _login(self, user: str, ok: bool) -> None:
-        self.record('login', user=user, result='success' if ok else 'failure')
+        self.report_request('login', user=user, result='success' if ok else 'failure')
 
     def state_COMMAND(self, line: bytes) -> None:
         self.processCommand(*line.split(b' '))
@@ -189,7 +184,7 @@ class LabPOP3Session:
     # which a TLS transport drives with the global cooperator (so never on an injected reactor).
     def do_RETR(self, i) -> None:
         data = self._message(i)
-        self.record('retr', message=mailstore.text(i, 20), bytes=None if data is None else len(data))
+        self.report_request('retr', message=mailstore.text(i, 20), bytes=None if data is None else len(data))
         if data is not None:
             self.successResponse(b'%d octets' % len(data))
             self.transport.write(dot_stuffed(data) + b'.\r\n')
@@ -203,7 +198,7 @@ class LabPOP3Session:
             self.failResponse(b'Bad line count argument')
             return
         data = self._message(i)
-        self.record('top', message=mailstore.text(i, 20), lines=count)
+        self.report_request('top', message=mailstore.text(i, 20), lines=count)
         if data is not None:
             head, _, body = data.partition(b'\r\n\r\n')
             body_lines = body.split(b'\r\n')[:-1] if body.endswith(b'\r\n') else body.split(b'\r\n')
@@ -213,7 +208,7 @@ class LabPOP3Session:
 
     def do_DELE(self, i) -> None:
         super().do_DELE(i)
-        self.record('dele', message=mailstore.text(i, 20))
+        self.report_request('dele', message=mailstore.text(i, 20))
 
 
 def dot_stuffed(data: bytes) -> bytes:
@@ -258,9 +253,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     if listener.security not in ('plain', 'tls'):
         raise ValueError(f'pop3 serves plain or implicit TLS, not {listener.security!r} (no STLS)')
     factory = POP3StubFactory(reactor, persona, on_request, listener.security, mailstore.store_for(persona))
-    if listener.security == 'tls':
-        return tls.listen_tls(reactor, listener.port, factory, persona, interface=interface)
-    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
+    return tls.listen_stream(reactor, listener, factory, persona, interface=interface)
 
 
 # --- client probe ---------------------------------------------------------------------

@@ -62,13 +62,12 @@ Malformed input: a PJL command line longer than ``MAX_PJL_LINE`` closes the
 connection (the job is still logged); everything else is print data, as on a
 printer. Silent connections are dropped after ``IDLE_TIMEOUT`` seconds.
 
-``postscript_job`` (a realistic print payload of an exact size) lives here
-and is reused by ``lpd``; the client machinery is ``probing``'s.
+The print payload (``payloads.postscript_job``, a realistic PostScript page
+of an exact size) is shared with ``lpd``; the client machinery is ``probing``'s.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 
@@ -79,7 +78,8 @@ from zope.interface import implementer
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .serving import StubConnection, StubFactory, listen_plain_tcp
-from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
+from .probing import OnRequest, StreamClient, StreamProbe, crashed
+from .payloads import postscript_job
 
 PROTOCOL_IDS = ('raw',)
 
@@ -92,36 +92,6 @@ MAX_REPLY = 64 << 10           # the probe gives up on replies larger than this
 # =============================================================================
 # Print payload (also used by lpd)
 # =============================================================================
-
-def postscript_job(size: int, title: str = 'safeq-lab probe') -> bytes:
-    """A PostScript page of exactly ``size`` bytes: a DSC header, one line of
-    text and a hex-encoded grey image of random (incompressible) samples.
-
-    Pure ASCII, so it never contains a PJL UEL. Sizes smaller than the
-    header and trailer yield a truncated header (still ``size`` bytes).
-    """
-    safe_title = re.sub(r'[^A-Za-z0-9 ._-]', '_', title)[:64]
-    head = (b'%!PS-Adobe-3.0\n'
-            b'%%Creator: safeq-lab\n'
-            b'%%Title: ' + safe_title.encode('ascii') + b'\n'
-            b'%%Pages: 1\n%%BoundingBox: 0 0 595 842\n%%EndComments\n'
-            b'%%Page: 1 1\n'
-            b'/Helvetica findfont 12 scalefont setfont\n'
-            b'72 770 moveto (' + safe_title.encode('ascii') + b') show\n'
-            b'gsave 72 72 translate 451 451 scale\n'
-            b'/picstr 32 string def\n'
-            b'256 256 8 [256 0 0 -256 0 256] {currentfile picstr readhexstring pop} image\n')
-    tail = b'\ngrestore\nshowpage\n%%Trailer\n%%EOF\n'
-    room = size - len(head) - len(tail)
-    if room < 0:
-        return (head + tail)[:size]
-    full, rest = divmod(room, 65)          # 64 hex digits + newline per line
-    digits = os.urandom((full * 64 + rest) // 2 + 1).hex().encode('ascii')
-    lines = [digits[i * 64:(i + 1) * 64] + b'\n' for i in range(full)]
-    if rest:
-        lines.append(digits[full * 64:full * 64 + rest - 1] + b'\n')
-    return head + b''.join(lines) + tail
-
 
 # =============================================================================
 # RAW / JetDirect: PJL codec
@@ -191,7 +161,6 @@ class _RawServer(StubConnection, Protocol):
         self.job = ''
         self.ustatus_job = False
         self.reported = False
-        self.closing = False
         self.end = 'close'
 
 
@@ -309,18 +278,15 @@ class _RawServer(StubConnection, Protocol):
     def timeoutConnection(self) -> None:
         self.end = 'timeout'
         self._report()
-        self.closing = True
-        self.transport.abortConnection()
+        super().timeoutConnection()
 
     def _finish(self, end: str) -> None:
         self.end = end
         self._report()
-        self.closing = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
+        self.hang_up()
 
     def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
+        super().connectionLost(reason)
         self._report()
 
     def _report(self) -> None:
@@ -328,10 +294,8 @@ class _RawServer(StubConnection, Protocol):
             return
         self.reported = True
         pdl_bytes = self.pdl_total + self.pdl   # a job may end without a closing UEL
-        report(self.factory.on_request, {
-            'transport': 'tcp', 'port': self.port, 'peer': self.peer, 'op': 'print-job',
-            'bytes': self.total, 'pdl_bytes': pdl_bytes, 'pjl': self.pjl_seen, 'language': self.language,
-            'job': self.job, 'end': self.end})
+        self.report_request('print-job', bytes=self.total, pdl_bytes=pdl_bytes, pjl=self.pjl_seen,
+                            language=self.language, job=self.job, end=self.end)
 
 
 class _RawFactory(StubFactory):

@@ -8,11 +8,12 @@ import socket
 import sys
 from typing import Any
 
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.protocols.policies import TimeoutMixin
 
 from .base import Listener, Persona
-from .probing import OnRequest
+from .probing import OnRequest, report
 
 # Probes from many lab hosts may connect at once; a backlog of 50 (the default of listenTCP)
 # would turn a burst into SYN drops, which a probe would report as 'timeout'. Every TCP stub
@@ -54,7 +55,14 @@ class StubFactory(Factory):
 
 
 class StubConnection(TimeoutMixin):
-    """Mixin: remembers the local port and the peer's address, drops silent connections."""
+    """Mixin for a stub's TCP connection: remembers the local port and the peer's address,
+    drops silent connections, hangs up one way, and reports request records.
+
+    ``closing`` turns True once the stub hangs up (``hang_up``, the idle timeout) or the peer
+    does; input after that is the stub's to ignore. Put it before the Twisted protocol class
+    in the bases, so these override Protocol's."""
+
+    closing = False
 
     def callLater(self, period, func):  # TimeoutMixin's timer on the injected reactor
         return self.factory.reactor.callLater(period, func)
@@ -64,6 +72,36 @@ class StubConnection(TimeoutMixin):
         self.port = self.transport.getHost().port
         self.peer = self.transport.getPeer().host
         self.setTimeout(IDLE_TIMEOUT)
+
+    @property
+    def tls_active(self) -> bool:
+        """The connection runs over TLS now (implicit, or after an in-band upgrade)."""
+        return ISSLTransport.providedBy(self.transport)
+
+    def hang_up(self) -> None:
+        """Close once what was written is sent."""
+        self.closing = True
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        # An idle peer may not read either; a graceful close could wait forever.
+        self.closing = True
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.closing = True
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
+    def request_fields(self) -> dict[str, Any]:
+        """Fields every record of this connection carries besides transport, port and peer."""
+        return {}
+
+    def report_request(self, op: str, **fields: Any) -> None:
+        """One witness record (see ``probing.report``) of a request this connection handled."""
+        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer, 'op': op,
+                                         **self.request_fields(), **fields})
 
 
 def listen_udp(reactor, port: int, protocol, interface: str = '', max_packet: int = 8192):

@@ -75,15 +75,15 @@ import secrets
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .http import scanned_pdf
+from .payloads import scanned_pdf
 from .netbios import DEFAULT_WORKGROUP, netbios_name_of
-from .probing import OnRequest, StreamClient, StreamProbe, crashed, report
+from .probing import OnRequest, StreamClient, StreamProbe, crashed
 from .serving import StubConnection, StubFactory, listen_plain_tcp
 
 PROTOCOL_IDS = ('smb',)
@@ -594,7 +594,6 @@ class _SmbServer(StubConnection, Protocol):
         self.client_capabilities = 0
         self.sessions: dict[int, Session] = {}
         self.handles: dict[bytes, Handle] = {}
-        self.closing = False
         self.smb1_done = False
         self.next_id = 1
         self.related_file_id: bytes | None = None   # FileId of the previous CREATE in a related chain
@@ -609,7 +608,7 @@ class _SmbServer(StubConnection, Protocol):
         try:
             messages = take_frames(self.buffer)
         except ValueError:
-            return self.drop()
+            return self.hang_up()
         for message in messages:
             if self.closing:
                 return None
@@ -620,7 +619,7 @@ class _SmbServer(StubConnection, Protocol):
         if message.startswith(SMB1_MAGIC) and not self.dialect and not self.smb1_done:
             return self.smb1_negotiate(message)
         if not message.startswith(SMB2_MAGIC):
-            return self.drop()   # SMB1 after NEGOTIATE, encrypted transform, or garbage
+            return self.hang_up()   # SMB1 after NEGOTIATE, encrypted transform, or garbage
         responses = []
         state = {'session_id': 0, 'tree_id': 0, 'file_id': None, 'status': 0}
         offset = 0
@@ -633,9 +632,9 @@ class _SmbServer(StubConnection, Protocol):
                         raise Malformed('bad NextCommand')
                     part_end = offset + header.next_command
             except Malformed:
-                return self.drop()
+                return self.hang_up()
             if header.command != NEGOTIATE and not self.dialect:
-                return self.drop()   # [MS-SMB2] 3.3.5.2.4: no command before NEGOTIATE
+                return self.hang_up()   # [MS-SMB2] 3.3.5.2.4: no command before NEGOTIATE
             response = self.request(header, message[offset:part_end], state)
             if self.closing:
                 return None
@@ -648,18 +647,8 @@ class _SmbServer(StubConnection, Protocol):
             self.transport.write(frame(compound(responses)))
         return None
 
-    def drop(self) -> None:
-        self.closing = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        self.closing = True
-        self.transport.abortConnection()
-
     def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
-        self.closing = True
+        super().connectionLost(reason)
         for handle in list(self.handles.values()):
             self.close_handle(handle)
 
@@ -718,28 +707,25 @@ class _SmbServer(StubConnection, Protocol):
     def now(self) -> float:
         return self.factory.reactor.seconds()
 
-    def record(self, fields: dict[str, Any]) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer, **fields})
-
     # --- NEGOTIATE ------------------------------------------------------------------------
 
     def smb1_negotiate(self, message: bytes) -> None:
         try:
             dialects = smb1_dialects(message)
         except (ValueError, struct.error, IndexError):
-            return self.drop()
+            return self.hang_up()
         self.smb1_done = True
         if 'SMB 2.???' in dialects or 'SMB 2.002' in dialects:
             chosen = WILDCARD_DIALECT if 'SMB 2.???' in dialects else 0x0202
             if chosen == 0x0202:
                 self.dialect = chosen
             reply = Header(NEGOTIATE, flags=SERVER_TO_REDIR)
-            self.record({'op': 'negotiate', 'dialect': DIALECTS.get(chosen, '2.???'), 'smb1_request': True})
+            self.report_request('negotiate', dialect=DIALECTS.get(chosen, '2.???'), smb1_request=True)
             self.transport.write(frame(reply.pack() + self.negotiate_body(chosen, [])))
             return None
         if 'NT LM 0.12' not in dialects:
-            return self.drop()
-        self.record({'op': 'negotiate', 'dialect': 'NT LM 0.12', 'smb1_request': True})
+            return self.hang_up()
+        self.report_request('negotiate', dialect='NT LM 0.12', smb1_request=True)
         self.transport.write(frame(self.smb1_negotiate_response(message, dialects.index('NT LM 0.12'))))
         return None
 
@@ -769,7 +755,7 @@ class _SmbServer(StubConnection, Protocol):
 
     def negotiate(self, header: Header, message: bytes, reply: Header) -> tuple[int, bytes]:
         if self.dialect:
-            self.drop()   # a second NEGOTIATE: [MS-SMB2] 3.3.5.3 says disconnect
+            self.hang_up()   # a second NEGOTIATE: [MS-SMB2] 3.3.5.3 says disconnect
             return 0, b''
         (size, count, security, _reserved, capabilities, guid, ctx_offset, ctx_count,
          _r2) = struct.unpack_from('<HHHHI16sIHH', message, HEADER.size)
@@ -787,7 +773,7 @@ class _SmbServer(StubConnection, Protocol):
             contexts = [(PREAUTH_INTEGRITY, preauth_context())]
         self.dialect, self.client_guid = dialect, guid
         self.client_security, self.client_capabilities = security, capabilities
-        self.record({'op': 'negotiate', 'dialect': DIALECTS[dialect]})
+        self.report_request('negotiate', dialect=DIALECTS[dialect])
         return 0, self.negotiate_body(dialect, contexts)
 
     def validate_negotiate(self) -> bytes:
@@ -821,9 +807,9 @@ class _SmbServer(StubConnection, Protocol):
             raise SmbError('LOGON_FAILURE')
         login = parse_authenticate(token)
         session.authenticated, session.anonymous, session.user = True, login.anonymous, login.user
-        self.record({'op': 'session-setup', 'user': login.user, 'domain': login.domain,
-                     'workstation': login.workstation, 'anonymous': login.anonymous,
-                     'guest': not login.anonymous})
+        self.report_request('session-setup', user=login.user, domain=login.domain,
+                            workstation=login.workstation, anonymous=login.anonymous,
+                            guest=not login.anonymous)
         out = b'' if bare else spnego_response(ACCEPT_COMPLETED)
         return 0, self.session_body(0x2 if login.anonymous else 0x1, out)
 
@@ -852,7 +838,7 @@ class _SmbServer(StubConnection, Protocol):
         path = from_utf16(field_at(message, path_offset, path_length))
         share = path.rstrip('\\').rsplit('\\', 1)[-1]
         if not self.share_exists(share):
-            self.record({'op': 'tree-connect', 'share': share[:MAX_NAME], 'status': 'BAD_NETWORK_NAME'})
+            self.report_request('tree-connect', share=share[:MAX_NAME], status='BAD_NETWORK_NAME')
             raise SmbError('BAD_NETWORK_NAME')
         if len(session.trees) >= 64:
             raise SmbError('ACCESS_DENIED')
@@ -860,7 +846,7 @@ class _SmbServer(StubConnection, Protocol):
         self.next_id += 1
         session.trees[tree_id] = share
         reply.tree_id = tree_id
-        self.record({'op': 'tree-connect', 'share': share, 'status': 'SUCCESS'})
+        self.report_request('tree-connect', share=share, status='SUCCESS')
         share_type = PIPE_SHARE if share.upper() == 'IPC$' else DISK_SHARE
         return 0, struct.pack('<HBBIII', 16, share_type, 0, 0, 0, FULL_ACCESS)
 
@@ -899,7 +885,7 @@ class _SmbServer(StubConnection, Protocol):
         try:
             stored, action = self.open_file(share, name, disposition, options)
         except SmbError as exc:
-            self.record({'op': 'create', 'share': share, 'name': name[:MAX_NAME], 'status': exc.status})
+            self.report_request('create', share=share, name=name[:MAX_NAME], status=exc.status)
             raise
         file_id = secrets.token_bytes(8) + struct.pack('<Q', self.next_id)
         self.next_id += 1
@@ -969,9 +955,9 @@ class _SmbServer(StubConnection, Protocol):
             return
         handle.stored.opened -= 1
         if handle.written or handle.read:
-            self.record({'op': 'write-file' if handle.written else 'read-file', 'share': handle.share,
-                         'name': handle.stored.name, 'bytes': handle.written or handle.read,
-                         'size': len(handle.stored.data)})
+            self.report_request('write-file' if handle.written else 'read-file', share=handle.share,
+                                name=handle.stored.name, bytes=handle.written or handle.read,
+                                size=len(handle.stored.data))
         if handle.delete_on_close:
             self.factory.store.remove(handle.share, handle.stored.name)
 

@@ -46,7 +46,7 @@ from functools import lru_cache, partial
 
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, ISSLTransport
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.mail._cred import PLAINCredentials
 from twisted.mail._except import SMTPBadRcpt, SMTPServerError
@@ -56,8 +56,8 @@ from zope.interface import implementer
 from . import mailstore, tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .mailstore import LabAccountChecker, LineClient
-from .probing import OnRequest, StreamProbe, crashed, error_result, report
-from .serving import IDLE_TIMEOUT, LISTEN_BACKLOG, StubConnection, StubFactory
+from .probing import OnRequest, StreamProbe, crashed, error_result
+from .serving import IDLE_TIMEOUT, StubConnection, StubFactory
 
 PROTOCOL_IDS = ('smtp',)
 
@@ -214,13 +214,8 @@ class LabSMTPSession:
         self.sendCode(421, self.host + b' 4.4.2 Idle timeout, closing connection')
         self.transport.abortConnection()
 
-    @property
-    def tls_active(self) -> bool:
-        return ISSLTransport.providedBy(self.transport)
-
-    def record(self, op: str, **fields: Any) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
-                                         'op': op, 'tls': self.tls_active, **fields})
+    def request_fields(self) -> dict[str, Any]:
+        return {'tls': self.tls_active}
 
     def greeting(self) -> bytes:
         return self.host + b' ESMTP safeq-lab'
@@ -256,11 +251,11 @@ class LabSMTPSession:
 
     def do_HELO(self, rest: bytes) -> None:
         super().do_HELO(rest)
-        self.record('helo', helo=_text(rest))
+        self.report_request('helo', helo=_text(rest))
 
     def do_EHLO(self, rest: bytes) -> None:
         super().do_EHLO(rest)
-        self.record('ehlo', helo=_text(rest))
+        self.report_request('ehlo', helo=_text(rest))
 
     def ext_STARTTLS(self, rest: bytes) -> None:
         was_started = self.startedTLS
@@ -271,9 +266,9 @@ class LabSMTPSession:
             self._from, self._to = None, []
             self.authenticated = False
             self.delivery, self.envelope = _Delivery(self, None), None
-            self.record('starttls', result='success', tls=True)
+            self.report_request('starttls', result='success', tls=True)
         elif not was_started:
-            self.record('starttls', result='unavailable')
+            self.report_request('starttls', result='unavailable')
 
     def ext_AUTH(self, rest: bytes) -> None:
         if self.factory.require_tls and not self.tls_active:
@@ -283,7 +278,7 @@ class LabSMTPSession:
         super().ext_AUTH(rest)
 
     def _auth_attempt(self, user: str, ok: bool) -> None:
-        self.record('auth', mechanism=getattr(self, '_mechanism', ''), user=user,
+        self.report_request('auth', mechanism=getattr(self, '_mechanism', ''), user=user,
                     result='success' if ok else 'failure')
 
     def _messageHandled(self, resultList) -> None:
@@ -301,7 +296,7 @@ class LabSMTPSession:
         stored = self.factory.store.deliver(data)
         found = mailstore.attachments(stored.data)
         listed = ', '.join(f'{a.name or a.content_type} {a.size} B' for a in found) or 'none'
-        self.record('mail', **{'from': envelope.sender}, to=envelope.recipients[:10],
+        self.report_request('mail', **{'from': envelope.sender}, to=envelope.recipients[:10],
                     recipients=len(envelope.recipients), bytes=len(stored.data),
                     attachments=[a.to_dict() for a in found[:10]], queue_id=stored.queue_id,
                     user=self.delivery.user if self.delivery else None, result='queued')
@@ -309,7 +304,7 @@ class LabSMTPSession:
         return stored.queue_id, f'{len(stored.data)} B, attachments: {listed}'
 
     def rejected(self, envelope: _Envelope, size: int) -> None:
-        self.record('mail', **{'from': envelope.sender}, to=envelope.recipients[:10],
+        self.report_request('mail', **{'from': envelope.sender}, to=envelope.recipients[:10],
                     recipients=len(envelope.recipients), bytes=size, result='rejected')
         self.envelope = None
 
@@ -343,9 +338,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     if listener.transport != 'tcp':
         raise ValueError(f'smtp cannot listen on {listener.transport!r} (SMTP runs over TCP)')
     factory = SMTPStubFactory(reactor, persona, on_request, listener.security, mailstore.store_for(persona))
-    if listener.security == 'tls':
-        return tls.listen_tls(reactor, listener.port, factory, persona, interface=interface)
-    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
+    return tls.listen_stream(reactor, listener, factory, persona, interface=interface)
 
 
 # --- client probe ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ TCP/IP")
     with another community is dropped silently, as real agents do. It serves
     the SNMPv2-MIB system group (sysDescr, sysObjectID, sysUpTime, sysContact,
     sysName = persona.host, sysLocation, sysServices) from the persona, and on
-    printers (roles ``mfd``/``mfd-*`` or ``identity['printer']``) what print
+    printers (``identity['printer']``) what print
     management polls: the HOST-RESOURCES-MIB device row (hrDeviceDescr,
     hrDeviceStatus.1 = running(2), hrPrinterStatus.1 = idle(3) unless the
     persona says otherwise) and the Printer-MIB (RFC 3805) for hrDeviceIndex 1:
@@ -206,10 +206,7 @@ def ber_message_length(buffer: bytes, limit: int = MAX_MESSAGE) -> int | None:
 # --- persona MIB ------------------------------------------------------------------
 
 def _is_printer(persona: Persona) -> bool:
-    flag = persona.identity.get('printer')
-    if flag is not None:
-        return bool(flag)
-    return any(role == 'mfd' or role.startswith('mfd-') for role in persona.roles)
+    return persona.identity.get('printer', False)
 
 
 def _choice(table: dict[str, int], value: Any, default: str) -> int:

@@ -58,7 +58,6 @@ import struct
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.conch import avatar, error as conch_error
@@ -75,7 +74,7 @@ from zope.interface import implementer
 from emulator import pki
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import OnRequest, StreamProbe, crashed, error_result, report
+from .probing import OnRequest, StreamProbe, crashed, error_result
 from .serving import IDLE_TIMEOUT, LISTEN_BACKLOG, StubConnection
 
 PROTOCOL_IDS = ('ssh',)
@@ -174,7 +173,7 @@ class _StubSession(channel.SSHChannel):
         return self._refuse('subsystem')
 
     def _refuse(self, what: str) -> int:
-        self.conn.transport.record({'op': 'refused', 'what': what})
+        self.conn.transport.report_request('refused', what=what)
         return 0
 
     def _answer(self, command: bytes) -> None:
@@ -189,8 +188,8 @@ class _StubSession(channel.SSHChannel):
         self.conn.sendRequest(self, b'exit-status', struct.pack('>L', status))
         self.conn.sendEOF(self)
         self.loseConnection()
-        server.record({'op': 'exec', 'user': self.avatar.username,
-                       'command': command.decode('utf-8', 'replace')[:MAX_RECORDED], 'exit_status': status})
+        server.report_request('exec', user=self.avatar.username,
+                              command=command.decode('utf-8', 'replace')[:MAX_RECORDED], exit_status=status)
 
 
 class _StubUser(avatar.ConchUser):
@@ -218,7 +217,7 @@ class _StubConnection(connection.SSHConnection):
             self.transport.sendPacket(connection.MSG_CHANNEL_OPEN_FAILURE,
                                       struct.pack('>2L', sender, connection.OPEN_UNKNOWN_CHANNEL_TYPE)
                                       + common.NS(b'only session channels') + common.NS(b''))
-            self.transport.record({'op': 'refused', 'what': channel_type.decode('ascii', 'replace')[:64]})
+            self.transport.report_request('refused', what=channel_type.decode('ascii', 'replace')[:64])
             return
         super().ssh_CHANNEL_OPEN(packet)
 
@@ -251,9 +250,9 @@ class _StubUserAuth:
         super()._ebBadAuth(reason)
 
     def _record(self, accepted: bool) -> None:
-        self.transport.record({'op': 'auth', 'user': (self.user or b'').decode('utf-8', 'replace')[:64],
-                               'method': (self.method or b'').decode('ascii', 'replace')[:32],
-                               'accepted': accepted})
+        self.transport.report_request('auth', user=(self.user or b'').decode('utf-8', 'replace')[:64],
+                                      method=(self.method or b'').decode('ascii', 'replace')[:32],
+                                      accepted=accepted)
 
 
 class _StubTransport(StubConnection, transport.SSHServerTransport):
@@ -264,21 +263,18 @@ class _StubTransport(StubConnection, transport.SSHServerTransport):
         self.ourVersionString = self.factory.banner
         transport.SSHServerTransport.connectionMade(self)
 
-    def record(self, fields: dict[str, Any]) -> None:
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer, **fields})
-
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         had_version = self.gotVersion
         try:
             super().dataReceived(data)
         except Exception as exc:   # Conch's parsers raise on truncated or inconsistent packets
-            self.record({'op': 'error', 'error': f'{type(exc).__name__}: {exc}'[:MAX_RECORDED]})
+            self.report_request('error', error=f'{type(exc).__name__}: {exc}'[:MAX_RECORDED])
             self._drop(b'malformed packet')
             return
         if self.gotVersion and not had_version:
-            self.record({'op': 'hello',
-                         'client_version': self.otherVersionString.decode('ascii', 'replace')[:MAX_RECORDED]})
+            self.report_request('hello',
+                                client_version=self.otherVersionString.decode('ascii', 'replace')[:MAX_RECORDED])
 
     def _drop(self, reason: bytes) -> None:
         try:
@@ -289,9 +285,10 @@ class _StubTransport(StubConnection, transport.SSHServerTransport):
     def receiveError(self, reason_code: int, description: bytes) -> None:
         pass   # the client said why it left; Conch would log that at error level
 
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
-        transport.SSHServerTransport.connectionLost(self, reason)
+    def timeoutConnection(self) -> None:
+        # An idle SSH client gets a graceful close (TimeoutMixin's), not the other stubs' abort:
+        # kept as it was when the abort moved into StubConnection.
+        self.transport.loseConnection()
 
 
 class _StubFactory:

@@ -14,7 +14,7 @@ Request::
 
     {"v": 1, "op": "discover", "nonce": "<1-128 chars>", "size": 0}
 
-Reply (the server's identity, as termtool or an SPM shows it)::
+Reply (the server's identity, as YSoft's terminal tool or an SPM shows it)::
 
     {"v": 1, "ok": true, "op": "discover", "nonce": "<echoed>", "host": "<persona host>",
      "roles": [...], "product": "<identity product>", "version": "<identity version>",
@@ -89,17 +89,7 @@ MAX_NONCE = framed.MAX_NONCE
 _CARD = re.compile(r'^[0-9]{4,32}$')
 _PIN = re.compile(r'^[0-9]{0,16}$')
 
-# Default product names per role, when the persona's identity has no 'product'.
-PRODUCTS = {
-    'management': 'YSoft SafeQ 6 Management Service',
-    'terminal-server': 'YSoft SafeQ 6 Terminal Server',
-    'payment-system': 'YSoft SafeQ 6 Payment System',
-    'payment-machine': 'YSoft Payment Machine (SPM)',
-    'terminal-ultralight': 'YSoft SafeQ Terminal UltraLight',
-    'terminal-pro': 'YSoft SafeQ Terminal Pro',
-    'terminal-pro-35': 'YSoft SafeQ Terminal Pro 3.5',
-}
-
+DEFAULT_PRODUCT = 'YSoft SafeQ 6'
 
 _DOCUMENTS = ('Quarterly report', 'Invoice', 'Meeting minutes', 'Contract draft', 'Boarding pass',
               'Timesheet', 'Presentation', 'Purchase order', 'Lecture notes', 'Floor plan')
@@ -107,13 +97,8 @@ _EXTENSIONS = ('docx', 'pdf', 'xlsx', 'pptx', 'txt', 'png')
 
 
 def product_of(persona: Persona) -> str:
-    product = persona.identity.get('product')
-    if product:
-        return str(product)
-    for role in persona.roles:
-        if role in PRODUCTS:
-            return PRODUCTS[role]
-    return 'YSoft SafeQ 6'
+    # The role layer names each SafeQ component's product (roles/personas.yaml 'product').
+    return persona.identity.get('product') or DEFAULT_PRODUCT
 
 
 def job_metadata(size: int, owner: str, spooler: str, now: float) -> tuple[bytes, int]:
@@ -160,7 +145,6 @@ class _TerminalServer(StubConnection, Int32StringReceiver):
         self.session: str | None = None
         self.user = ''
         self.tls = factory.security == 'tls'
-        self.closing = False
 
 
 
@@ -179,11 +163,10 @@ class _TerminalServer(StubConnection, Int32StringReceiver):
             reply_fields, reply_body, record = getattr(self, f'_op_{op}')(header)
         except (FramedError, _RequestError) as exc:
             self.sendString(framed.encode_error(str(exc)))
-            self._close()
+            self.hang_up()
             return
         self.sendString(self._reply(op, seq, reply_fields, reply_body))
-        report(self.factory.on_request, {'transport': 'tcp', 'port': self.port, 'peer': self.peer,
-                                          'op': op, 'tls': self.tls, **record})
+        self.report_request(op, **record)
         if op == 'starttls':
             from . import tls as tls_helper
             self.transport.startTLS(tls_helper.server_options(self.factory.persona))
@@ -252,19 +235,10 @@ class _TerminalServer(StubConnection, Int32StringReceiver):
         if not self.closing:
             self.sendString(framed.encode_error(f'frame of {length} B exceeds the '
                                                 f'{framed.MAX_FRAME} B limit'))
-            self._close()
+            self.hang_up()
 
-    def _close(self) -> None:
-        self.closing = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        self.closing = True
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.setTimeout(None)
+    def request_fields(self) -> dict[str, Any]:
+        return {'tls': self.tls}
 
 
 class _TerminalFactory(StubFactory):

@@ -26,7 +26,7 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from .base import Persona, ProbeTarget
+from .base import Listener, Persona, ProbeTarget
 from .serving import LISTEN_BACKLOG
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
@@ -100,6 +100,13 @@ def listen_tls(reactor, port: int, factory, persona: Persona, interface: str = "
     # on the global reactor's clock, so on any other (injected, test) reactor they never flush.
     wrapped = TLSMemoryBIOFactory(server_options(persona), False, factory, clock=reactor)
     return reactor.listenTCP(port, wrapped, backlog=LISTEN_BACKLOG, interface=interface)
+
+
+def listen_stream(reactor, listener: Listener, factory, persona: Persona, interface: str = ""):
+    """Listen on ``listener``'s TCP port: implicit TLS when its security is 'tls', else plain TCP."""
+    if listener.security == "tls":
+        return listen_tls(reactor, listener.port, factory, persona, interface=interface)
+    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
 
 
 def trust_root(ca_file: str):

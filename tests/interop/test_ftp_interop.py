@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from emulator.protocols import payloads
 from emulator.protocols import ftp
 from tests.support import request_log, run_stub
 from tests.support import free_port_pair as control_port
@@ -49,7 +50,7 @@ def stub(tmp_path):
 @pytest.fixture
 def document(tmp_path):
     path = tmp_path / "scan.pdf"
-    data = ftp.scan_document(1_500_000, "interop")
+    data = payloads.scan_document(1_500_000, "interop")
     path.write_bytes(data)
     return path, hashlib.sha256(data).hexdigest(), len(data)
 
@@ -131,7 +132,7 @@ def test_curl_sees_errors_for_bad_commands_and_the_stub_keeps_serving(stub, docu
 def test_our_probe_through_the_prober_cli(stub):
     port, log = stub
     targets = [{"id": mode, "host": "127.0.0.1", "transport": "tcp", "protocol": "ftp", "port": port,
-                "timeout": 2.0, "flow": "terminal-server-42", "options": {"mode": mode}}
+                "timeout": 2.0, "options": {"mode": mode}}
                for mode in ("passive", "active")]
     done = subprocess.run([sys.executable, "-m", "emulator.prober"], input=json.dumps(targets),
                           capture_output=True, text=True, timeout=60)
@@ -183,7 +184,7 @@ def test_firewall_that_admits_only_the_control_port(tmp_path):
         "listeners": [{"transport": "tcp", "port": 21, "protocol": "ftp", "security": "plain"}]}))
     (tmp_path / "targets.json").write_text(json.dumps([
         {"id": mode, "host": "127.0.0.1", "transport": "tcp", "protocol": "ftp", "port": 21,
-         "timeout": 2.0, "flow": "terminal-server-42", "options": {"mode": mode}}
+         "timeout": 2.0, "options": {"mode": mode}}
         for mode in ("passive", "active")]))
     done = subprocess.run(["unshare", "--net", "sh", "-c", NAMESPACE_SCRIPT], capture_output=True,
                           text=True, timeout=90,

@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+import roles
 from emulator.pki import make_test_pki
 from tests.support import free_port, request_log, run_stub
 
@@ -49,7 +50,8 @@ def stub(tmp_path_factory):
     port, tls_port = free_port(), free_port()
     listeners = [{'transport': 'tcp', 'port': port, 'protocol': 'soap', 'security': 'plain'},
                  {'transport': 'tcp', 'port': tls_port, 'protocol': 'http', 'security': 'tls'}]
-    persona = {**pki, 'identity': {'http_server': 'SafeQ-TerminalServer', 'vendor': 'Y Soft'}}
+    # as the role layer builds it: the terminal server's HTTP surface and persona
+    persona = {**pki, 'identity': roles.identity(['terminal-server'])}
     with run_stub(tmp, listeners, persona=persona, host='ts-1', roles=('terminal-server',)) as log:
         yield {'url': f'http://127.0.0.1:{port}', 'port': port, 'tls_port': tls_port,
                'ca': pki['ca_file'], 'log': log, 'tmp': tmp}

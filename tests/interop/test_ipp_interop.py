@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from emulator.protocols import payloads
 from emulator import pki
 from emulator.protocols import ipp
 from tests.support import free_port, request_log, run_stub
@@ -64,7 +65,7 @@ def stub(tmp_path_factory):
 @pytest.fixture(scope='module')
 def document(stub) -> Path:
     path = stub['dir'] / 'doc.pdf'
-    path.write_bytes(ipp.make_document(DOCUMENT_SIZE))
+    path.write_bytes(payloads.print_document(DOCUMENT_SIZE))
     return path
 
 
@@ -97,7 +98,7 @@ def test_ipptool_ipp_2_0_conformance_suite(stub, document, tmp_path):
     for name in ('ipp-1.1.test', 'ipp-2.0.test'):
         shutil.copy(standard(name), tmp_path / name)
     for name in ('document-a4.pdf', 'document-letter.pdf'):
-        (tmp_path / name).write_bytes(ipp.make_document(8192))
+        (tmp_path / name).write_bytes(payloads.print_document(8192))
     for name in ('document-a4.ps', 'document-letter.ps'):
         (tmp_path / name).write_bytes(b'%!PS-Adobe-3.0\n' + b'%' * 8000 + b'\nshowpage\n')
     for name in ('color.jpg', 'gray.jpg'):

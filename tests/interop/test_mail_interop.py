@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from emulator.protocols import payloads
 from emulator.pki import make_test_pki
 from emulator.protocols import imap, mailstore, module_for, pop3, smtp
 from tests.support import request_log, run_stub
@@ -99,7 +100,7 @@ def records(stub, port: int, op: str, count: int = 1) -> list[dict]:
 
 def attachment_file(tmp_path, size: int = 3000, name: str = 'scan.pdf'):
     path = tmp_path / name
-    path.write_bytes(mailstore.pdf_document(size, 'interop scan', name))
+    path.write_bytes(payloads.pdf_document(size, 'interop scan', name))
     return path
 
 
@@ -196,7 +197,7 @@ def test_curl_smtp_upload_is_logged_and_found_over_imap(curl, stub, tmp_path):
     subject = 'curl-upload-7f3a'
     message.write_bytes(mailstore.compose(f'scan@{mailstore.MAIL_DOMAIN}', f'alice@{mailstore.MAIL_DOMAIN}',
                                           subject, 'sent by curl', 'curl-scan.pdf',
-                                          mailstore.pdf_document(2000, 'curl', 'c')))
+                                          payloads.pdf_document(2000, 'curl', 'c')))
     out = run([curl, '--silent', '--show-error', '--max-time', '15', f'smtp://127.0.0.1:{port}',
                '--mail-from', f'scan@{mailstore.MAIL_DOMAIN}', '--mail-rcpt', f'bob@{mailstore.MAIL_DOMAIN}',
                '-T', str(message)], stub['home'])
@@ -223,7 +224,7 @@ def test_curl_smtp_starttls_verified_with_auth(curl, stub, tmp_path):
     port = stub['ports'][('smtp', 'optional')]
     message = tmp_path / 'starttls.eml'
     message.write_bytes(mailstore.compose(f'scan@{mailstore.MAIL_DOMAIN}', f'alice@{mailstore.MAIL_DOMAIN}',
-                                          'curl starttls', 'x', 'tls-scan.pdf', mailstore.pdf_document(1500, 't', 't')))
+                                          'curl starttls', 'x', 'tls-scan.pdf', payloads.pdf_document(1500, 't', 't')))
     out = curl_send(curl, stub, f'smtp://127.0.0.1:{port}', message, '--ssl-reqd',
                     '--user', f'{USER}:{PASSWORD}')
     assert out.returncode == 0, out.stderr
@@ -239,7 +240,7 @@ def test_curl_smtps_with_auth(curl, stub, tmp_path):
     port = stub['ports'][('smtp', 'tls')]
     message = tmp_path / 'smtps.eml'
     message.write_bytes(mailstore.compose(f'scan@{mailstore.MAIL_DOMAIN}', f'alice@{mailstore.MAIL_DOMAIN}',
-                                          'curl smtps', 'x', 'smtps-scan.pdf', mailstore.pdf_document(1500, 's', 's')))
+                                          'curl smtps', 'x', 'smtps-scan.pdf', payloads.pdf_document(1500, 's', 's')))
     out = curl_send(curl, stub, f'smtps://127.0.0.1:{port}', message, '--user', f'{USER}:{PASSWORD}')
     assert out.returncode == 0, out.stderr
     mail = records(stub, port, 'mail')[-1]

@@ -28,7 +28,7 @@ import sys
 import pytest
 
 from emulator.protocols import module_for, netbios, smb
-from emulator.protocols.http import scanned_pdf
+from emulator.protocols.payloads import scanned_pdf
 from tests.support import REPO, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop

@@ -27,6 +27,7 @@ import time
 
 import pytest
 
+from emulator.protocols import payloads
 from emulator import pki
 from emulator.protocols import lpd, module_for, raw, terminal, timesync
 from tests.support import free_port, request_log, run_stub
@@ -128,7 +129,7 @@ def lpr_submit(port: int, queue: str, control: bytes, data: bytes, number: int =
 
 def test_rfc1179_client_submits_a_job(tmp_path):
     port = free_port()
-    data = raw.postscript_job(200_000, 'lpr job')
+    data = payloads.postscript_job(200_000, 'lpr job')
     control = lpd.control_file('interop', 'alice', 'lpr job', 'dfA042interop')
     persona = {'identity': {'lpd_queues': ['secure', 'direct']}}
     with run_stub(tmp_path, [{'transport': 'tcp', 'port': port, 'protocol': 'lpr'}],

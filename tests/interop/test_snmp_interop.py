@@ -20,7 +20,7 @@ from tests.support import free_port, probe_targets, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
-PERSONA = {'identity': {'vendor': 'Konica Minolta', 'make_model': 'bizhub C450i',
+PERSONA = {'identity': {'printer': True, 'vendor': 'Konica Minolta', 'make_model': 'bizhub C450i',
                         'sys_descr': 'KONICA MINOLTA bizhub C450i',
                         'sys_object_id': '1.3.6.1.4.1.18334.1.2.1.2.1.107.1.1'}}
 SYS_DESCR = '1.3.6.1.2.1.1.1.0'
@@ -164,7 +164,7 @@ def test_snmptrapd_acknowledges_our_probe(tmp_path, net_snmp_env):
             assert time.monotonic() < deadline, 'snmptrapd did not start'
             time.sleep(0.02)
         base = dict(host='127.0.0.1', transport='udp', protocol='snmp-trap', port=port,
-                    timeout=2.0, flow='others-21')
+                    timeout=2.0)
         results = probe_targets([
             {**base, 'id': 'state', 'options': {'state': 'authenticated'}},
             {**base, 'id': 'cold', 'options': {'trap_oid': COLD_START}},

@@ -126,9 +126,12 @@ def test_zone_link_loss_drops_that_zones_traffic(lab_host, tmp_path):
     topo.write_text(open(small_topology(tmp_path)).read().replace(
         "  - name: devices\n", "  - name: devices\n    link: {loss: 100, bw: 100}\n"))
     proc = run_cli("audit", "--topology", str(topo), "--timeout", "1")
-    assert proc.returncode == 1, proc.stdout[-1500:] + proc.stderr
+    # The loss sits on a shaper between the zone and the firewall, outside the ruleset under test: the
+    # firewall never sees the lost packets, so the lab cannot grade those flows, and says why.
+    assert proc.returncode & 8, proc.stdout[-1500:] + proc.stderr
     lines = [l for l in proc.stdout.splitlines() if " allow " in l]
-    assert lines and all("BLOCKED" in l for l in lines)
+    assert lines and all("LAB-ERROR" in l for l in lines), lines
+    assert "the devices link loses 100 % of packets" in proc.stdout
     assert footprint() == CLEAN
 
 

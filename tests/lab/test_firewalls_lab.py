@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import roles
 from emulator import rules
 from emulator.catalog import load_catalog
 from emulator.lab import Lab
@@ -32,9 +33,9 @@ def targets(lab, checks, timeout=TIMEOUT) -> dict[str, list[ProbeTarget]]:
         ep = c.endpoint
         by_host.setdefault(c.client_host, []).append(ProbeTarget(
             id=str(index), host=lab.topology.host(c.server_host).address, transport=ep.transport,
-            protocol=ep.protocol, port=ep.port, security=ep.security, timeout=timeout, flow=c.flow_id,
+            protocol=ep.protocol, port=ep.port, security=ep.security, timeout=timeout,
             server_name=server_name(c.server_host), ca_file=lab.ca_file,
-            options={"mode": c.variant} if c.variant else {}))
+            options={**roles.probe_options(c.flow_id or ""), **({"mode": c.variant} if c.variant else {})}))
     return by_host
 
 

@@ -26,7 +26,8 @@ def _run(*argv: str) -> str:
 
 
 def _our_kind_of_process(cmdline: str) -> bool:
-    return any(marker in cmdline for marker in ("emulator.roled", "emulator.zygote", "emulator.prober", "mininet:", "mnexec",
+    return any(marker in cmdline for marker in ("emulator.roled", "emulator.zygote", "emulator.prober", "emulator.delayer",
+                                                 "mininet:", "mnexec",
                                                  "monitor trace", "emulator.cli"))
 
 

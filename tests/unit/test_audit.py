@@ -177,3 +177,33 @@ def test_exit_status_bits_summary_and_diff(catalog):
     assert text.splitlines()[-1].startswith("FAIL")
     changed = diff(AuditReport("t", "a", [ok]), AuditReport("t", "b", [blocked]))
     assert [(old.verdict, new.verdict) for old, new in changed] == [(Verdict.ALLOWED, Verdict.BLOCKED)]
+
+
+def test_on_a_lossy_path_a_silence_is_a_lab_error_naming_the_link_not_a_finding(catalog):
+    flow, ep = plain_only(catalog)
+    lossy = "the devices link loses 100 % of packets"
+    unseen = Evidence(result("timeout"), (hop(seen=False, passed=False, replied=False),), frozenset(), True, CLIENT,
+                      path_loss=lossy)
+    j = judge(required(flow, ep), unseen, catalog)
+    assert j.verdict == Verdict.LAB_ERROR and lossy in j.detail
+    unanswered = Evidence(result("timeout"), (hop(replied=False),), frozenset(), True, CLIENT, path_loss=lossy)
+    j = judge(required(flow, ep), unanswered, catalog)
+    assert j.verdict == Verdict.LAB_ERROR and "may have been lost there, not filtered" in j.detail
+    # a node that dropped the request is still the finding, loss or not
+    dropped = Evidence(result("timeout"), (hop(passed=False, replied=False),), frozenset(), True, CLIENT,
+                       path_loss=lossy)
+    assert judge(required(flow, ep), dropped, catalog).verdict == Verdict.BLOCKED
+    # without loss on the path the unanswered request is the stateless-rule finding
+    assert judge(required(flow, ep), evidence("timeout", hops=(hop(replied=False),)), catalog).verdict == Verdict.BLOCKED
+
+
+def test_path_loss_names_only_lossy_links_on_the_checks_path():
+    from emulator.audit import path_loss
+    from emulator.topology import load_topology
+
+    topology = load_topology("branch-office")
+    check = Check(CheckKind.REQUIRED, "x", "pc1", "site1", Endpoint("tcp", "http", port=80),
+                  enforcers=(Enforcer("fw", "forward"),))
+    zone = topology.host("pc1").zone
+    assert path_loss(check, topology, {zone: 5.0, "branch": 50.0}) == f"the {zone} link loses 5 % of packets"
+    assert path_loss(check, topology, {"branch": 50.0}) == ""

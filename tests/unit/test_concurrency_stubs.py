@@ -25,6 +25,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+import roles as role_data
 from emulator import pki, protocols, roled
 from emulator.prober import run_probes
 from emulator.protocols import framed, ftp, http, ldap, lpd, snmp
@@ -72,7 +73,7 @@ def test_every_stub_answers_500_concurrent_probes(fresh_reactor, tmp_path):
     # 500 client and 500 server sockets in one process exceed the common soft limit of 1024 fds.
     roled._raise_file_limit()
     material = pki.make_test_pki(tmp_path / 'pki', host='stub.lab', address='127.0.0.1')
-    persona = Persona.from_dict({**material, 'host': 'stub', 'roles': list(ROLES)})
+    persona = Persona.from_dict({**material, 'host': 'stub', 'roles': list(ROLES), 'identity': role_data.identity(ROLES)})
     records: list[dict] = []
     timings: list[tuple[str, int, float, list]] = []
 
@@ -166,7 +167,7 @@ PLAIN_TCP_STUBS = [
 
 def _connect(protocol: str, material: dict):
     reactor = MemoryReactorClock()
-    persona = Persona.from_dict({**material, 'host': 'stub', 'roles': list(ROLES)})
+    persona = Persona.from_dict({**material, 'host': 'stub', 'roles': list(ROLES), 'identity': role_data.identity(ROLES)})
     protocols.listen(reactor, Listener(transport='tcp', port=4000, protocol=protocol), persona)
     factory = reactor.tcpServers[-1][1]
     peer = IPv4Address('TCP', '127.0.0.1', 40000)

@@ -99,7 +99,7 @@ def test_fleet_and_hosts_downstream_are_plain_hosts(tmp_path):
 
 
 @pytest.mark.parametrize("fleet_yaml, subnet, message", [
-    (f"{{count: 10, mix: {{ricoh: 50%, hp: 40%}}}}", "198.18.8.0/24", r"fleet\.mix: the shares add up to 90%; make them add up to 100%"),
+    ("{count: 10, mix: {ricoh: 50%, hp: 40%}}", "198.18.8.0/24", r"fleet\.mix: the shares add up to 90%; make them add up to 100%"),
     ("{count: 10, mix: {ricoh: 60%, hp: 60%}}", "198.18.8.0/24", "add up to 120%"),
     ("{count: 10, mix: {canon: 100%}}", "198.18.8.0/24", r"fleet\.mix: unknown vendor 'canon'; vendors: brother, epson, .*xerox"),
     ("{count: 10, mix: {ricoh: lots}}", "198.18.8.0/24", r"fleet\.mix\.ricoh: 'lots' is not a share; give a percentage such as 40%"),

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from emulator import protocols
 from emulator.protocols import framed
+from emulator.protocols.serving import IDLE_TIMEOUT
 from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
 from tests import support
 from tests.support import fired, free_port
@@ -245,10 +246,10 @@ def test_server_closes_on_oversized_length_prefix():
 
 def test_server_drops_idle_connection():
     clock, proto, transport, _ = tcp_server()
-    clock.advance(framed.IDLE_TIMEOUT - 1)
+    clock.advance(IDLE_TIMEOUT - 1)
     assert not transport.disconnecting
     proto.dataReceived(b'\x00')  # any byte counts as activity
-    clock.advance(framed.IDLE_TIMEOUT - 1)
+    clock.advance(IDLE_TIMEOUT - 1)
     assert not transport.disconnecting
     clock.advance(1)
     assert transport.disconnected  # aborted, not a graceful close

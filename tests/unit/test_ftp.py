@@ -22,6 +22,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThreadPool
 
+import roles
+from emulator.protocols import payloads
 from emulator.protocols import ftp
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import free_port, run_on_fresh_reactor
@@ -49,9 +51,11 @@ class Blackhole:
         self.server.close()
 
 
-def target(port: int, **overrides) -> ProbeTarget:
+def target(port: int, flow: str = 'terminal-server-42', **overrides) -> ProbeTarget:
+    """A probe target with the options the audit gives a probe of catalog flow ``flow``."""
+    options = {**roles.probe_options(flow), **overrides.pop('options', {})}
     fields = dict(id='t', host='127.0.0.1', transport='tcp', protocol='ftp', port=port,
-                  timeout=1.0, flow='terminal-server-42')
+                  timeout=1.0, options=options)
     fields.update(overrides)
     return ProbeTarget(**fields)
 
@@ -83,9 +87,9 @@ def probe_stub(persona=PERSONA, patch=None, limit: float = 10.0, **overrides):
                      persona=persona, patch=patch, limit=limit)
 
 
-def expected_upload(size=1 << 20, flow='terminal-server-42', kind='scan') -> bytes:
-    maker = ftp.scan_document if kind == 'scan' else ftp.install_package
-    return maker(size, f'{flow}:{kind}:{size}')
+def expected_upload(size=1 << 20, target_id='t', kind='scan') -> bytes:
+    maker = payloads.scan_document if kind == 'scan' else payloads.install_package
+    return maker(size, f'{target_id}:{kind}:{size}')
 
 
 def ftp_lines(sock_file) -> str:
@@ -103,11 +107,11 @@ def ftp_lines(sock_file) -> str:
 # --- codec --------------------------------------------------------------------
 
 def test_scan_document_is_an_exact_size_deterministic_pdf():
-    doc = ftp.scan_document(1 << 20, 'seed')
+    doc = payloads.scan_document(1 << 20, 'seed')
     assert len(doc) == 1 << 20
     assert doc.startswith(b'%PDF-1.4\n') and doc.endswith(b'%%EOF\n')
-    assert doc == ftp.scan_document(1 << 20, 'seed')
-    assert doc != ftp.scan_document(1 << 20, 'other')
+    assert doc == payloads.scan_document(1 << 20, 'seed')
+    assert doc != payloads.scan_document(1 << 20, 'other')
     # The xref offsets point at the objects they name.
     xref = int(doc.rsplit(b'startxref\n', 1)[1].split(b'\n')[0])
     assert doc[xref:xref + 5] == b'xref\n'
@@ -117,20 +121,20 @@ def test_scan_document_is_an_exact_size_deterministic_pdf():
         assert doc[offset:].startswith(b'%d 0 obj\n' % number)
     assert b'/Filter /DCTDecode' in doc and b'\xff\xd8' in doc
     for size in (700, 9999, 100_003):
-        assert len(ftp.scan_document(size, 's')) == size
+        assert len(payloads.scan_document(size, 's')) == size
     with pytest.raises(ValueError, match='at least'):
-        ftp.scan_document(100, 's')
+        payloads.scan_document(100, 's')
 
 
 def test_install_package_is_a_valid_zip_of_exact_size():
-    data = ftp.install_package(300_000, 'seed')
+    data = payloads.install_package(300_000, 'seed')
     assert len(data) == 300_000
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert archive.testzip() is None  # CRC checks out
         [info] = archive.infolist()
         assert info.filename == 'safeq-terminal/terminal.bin'
     with pytest.raises(ValueError):
-        ftp.install_package(10, 'seed')
+        payloads.install_package(10, 'seed')
 
 
 def test_upload_follows_flow_size_and_options():

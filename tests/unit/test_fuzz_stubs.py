@@ -34,6 +34,7 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols import tls as twisted_tls
 
+import roles as role_data
 from emulator import pki, protocols
 from emulator.protocols import ajp, amqp, framed, ipp, jgroups, jmx, ldap, mdns, mssql, netbios, pgsql, smb, snmp
 from emulator.protocols.base import Listener, Persona, ProbeTarget
@@ -359,7 +360,7 @@ def _server_sockets() -> int:
 @pytest.fixture(scope='module')
 def stubs(tmp_path_factory):
     material = pki.make_test_pki(tmp_path_factory.mktemp('pki'), host='stub.lab', address='127.0.0.1')
-    persona = Persona.from_dict({**material, 'host': 'stub', 'roles': list(ROLES)})
+    persona = Persona.from_dict({**material, 'host': 'stub', 'roles': list(ROLES), 'identity': role_data.identity(ROLES)})
     kinds = _kinds()
     reactor = fresh_reactor()
     patch = pytest.MonkeyPatch()

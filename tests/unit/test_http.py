@@ -24,6 +24,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+import roles as role_data
+from emulator.protocols import payloads
 from emulator import protocols
 from emulator.catalog import load_catalog
 from emulator.pki import LAB_CA_NAME, make_test_pki
@@ -32,11 +34,19 @@ from emulator.protocols.base import Listener, Persona, ProbeResult, ProbeTarget
 from tests.support import free_port, fresh_reactor, run_on_reactor
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def lab_persona(host: str, roles=(), identity=None, **more) -> Persona:
+    """A persona as the role layer builds it: the HTTP surface of its roles, then ``identity``."""
+    return Persona(host=host, roles=tuple(roles),
+                   identity={**role_data.http_surface(roles), **(identity or {})}, **more)
+
+
 SERVER = IPv4Address('TCP', '198.18.0.2', 5021)
 CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
-TS = Persona(host='ts-1', roles=('terminal-server',), identity={'http_server': 'SafeQ-TerminalServer'})
-SC = Persona(host='sc-1', roles=('spooler-controller',))
-MFD = Persona(host='mfd-km', roles=('mfd-konica-minolta',),
+TS = lab_persona(host='ts-1', roles=('terminal-server',), identity={'http_server': 'SafeQ-TerminalServer'})
+SC = lab_persona(host='sc-1', roles=('spooler-controller',))
+MFD = lab_persona(host='mfd-km', roles=('mfd-konica-minolta',),
               identity={'vendor': 'Konica Minolta', 'make_model': 'KONICA MINOLTA bizhub C450i',
                         'http_server': 'KM-MFP-http/V0.0.1'})
 CARD = '0004211337'
@@ -128,8 +138,11 @@ def run_on_fresh_reactor(fn, limit: float = 10.0):
     return result
 
 
-def target(port: int, **overrides) -> ProbeTarget:
-    fields = dict(id='t', host='127.0.0.1', transport='tcp', protocol='http', port=port, timeout=3.0)
+def target(port: int, flow: str = '', **overrides) -> ProbeTarget:
+    """A probe target; ``flow`` adds the options the audit gives a probe of that catalog flow."""
+    options = {**role_data.probe_options(flow), **overrides.pop('options', {})}
+    fields = dict(id='t', host='127.0.0.1', transport='tcp', protocol='http', port=port, timeout=3.0,
+                  options=options)
     fields.update(overrides)
     return ProbeTarget(**fields)
 
@@ -158,24 +171,23 @@ def probe_stub(persona: Persona, targets: list[dict], security='plain', extra=No
 def test_data_file_loads_and_every_flow_is_served_by_its_server_role():
     surface = http.load_surface()
     catalog = load_catalog()
-    flows = {flow.id: flow for flow in catalog.flows}
-    mapped = set(surface.flows) | set(surface.soap_flows)
-    assert mapped <= set(flows), f'unknown flow ids: {sorted(mapped - set(flows))}'
     unmapped = []
     for flow in catalog.flows:
         protocols_used = {ep.protocol for ep in flow.endpoints}
+        options = role_data.probe_options(flow.id)
+        served = role_data.identity([flow.server])
         if 'http' in protocols_used:
-            name = surface.flows.get(flow.id)
+            name = options.get('endpoint')
             if name is None:
                 unmapped.append(flow.id)
                 continue
-            endpoint = surface.endpoints[name]
-            assert endpoint.serves((flow.server,)), f'{flow.id}: role {flow.server} does not mount {name}'
+            assert name in surface.endpoints, f'{flow.id}: no endpoint {name}'
+            assert name in served['http_endpoints'], f'{flow.id}: role {flow.server} does not mount {name}'
         if 'soap' in protocols_used:
-            assert flow.id in surface.soap_flows, f'{flow.id}: SOAP flow without an operation'
-            assert http._matches((flow.server,), surface.soap_roles), f'{flow.id}: {flow.server} lacks SOAP'
+            assert options.get('operation') in surface.soap_operations, f'{flow.id}: SOAP flow without an operation'
+            assert served['http_soap'], f'{flow.id}: {flow.server} lacks SOAP'
         if 'webdav' in protocols_used:
-            assert http._matches((flow.server,), surface.dav_roles), f'{flow.id}: {flow.server} lacks WebDAV'
+            assert served['http_webdav'], f'{flow.id}: {flow.server} lacks WebDAV'
     # Only rows without a meaningful payload fall back to the health check.
     assert sorted(unmapped) == ['others-28', 'others-38']
 
@@ -184,7 +196,7 @@ def test_data_file_loads_and_every_flow_is_served_by_its_server_role():
     (lambda d: d['endpoints']['accounting'].update(kind='magic'), 'kind must be'),
     (lambda d: d['endpoints']['accounting'].pop('user_by'), 'without user_by'),
     (lambda d: d['endpoints']['accounting'].update(path='/scan/accounting'), 'WebDAV collection'),
-    (lambda d: d['flows'].update({'x-1': 'nope'}), 'unknown endpoints'),
+    (lambda d: d['endpoints']['accounting'].update(roles=['spooler']), 'unknown key'),
     (lambda d: d['endpoints']['job-preview'].update(example={}), 'path parameter'),
     (lambda d: d['endpoints']['accounting']['reply'].update(x='{secret}'), 'unknown name'),
     (lambda d: d['soap'].update(default_operation='Nope'), 'default_operation'),
@@ -239,22 +251,22 @@ def test_soap_fault_shape(version, code):
 
 
 def test_png_is_valid_and_corruption_is_caught():
-    image = http.make_png(16, 9)
-    assert http.check_png(image) == (16, 9)
+    image = payloads.make_png(16, 9)
+    assert payloads.check_png(image) == (16, 9)
     broken = bytearray(image)
     broken[40] ^= 0xFF
     with pytest.raises(ValueError, match='CRC'):
-        http.check_png(bytes(broken))
+        payloads.check_png(bytes(broken))
     with pytest.raises(ValueError, match='signature'):
-        http.check_png(b'GIF89a')
+        payloads.check_png(b'GIF89a')
 
 
 def test_documents_have_the_exact_size_and_a_real_frame():
-    pdf = http.scanned_pdf(200 << 10)
-    assert len(pdf) == 200 << 10 and pdf.startswith(b'%PDF-1.7') and pdf.rstrip().endswith(b'%%EOF')
-    job = http.print_job(50_000)
+    pdf = payloads.scanned_pdf(200 << 10)
+    assert len(pdf) == 200 << 10 and pdf.startswith(b'%PDF-1.4') and pdf.rstrip().endswith(b'%%EOF')
+    job = payloads.print_job(50_000)
     assert len(job) == 50_000 and job.startswith(b'\x1b%-12345X@PJL') and job.endswith(b'\x1b%-12345X')
-    assert len(http.scanned_pdf(10)) == 10
+    assert len(payloads.scanned_pdf(10)) == 10
 
 
 def test_dav_store_is_bounded_oldest_first():
@@ -293,7 +305,7 @@ def test_health_names_the_persona_and_the_client_and_is_recorded():
 def test_endpoints_are_mounted_by_role():
     (status, headers, body), _, _ = one(SC, request('GET', '/jobs/J-7/preview?width=8&height=4'))
     assert status == 200 and headers['content-type'] == 'image/png'
-    assert http.check_png(body) == (8, 4)
+    assert payloads.check_png(body) == (8, 4)
     (status, _, body), _, _ = one(MFD, request('GET', '/jobs/J-7/preview'))
     assert status == 404 and 'mfd-km' in json.loads(body)['error']
     (status, headers, body), _, _ = one(MFD, request('GET', '/install'))
@@ -330,18 +342,18 @@ def test_json_endpoint_rejects_bad_requests(body, ctype, status, message):
 
 def test_form_login_and_query_endpoints():
     form = b'username=alice&password=secret'
-    site, reactor, _ = make_site(Persona(host='eui', roles=('end-user-interface',)))
+    site, reactor, _ = make_site(lab_persona(host='eui', roles=('end-user-interface',)))
     conn = Conn(site, reactor)
     [(status, _, body)] = conn.send(request('POST', '/login', form,
                                             {'Content-Type': 'application/x-www-form-urlencoded'}))
     assert status == 200 and json.loads(body)['fullName'] == 'Alice Novak'
-    (status, _, body), _, _ = one(Persona(host='pay', roles=('payment-system',)),
+    (status, _, body), _, _ = one(lab_persona(host='pay', roles=('payment-system',)),
                                   request('GET', '/payment/credit?user=bob'))
     assert status == 200 and json.loads(body)['credit'] == 3.0
 
 
 def test_upload_returns_size_and_digest():
-    doc = http.scanned_pdf(5000)
+    doc = payloads.scanned_pdf(5000)
     (status, _, body), records, _ = one(TS, request('POST', '/api/v1/scans', doc, {'Content-Type': 'application/pdf'}))
     value = json.loads(body)
     assert status == 201 and value['size'] == 5000 and value['sha256'] == hashlib.sha256(doc).hexdigest()
@@ -350,12 +362,11 @@ def test_upload_returns_size_and_digest():
 
 def test_etcd_and_infinispan_are_not_http_surfaces():
     # They have their own modules now (etcd.py, infinispan.py; tests in test_cluster_protocols.py).
-    persona = Persona(host='big', roles=('terminal-server', 'infinispan', 'js-infinispan'))
+    persona = lab_persona(host='big', roles=('terminal-server', 'infinispan', 'js-infinispan'))
     for path in ('/v2/keys/safeq/locks/mfd1', '/v3/kv/range', '/rest/v2/caches/jobs/J-1'):
         (status, _, _), _, _ = one(persona, request('GET', path))
         assert status == 404, path
-    surface = http.load_surface()
-    assert not {'terminal-server-38', 'terminal-server-39', 'others-02', 'others-29'} & set(surface.flows)
+    assert not {'terminal-server-38', 'terminal-server-39', 'others-02', 'others-29'} & set(role_data._probe_options())
 
 
 # --- server: SOAP -----------------------------------------------------------------------------
@@ -475,7 +486,7 @@ def test_oversized_body_is_refused_unread_and_not_recorded():
 
 
 def test_oversized_chunked_body_is_refused(monkeypatch):
-    monkeypatch.setattr(http, 'MAX_BODY', 1000)
+    monkeypatch.setattr(http.server, 'MAX_BODY', 1000)
     site, reactor, records = make_site(TS)
     conn = Conn(site, reactor)
     head = b'PUT /scan/c.pdf HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
@@ -529,7 +540,7 @@ def test_registry_routes_all_three_protocol_ids_here():
 
 # --- probe over loopback ---------------------------------------------------------------------
 
-ALL_ROLES = Persona(host='big', roles=('terminal-server', 'spooler-controller', 'flexispooler', 'infinispan',
+ALL_ROLES = lab_persona(host='big', roles=('terminal-server', 'spooler-controller', 'flexispooler', 'infinispan',
                                        'mfd-ricoh', 'payment-system', 'ims'),
                     identity={'make_model': 'RICOH IM C3000', 'vendor': 'Ricoh'})
 
@@ -587,7 +598,8 @@ def test_probe_soap_operation_option():
 def test_probe_reports_a_soap_fault(monkeypatch):
     surface = http.load_surface()
     broken = http.Surface(**{**surface.__dict__, 'users': ()})  # the stub knows no card at all
-    monkeypatch.setattr(http, 'load_surface', lambda *a: broken)
+    for module in (http.server, http.plans):   # the stub's surface and the probe's
+        monkeypatch.setattr(module, 'load_surface', lambda *a: broken)
     results, _ = probe_stub(TS, [dict(protocol='soap')])
     assert results[0].outcome == 'protocol_error'
     assert results[0].detail.startswith('SOAP Fault soap:Client') and 'Fault' in results[0].exchange
@@ -602,7 +614,7 @@ def pki(tmp_path_factory):
 
 def test_probe_https_verifies_chain_and_name(pki):
     good, other = pki
-    persona = Persona(host='ts-1', roles=('terminal-server',), **good)
+    persona = lab_persona(host='ts-1', roles=('terminal-server',), **good)
     cases = [dict(server_name='ts-1.lab', ca_file=good['ca_file']),
              dict(protocol='soap', server_name='ts-1.lab', ca_file=good['ca_file']),
              dict(protocol='webdav', server_name='ts-1.lab', ca_file=good['ca_file']),
@@ -645,7 +657,7 @@ def test_pipelined_requests_then_close_leave_no_server_connection(pki, security,
     from tests.support import tls_clocked_reactor
 
     good, _ = pki
-    persona = Persona(host='ts-1', roles=('terminal-server',), **good)
+    persona = lab_persona(host='ts-1', roles=('terminal-server',), **good)
     one_request = b'GET / HTTP/1.1\r\nHost: ts-1.lab\r\n\r\n'
 
     def client(port_number):
@@ -751,7 +763,7 @@ def test_roled_and_prober_processes(tmp_path, pki):
     port, tls_port = free_port(), free_port()
     log = tmp_path / 'requests.jsonl'
     spec = {'host': 'ts-1', 'roles': ['terminal-server'], 'interface': '127.0.0.1', 'log': str(log),
-            'persona': {**good, 'identity': {'http_server': 'SafeQ-TerminalServer'}},
+            'persona': {**good, 'identity': role_data.identity(['terminal-server'])},
             'listeners': [{'transport': 'tcp', 'port': port, 'protocol': 'soap', 'security': 'plain'},
                           {'transport': 'tcp', 'port': tls_port, 'protocol': 'http', 'security': 'tls'}]}
     (tmp_path / 'spec.json').write_text(json.dumps(spec))

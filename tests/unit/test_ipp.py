@@ -10,6 +10,7 @@ import datetime
 import struct
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -17,8 +18,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 
+from emulator.protocols import payloads
 from emulator import pki
-from emulator.protocols import ipp, probing
+from emulator.protocols import http, ipp
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from emulator.protocols.ipp import (BEG_COLLECTION, BOOLEAN, CHARSET, DATE_TIME, ENUM, INTEGER, JOB,
                                     KEYWORD, LANGUAGE, MIME, NAME, NAME_LANG, NO_VALUE, OCTET_STRING,
@@ -64,7 +66,7 @@ def leftovers(reactor) -> list:
 
 def target(port: int, **overrides) -> ProbeTarget:
     fields = dict(id='t1', host='127.0.0.1', transport='tcp', protocol='ipp', port=port,
-                  timeout=3.0, size=1024, flow='mfd-23')
+                  timeout=3.0, size=1024)
     fields.update(overrides)
     return ProbeTarget(**fields)
 
@@ -439,10 +441,10 @@ def test_context_printer_uri_for_root_and_job_paths():
 
 def test_make_document_is_a_pdf_of_the_exact_size():
     for size in (65536, 200_000, 10):
-        document = ipp.make_document(size)
+        document = payloads.print_document(size)
         assert len(document) == size
-    assert ipp.make_document(65536).startswith(b'%PDF-1.4') and ipp.make_document(65536).endswith(b'%%EOF\n')
-    assert len(ipp.make_document(5000, 'application/postscript')) == 5000
+    assert payloads.print_document(65536).startswith(b'%PDF-1.4') and payloads.print_document(65536).endswith(b'%%EOF\n')
+    assert len(payloads.print_document(5000, 'application/postscript')) == 5000
 
 
 def test_probe_rejects_a_bad_mode_and_udp():
@@ -474,19 +476,20 @@ async def _serve_and(reactor, persona, body, listener_security='plain'):
         await maybeDeferred(port.stopListening)
 
 
-def _post(reactor, url: str, body: bytes, content_type: str = 'application/ipp', method=b'POST'):
-    from twisted.web.client import Agent, HTTPConnectionPool
-    from twisted.web.http_headers import Headers
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent(reactor, pool=pool)
+def _post(reactor, url: str, body: bytes, content_type: str | bytes = 'application/ipp', method=b'POST'):
+    """One request through the probes' HTTP client: (status, headers, body)."""
+    address = urlsplit(url)
+    client = http.HttpClient(reactor, target(address.port))
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode('latin-1')   # the client sends it back as these bytes
 
     async def go():
-        response = await agent.request(method, url.encode(), Headers({'content-type': [content_type]}),
-                                       probing.BytesProducer(body) if method == b'POST' else None)
-        reader = ipp._BodyReader()
-        response.deliverBody(reader)
-        payload = await reader.done
-        return response.code, dict(response.headers.getAllRawHeaders()), payload
+        try:
+            reply = await client.request(method.decode('ascii'), address.path, {'content-type': content_type},
+                                         body if method == b'POST' else None)
+        finally:
+            await client.close(abort=False)
+        return reply.status, dict(reply.headers.getAllRawHeaders()), reply.body
 
     return Deferred.fromCoroutine(go())
 
@@ -725,10 +728,10 @@ def test_plain_probe_on_the_ipps_port_is_a_protocol_error(ipps_stub):
 
 # --- persona data, IPPS TLS ----------------------------------------------------------------------
 
-def test_printer_reads_persona_strings_as_roles_identity_hands_them_over():
+def test_printer_reads_typed_persona_fields_and_strings_where_types_belong_are_refused():
     persona = Persona(host='m', roles=('mfd',), identity={
-        'color': 'False', 'document_formats': 'application/pdf image/urf', 'ipp_versions': '1.1 2.0',
-        'pages_per_minute': '33', 'toner': 'black:40', 'toner_capacity': '80'})
+        'color': False, 'document_formats': ['application/pdf', 'image/urf'], 'ipp_versions': ['1.1', '2.0'],
+        'pages_per_minute': 33, 'toner': 'black:40', 'toner_capacity': 80})
     printer = ipp.Printer(MemoryReactorClock(), persona)
     served = {a.name: a.values for _, a in printer.printer_attributes(
         ipp.Context('h:1', '/ipp/print', False, 'p', 1))}
@@ -736,6 +739,9 @@ def test_printer_reads_persona_strings_as_roles_identity_hands_them_over():
     assert served['document-format-supported'] == ['application/pdf', 'image/urf']
     assert served['ipp-versions-supported'] == ['1.1', '2.0'] and served['pages-per-minute'] == [33]
     assert served['marker-names'] == ['Black Toner'] and served['marker-levels'] == [50]
+    for field, text in (('color', 'False'), ('pages_per_minute', '33'), ('ipp_versions', '1.1 2.0')):
+        with pytest.raises(ValueError, match=f"field '{field}' must be"):
+            Persona(host='m', roles=('mfd',), identity={field: text})
 
 
 def test_imported_attributes_replace_generated_ones_and_bad_ones_fail_at_listen():

@@ -512,7 +512,7 @@ def test_registry_serves_ldap_with_this_module():
 
 def target(**overrides) -> ProbeTarget:
     fields = dict(id='t1', host=SERVER.host, transport='tcp', protocol='ldap', port=SERVER.port,
-                  timeout=2.0, flow='terminal-server-03', server_name='stub.lab')
+                  timeout=2.0, server_name='stub.lab')
     fields.update(overrides)
     return ProbeTarget(**fields)
 

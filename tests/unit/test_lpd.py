@@ -17,7 +17,8 @@ from twisted.internet.testing import (MemoryReactorClock, StringTransport,
                                       StringTransportWithDisconnection)
 from twisted.python.failure import Failure
 
-from emulator.protocols import serving, lpd, raw
+from emulator.protocols import payloads
+from emulator.protocols import serving, lpd
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import fired, run_on_fresh_reactor
 
@@ -26,7 +27,7 @@ PERSONA = Persona(host='flexispooler-1', roles=('flexispooler',),
 SERVER = IPv4Address('TCP', '198.18.0.7', 515)
 CLIENT = IPv4Address('TCP', '198.18.0.9', 721)
 CONTROL = lpd.control_file('ws-17', 'alice', 'Quarterly report', 'dfA017ws-17')
-DATA = raw.postscript_job(70_000)
+DATA = payloads.postscript_job(70_000)
 
 
 # --- helpers ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from zope.interface import alsoProvides
 
+from emulator.protocols import payloads
 from emulator import pki
 from emulator.protocols import imap, mailstore, pop3, smtp
 from emulator.protocols.base import Listener, Persona, ProbeTarget
@@ -53,17 +54,17 @@ def logged_failures():
 
 @pytest.mark.parametrize('size', [0, 100, 700, 1024, 1033, 1034, 4096, 100_003])
 def test_pdf_document_is_a_pdf_of_exactly_the_size_asked(size):
-    document = mailstore.pdf_document(size, 'scan', 'seed')
-    smallest = len(mailstore.pdf_document(0, 'scan', 'seed'))
+    document = payloads.pdf_document(size, 'scan', 'seed')
+    smallest = len(payloads.pdf_document(0, 'scan', 'seed'))
     assert len(document) == max(size, smallest)
     assert document.startswith(b'%PDF-1.4') and document.endswith(b'%%EOF\n')
     xref = int(document.rsplit(b'startxref\n', 1)[1].split(b'\n')[0])
     assert document[xref:xref + 4] == b'xref'
-    assert mailstore.pdf_document(size, 'scan', 'seed') == document   # deterministic
+    assert payloads.pdf_document(size, 'scan', 'seed') == document   # deterministic
 
 
 def test_compose_and_attachments_round_trip():
-    pdf = mailstore.pdf_document(2000, 'x', 'y')
+    pdf = payloads.pdf_document(2000, 'x', 'y')
     message = mailstore.compose('a@safeq.lab', 'b@safeq.lab', 'Scan', 'hello', 'scan.pdf', pdf)
     assert b'\r\n' in message and b'\n' not in message.replace(b'\r\n', b'')
     [found] = mailstore.attachments(message)

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from emulator import persona_import as pi
 from emulator.protocols import ipp, snmp
 from emulator.protocols.base import Persona
+from emulator.protocols.persona_schema import check_identity
 
 DATA = Path(__file__).resolve().parents[1] / 'data' / 'personas'
 WALK, SNMPREC, IPPTOOL = (DATA / f'ricoh-im-c3000.{ext}' for ext in ('walk', 'snmprec', 'ipptool.txt'))
@@ -144,14 +145,19 @@ def test_import_persona_builds_an_entry_the_stubs_serve():
     assert 'image/urf' in printer.formats
 
 
-def test_the_yaml_output_round_trips_through_roles_identity_stringification(tmp_path, capsys):
+def test_the_yaml_output_passes_the_persona_schema_and_keeps_its_types(tmp_path, capsys):
     out = tmp_path / 'persona.yaml'
     assert pi.main(['mfd-ricoh', '--snmp', str(SNMPREC), '--ipp', str(IPPTOOL), '-o', str(out)]) == 0
     entry = yaml.safe_load(out.read_text())['mfd-ricoh']
-    # roles.identity() hands every value over as str(value): mappings must survive that.
-    stringified = {key: str(value) for key, value in entry.items()}
-    assert pi.snmp_objects(stringified) == pi.snmp_objects(entry)
-    assert pi.ipp_attributes(stringified) == pi.ipp_attributes(entry)
+    typed = check_identity(entry, 'mfd-ricoh')
+    assert typed['printer'] is True and isinstance(typed['snmp_objects'], dict)
+    assert pi.snmp_objects(typed) == pi.snmp_objects(entry)
+    assert pi.ipp_attributes(typed) == pi.ipp_attributes(entry)
+
+
+def test_a_stringified_mapping_is_a_type_error_not_parsed():
+    with pytest.raises(pi.PersonaDataError, match=r"snmp_objects.*must be mapping"):
+        pi.snmp_objects({'snmp_objects': "{'1.3.6.1.2.1.1.1.0': {'type': 'string', 'value': 'x'}}"})
 
 
 def test_main_reports_bad_input_on_one_line(tmp_path, capsys):
@@ -168,13 +174,13 @@ def test_main_reports_bad_input_on_one_line(tmp_path, capsys):
     ({'snmp_objects': {'1.3.6.1': {'type': 'integer', 'value': 1 << 40}}}, '32-bit'),
     ({'snmp_objects': {'1.3.6.1': {'type': 'hex', 'value': 'xyz'}}}, 'hex octets'),
     ({'snmp_objects': {'1.3.6.1': {'type': 'string'}}}, 'exactly type and value'),
-    ({'snmp_objects': 'not a mapping'}, 'not a mapping'),
+    ({'snmp_objects': 'not a mapping'}, "field 'snmp_objects' must be mapping"),
     ({'ipp_attributes': {'Printer-Name': {'syntax': 'keyword', 'values': ['x']}}}, 'lower-case'),
     ({'ipp_attributes': {'copies-supported': {'syntax': 'rangeOfInteger', 'values': [[9, 1]]}}}, 'lower, upper'),
     ({'ipp_attributes': {'printer-name': {'syntax': 'keyword', 'values': []}}}, 'non-empty list'),
     ({'toner': 'black=12'}, 'colour:level'),
     ({'input_trays': 'Tray 1'}, 'name=capacity'),
-    ({'color': 'maybe'}, 'true or false'),
+    ({'color': 'maybe'}, "field 'color' must be bool"),
 ])
 def test_persona_schema_errors_name_the_field(identity, what):
     with pytest.raises(pi.PersonaDataError, match=what):

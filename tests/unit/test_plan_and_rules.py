@@ -200,7 +200,8 @@ def test_bad_rules_files_get_one_line_errors(tmp_path):
 
 def test_flow_specific_requests_come_from_role_data_not_protocol_modules(world):
     catalog, topology, checks = world
-    targets = {t.flow: t for ts in probe_targets(checks, topology).values() for t in ts}
+    # a target's id is its check's index
+    targets = {checks[int(t.id)].flow_id: t for ts in probe_targets(checks, topology).values() for t in ts}
     assert targets["mfd-20"].options == {"mode": "status"}   # status polling: no Print-Job
     assert targets["ldap-03"].options == {"query": "users"}  # the replicator reads users
     assert targets["mfd-23"].options == {}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 
+import roles as role_data
 from emulator import pki
 from emulator.catalog import load_catalog
 from emulator.protocols import module_for
@@ -75,7 +76,8 @@ def test_every_served_protocol_answers_its_probe_and_survives_garbage(tmp_path):
                         "server_name": "stub.lab", "ca_file": material["ca_file"]})
     roles = ["terminal-server", "spooler-controller", "mfd", "mfd-konica-minolta", "management", "ldap-server",
              "flexispooler", "payment-system", "terminal-ultralight", "user", "mail-server", "workflow-processing-system"]
-    with run_stub(tmp_path, listeners, persona=material, roles=roles):
+    # the persona the role layer gives a host of these roles (HTTP surface, device data)
+    with run_stub(tmp_path, listeners, persona={**material, "identity": role_data.identity(roles)}, roles=roles):
         before = probe(targets)
         for listener in listeners:
             send_garbage(listener["transport"], listener["port"])

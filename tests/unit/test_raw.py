@@ -19,6 +19,7 @@ from twisted.internet.testing import (MemoryReactorClock, StringTransport,
                                       StringTransportWithDisconnection)
 from twisted.python.failure import Failure
 
+from emulator.protocols import payloads
 from emulator.protocols import serving, raw
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import fired, run_on_fresh_reactor
@@ -75,7 +76,7 @@ def start_probe(**overrides):
 
 @pytest.mark.parametrize('size', [0, 1, 100, 400, 65, 65_536, 100_003])
 def test_postscript_job_has_the_exact_size_and_no_uel(size):
-    data = raw.postscript_job(size, 'probe')
+    data = payloads.postscript_job(size, 'probe')
     assert len(data) == size
     assert raw.UEL not in data and data.isascii()
     if size > 1000:
@@ -83,7 +84,7 @@ def test_postscript_job_has_the_exact_size_and_no_uel(size):
 
 
 def test_postscript_job_is_random():
-    assert raw.postscript_job(5000) != raw.postscript_job(5000)
+    assert payloads.postscript_job(5000) != payloads.postscript_job(5000)
 
 
 # --- server: PJL job and the LABBYTES witness -----------------------------------
@@ -111,7 +112,7 @@ def test_server_counts_the_job_whatever_the_chunking(chunk):
 
 def test_server_counts_a_bare_postscript_job_without_pjl():
     _, proto, transport, records = server()
-    data = raw.postscript_job(5000)
+    data = payloads.postscript_job(5000)
     proto.dataReceived(data)
     proto.connectionLost(Failure(ConnectionDone()))
     assert transport.value() == b''            # JetDirect never answers print data

@@ -28,7 +28,7 @@ from pysnmp.proto import rfc1905
 from pysnmp.proto.api import v1, v2c
 
 MFD = Persona(host='mfd-km', roles=('mfd-konica-minolta',),
-              identity={'vendor': 'Konica Minolta', 'make_model': 'bizhub C450i',
+              identity={'printer': True, 'vendor': 'Konica Minolta', 'make_model': 'bizhub C450i',
                         'sys_descr': 'KONICA MINOLTA bizhub C450i',
                         'sys_object_id': '1.3.6.1.4.1.18334.1.2.1.2.1.107.1.1'})
 TERMINAL = Persona(host='tul-1', roles=('terminal-ultralight',),
@@ -66,7 +66,7 @@ def run_on_fresh_reactor(fn, limit: float = 8.0):
 
 def target(port, transport='udp', protocol='snmp', **overrides) -> ProbeTarget:
     fields = dict(id='lo', host='127.0.0.1', transport=transport, protocol=protocol,
-                  port=port, timeout=2.0, flow='mfd-21')
+                  port=port, timeout=2.0)
     fields.update(overrides)
     return ProbeTarget(**fields)
 
@@ -134,12 +134,14 @@ def test_persona_objects_terminal_defaults_and_overrides():
     assert snmp.oid_text(objects[snmp.SYS_OBJECT_ID]) == snmp.DEFAULT_SYS_OBJECT_ID
     busy = Persona(host='x', roles=('user',), identity={
         'printer': True, 'printer_status': 'printing', 'device_status': 'warning',
-        'sys_object_id': 'not an oid', 'sys_location': 'Floor 2'})
+        'sys_location': 'Floor 2'})
     objects = snmp.persona_objects(busy, lambda: 0)
     assert int(objects[snmp.HR_PRINTER_STATUS]) == 4
     assert int(objects[snmp.HR_DEVICE_STATUS]) == 3
     assert snmp.oid_text(objects[snmp.SYS_OBJECT_ID]) == snmp.DEFAULT_SYS_OBJECT_ID
     assert objects[snmp.SYS_LOCATION].asOctets() == b'Floor 2'
+    with pytest.raises(ValueError, match="field 'sys_object_id' must be oid"):
+        Persona(host='x', roles=('r',), identity={'sys_object_id': 'not an oid'})
 
 
 def test_persona_mib_get_and_getnext():
@@ -358,7 +360,7 @@ def test_set_is_refused_as_not_writable():
 # --- loopback: notification receiver --------------------------------------------------
 
 def test_inform_probe_is_acknowledged_by_receiver():
-    result, records = serve_and_probe(RECEIVER, protocol='snmp-trap', flow='others-21')
+    result, records = serve_and_probe(RECEIVER, protocol='snmp-trap')
     assert result.outcome == 'ok', result
     assert result.exchange == ('SNMPv2c/UDP INFORM safeqLabStateChange (a trap is unacknowledged: '
                                'sent as an inform) -> Response')
@@ -527,7 +529,7 @@ ASYNCIO_SCRIPT = textwrap.dedent('''
     from emulator.protocols import snmp
     from emulator.protocols.base import Listener, Persona, ProbeTarget
 
-    persona = Persona(host='mfd-x', roles=('mfd-xerox',), identity={'sys_descr': 'Xerox AltaLink'})
+    persona = Persona(host='mfd-x', roles=('mfd-xerox',), identity={'printer': True, 'sys_descr': 'Xerox AltaLink'})
     records, out = [], {}
 
     async def main():
@@ -564,7 +566,7 @@ def test_runs_on_twisted_asyncioreactor():
 
 def test_printer_mib_rows_come_from_the_persona_and_walk_in_order():
     persona = Persona(host='mfd-sharp', roles=('mfd', 'mfd-sharp-esf'), identity={
-        'make_model': 'SHARP MX-M3071', 'serial_number': 'S-42', 'page_count': '12345', 'color': 'False',
+        'printer': True, 'make_model': 'SHARP MX-M3071', 'serial_number': 'S-42', 'page_count': 12345, 'color': False,
         'toner': 'black:61', 'input_trays': 'Tray 1=550; Bypass Tray=100'})
     objects = snmp.persona_objects(persona, lambda: 0)
     supplies = snmp.PRT_SUPPLIES
@@ -591,7 +593,7 @@ def test_terminals_serve_no_printer_mib():
 
 
 def test_imported_objects_are_served_exactly_and_bad_ones_are_refused():
-    persona = Persona(host='x', roles=('mfd',), identity={'snmp_objects': {
+    persona = Persona(host='x', roles=('mfd',), identity={'printer': True, 'snmp_objects': {
         '1.3.6.1.4.1.367.9.1.0': {'type': 'gauge32', 'value': 7},
         '1.3.6.1.2.1.1.1.0': {'type': 'hex', 'value': '00ff'},
         '1.3.6.1.2.1.1.3.0': {'type': 'timeticks', 'value': 999}}})

@@ -14,13 +14,14 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+import roles
 from emulator import pki
 from emulator.protocols import serving, framed, terminal
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import run_on_reactor
 
 PERSONA = Persona(host='terminal-server-1', roles=('terminal-server',), address='198.18.0.4',
-                  identity={'version': '6.0.87'})
+                  identity={'version': '6.0.87', 'product': 'YSoft SafeQ 6 Terminal Server'})
 SERVER = IPv4Address('TCP', '198.18.0.4', 4096)
 CLIENT = IPv4Address('TCP', '198.18.0.9', 40001)
 
@@ -76,10 +77,11 @@ def test_job_metadata_below_json_size(size):
     assert terminal.job_metadata(size, 'o', 's', 0) == (b' ' * size, 0)
 
 
-def test_product_from_identity_or_role():
+def test_product_from_identity_else_the_default():
     assert terminal.product_of(PERSONA) == 'YSoft SafeQ 6 Terminal Server'
-    assert terminal.product_of(Persona(host='x', roles=('spm', 'payment-machine'))) == \
-        'YSoft Payment Machine (SPM)'
+    # roles name products in the persona data, never in the protocol module
+    assert terminal.product_of(Persona(host='x', roles=('payment-machine',))) == terminal.DEFAULT_PRODUCT
+    assert roles.identity(['payment-machine'])['product'] == 'YSoft Payment Machine (SPM)'
     assert terminal.product_of(Persona(host='x', roles=('a',), identity={'product': 'P'})) == 'P'
 
 

@@ -1,0 +1,147 @@
+"""WebDAV class 1 codec for one flat collection of scanned documents: the bounded in-memory
+store, PROPFIND request parsing, 207 Multi-Status bodies (server side) and their parsing
+(probe side). The resource that serves them is ``server``'s."""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+from urllib.parse import unquote
+from xml.sax.saxutils import escape as xml_escape
+
+from .soap import SoapFault, local_name, parse_xml
+
+DAV_NS = 'DAV:'
+DAV_MAX_STORE = 256 << 20    # all documents of one WebDAV collection; oldest evicted first
+# Each probe stores one document then reads it back: 500 concurrent probes (of DOC_FLOOR each)
+# must all find theirs, so the count bound leaves room for twice that many.
+DAV_MAX_DOCS = 1024
+
+
+@dataclass
+class DavDocument:
+    data: bytes
+    content_type: str
+    created: float
+    modified: float
+
+    @cached_property  # a scan is a MiB: hash it once, not at every PROPFIND
+    def etag(self) -> str:
+        return '"' + hashlib.sha256(self.data).hexdigest()[:32] + '"'
+
+
+class DavStore:
+    """Documents of one flat collection, bounded in count and bytes (oldest evicted first)."""
+
+    def __init__(self, max_bytes: int = DAV_MAX_STORE, max_docs: int = DAV_MAX_DOCS) -> None:
+        self.max_bytes = max_bytes
+        self.max_docs = max_docs
+        self.docs: OrderedDict[str, DavDocument] = OrderedDict()
+        self.created = None
+
+    @property
+    def size(self) -> int:
+        return sum(len(doc.data) for doc in self.docs.values())
+
+    def put(self, name: str, data: bytes, content_type: str, now: float) -> bool:
+        """Store; True when it replaced a document."""
+        old = self.docs.pop(name, None)
+        size = self.size   # once: the loop below would make each PUT quadratic in the count
+        while self.docs and (len(self.docs) >= self.max_docs or size + len(data) > self.max_bytes):
+            size -= len(self.docs.popitem(last=False)[1].data)
+        self.docs[name] = DavDocument(data, content_type, old.created if old else now, now)
+        return old is not None
+
+
+_DAV_PROPS = ('resourcetype', 'displayname', 'getcontentlength', 'getcontenttype', 'getlastmodified',
+              'getetag', 'creationdate')
+
+
+def http_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def iso_date(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+def dav_props(name: str, doc: DavDocument | None, created: float) -> dict[str, str]:
+    """prop local name -> inner XML, for the collection (doc None) or one document."""
+    if doc is None:
+        return {'resourcetype': '<D:collection/>', 'displayname': xml_escape(name),
+                'getlastmodified': http_date(created), 'creationdate': iso_date(created)}
+    return {'resourcetype': '', 'displayname': xml_escape(name), 'getcontentlength': str(len(doc.data)),
+            'getcontenttype': xml_escape(doc.content_type), 'getlastmodified': http_date(doc.modified),
+            'getetag': xml_escape(doc.etag), 'creationdate': iso_date(doc.created)}
+
+
+def parse_propfind(data: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """('allprop' | 'propname' | 'prop', [(namespace, name), ...]); SoapFault if malformed."""
+    if not data.strip():
+        return 'allprop', []
+    root = parse_xml(data, 'PROPFIND body')
+    if root.tag != f'{{{DAV_NS}}}propfind':
+        raise SoapFault('Client', 'PROPFIND body is not a DAV:propfind element')
+    for child in root:
+        if child.tag == f'{{{DAV_NS}}}allprop':
+            return 'allprop', []
+        if child.tag == f'{{{DAV_NS}}}propname':
+            return 'propname', []
+        if child.tag == f'{{{DAV_NS}}}prop':
+            return 'prop', [local_name(p.tag) for p in child]
+    raise SoapFault('Client', 'DAV:propfind holds no allprop, propname or prop')
+
+
+def multistatus(entries: list[tuple[str, dict[str, str]]], mode: str,
+                wanted: list[tuple[str, str]]) -> bytes:
+    """A 207 body: one response per (href, props)."""
+    out = ['<?xml version="1.0" encoding="utf-8"?><D:multistatus xmlns:D="DAV:">']
+    for href, props in entries:
+        out.append(f'<D:response><D:href>{xml_escape(href)}</D:href>')
+        if mode == 'prop':
+            found = [(ns, n) for ns, n in wanted if ns == DAV_NS and n in props]
+            missing = [(ns, n) for ns, n in wanted if (ns, n) not in found]
+        else:
+            found, missing = [(DAV_NS, n) for n in props], []
+        if found or not missing:
+            inner = ''.join(f'<D:{n}/>' if mode == 'propname' or props[n] == '' else f'<D:{n}>{props[n]}</D:{n}>'
+                            for _ns, n in found)
+            out.append(f'<D:propstat><D:prop>{inner}</D:prop><D:status>HTTP/1.1 200 OK</D:status></D:propstat>')
+        if missing:
+            inner = ''.join(f'<x:{n} xmlns:x="{xml_escape(ns)}"/>' for ns, n in missing)
+            out.append(f'<D:propstat><D:prop>{inner}</D:prop>'
+                       '<D:status>HTTP/1.1 404 Not Found</D:status></D:propstat>')
+        out.append('</D:response>')
+    out.append('</D:multistatus>')
+    return ''.join(out).encode('utf-8')
+
+
+def parse_multistatus(data: bytes) -> dict[str, dict[str, Any]]:
+    """href -> {prop name: text, 'collection': bool} for the 200 propstats of a 207 body."""
+    try:
+        root = parse_xml(data, 'Multi-Status body')
+    except SoapFault as exc:
+        raise ValueError(exc.reason) from None
+    if root.tag != f'{{{DAV_NS}}}multistatus':
+        raise ValueError(f'root element is {root.tag!r}, not DAV:multistatus')
+    out: dict[str, dict[str, Any]] = {}
+    for response in root.findall(f'{{{DAV_NS}}}response'):
+        href = (response.findtext(f'{{{DAV_NS}}}href') or '').strip()
+        props: dict[str, Any] = {'collection': False}
+        for propstat in response.findall(f'{{{DAV_NS}}}propstat'):
+            status = propstat.findtext(f'{{{DAV_NS}}}status') or ''
+            if ' 200 ' not in status + ' ':
+                continue
+            for prop in propstat.findall(f'{{{DAV_NS}}}prop/*'):
+                name = local_name(prop.tag)[1]
+                props[name] = (prop.text or '').strip()
+                if name == 'resourcetype' and prop.find(f'{{{DAV_NS}}}collection') is not None:
+                    props['collection'] = True
+        out[unquote(href)] = props
+    return out
+
