@@ -14,7 +14,7 @@ packages=(mininet bridge-utils iptables nftables iproute2 iputils-ping tcpdump u
           swaks libnet-ssleay-perl libio-socket-ssl-perl freetds-bin postgresql-client openssh-client dnsutils
           samba-common-bin smbclient gnutls-bin
           libnetfilter-queue-dev python3-dev build-essential chromium
-          libxml2-utils)
+          libxml2-utils vagrant)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

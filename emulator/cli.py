@@ -100,6 +100,8 @@ def _raise_terminated(signum, _frame):
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="safeq-lab", description="Emulate a YSoft SafeQ 6 network and audit a firewall against it.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cat = sub.add_parser("catalog", help="list and filter the catalog's flows")
@@ -162,7 +164,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     clean = sub.add_parser("clean", help="remove whatever a killed run left behind")
     clean.add_argument("--force", action="store_true", help="also stop a lab that is still running")
+
+    run_in = sub.add_parser("exec", help="run a command inside a host of a lab `safeq-lab up` keeps running "
+                                         "(e.g. from another terminal)",
+                            usage="safeq-lab exec [-h] [--run ID] HOST -- COMMAND [ARG ...]")
+    run_in.add_argument("--run", metavar="ID", help="the lab's run id (printed by `up`): needed when several labs are up")
+    run_in.add_argument("host", metavar="HOST", help="a host or firewall node of the running lab")
+    run_in.add_argument("argv", metavar="COMMAND", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
+
+    completion = sub.add_parser("completion", help="print a shell completion script: "
+                                                   "`source <(safeq-lab completion bash)`")
+    completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("safeq-lab")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "(not installed: run ./setup.sh)"
 
 
 def _topology_arg(p):
@@ -454,15 +476,51 @@ def _cmd_up(args) -> int:
     preflight()
     _catalog, topology, checks = _plan(args.topology, _host_rules(args.rules, args.topology))
     rulesets = _rulesets(args.rules, topology, checks, args.certs)
-    with Lab(topology, certs_dir=args.certs) as lab:
+    with Lab(topology, _catalog, certs_dir=args.certs) as lab:
         lab.apply_rules(rulesets)
-        names = [h.name for h in topology.hosts]
-        shown = ", ".join(names) if len(names) <= MAX_HOSTS_LISTED else (
-            f"{', '.join(names[:MAX_HOSTS_LISTED])} ... {names[-1]} ({len(names)} hosts)")
-        print(f"safeq-lab: {topology.name} is up with rules from {_describe_rules(rulesets)}; "
-              f"hosts: {shown}. Type `exit` to tear it down.")
+        print("\n".join(_host_table(topology, lab.catalog)))
+        print(f"safeq-lab: {topology.name} is up with rules from {_describe_rules(rulesets)}; run {lab.run_id}, "
+              f"{len(topology.hosts)} hosts. `<host> <command>` runs in a host here; from another terminal: "
+              f"`safeq-lab exec --run {lab.run_id} <host> -- <command>`. Type `exit` to tear it down.", flush=True)
         lab.console()
     return 0
+
+
+MAX_SERVICES_LISTED = 6  # per host in `up`'s table (a site server serves about 50 ports)
+# (protocol, security) -> URL scheme; security 'optional' (an in-band upgrade) keeps the plain scheme
+_SCHEMES = {"http": ("http", "https"), "soap": ("http", "https"), "webdav": ("http", "https"),
+            "ipp": ("ipp", "ipps"), "ldap": ("ldap", "ldaps"), "ftp": ("ftp", "ftps"), "smtp": ("smtp", "smtps"),
+            "imap": ("imap", "imaps"), "pop3": ("pop", "pops"), "ssh": ("ssh", "ssh"), "snmp": ("snmp", "snmp"),
+            "pgsql": ("postgresql", "postgresql"), "mssql": ("mssql", "mssql"), "smb": ("smb", "smb"),
+            "raw": ("socket", "socket"), "lpr": ("lpd", "lpd")}
+
+
+def _host_table(topology, catalog) -> list[str]:
+    """One line per host (at most MAX_HOSTS_LISTED): name, address, roles, and how to reach a few of
+    its services (a URL where the protocol has a scheme, else port/transport protocol)."""
+    from emulator.plan import listeners_for
+
+    hosts = topology.hosts
+    lines = [f"{'host':12} {'address':15} roles; services"]
+    for host in hosts[:MAX_HOSTS_LISTED]:
+        listeners = sorted(listeners_for(catalog, host, topology.profile), key=lambda l: (l.port, l.transport))
+        reachable = [l for l in listeners if not l.bind]  # not those bound to the host's loopback
+        services = [_service(host.address, l) for l in reachable[:MAX_SERVICES_LISTED]]
+        more = len(reachable) - len(services)
+        lines.append(f"{host.name:12} {host.address:15} {', '.join(host.roles)}")
+        if services:
+            lines.append(f"{'':28} " + " ".join(services) + (f" (+{more} more)" if more > 0 else ""))
+    if len(hosts) > MAX_HOSTS_LISTED:
+        lines.append(f"... and {len(hosts) - MAX_HOSTS_LISTED} more hosts (last: {hosts[-1].name} {hosts[-1].address}); "
+                     f"`safeq-lab topology --topology {topology.name}` lists them all")
+    return lines
+
+
+def _service(address: str, listener) -> str:
+    schemes = _SCHEMES.get(listener.protocol)
+    if schemes is None:
+        return f"{listener.port}/{listener.transport}:{listener.protocol}"
+    return f"{schemes[listener.security == 'tls']}://{address}:{listener.port}"
 
 
 def _cmd_topology(args) -> int:
@@ -500,8 +558,139 @@ def _cmd_persona(args) -> int:
         raise LabError(str(exc)) from None
 
 
+# -- exec: a command inside a host of a running lab ----------------------------------------------
+def _cmd_exec(args) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise LabError(f"give the command to run after --: safeq-lab exec {args.host} -- COMMAND [ARG ...]")
+    pid = _node_pid(args.host, args.run)
+    sys.stdout.flush()
+    try:  # the command replaces us: its terminal, output and exit status are the user's
+        os.execvp("mnexec", ["mnexec", "-a", str(pid), *argv])
+    except OSError as exc:
+        raise LabError(f"cannot run mnexec: {exc.strerror or exc} (it comes with Mininet: run ./setup.sh)") from None
+
+
+def _live_labs() -> list[dict]:
+    from emulator import state
+
+    return [owner for _path, owner in state.runs() if owner and owner.get("run") and state.owner_alive(owner)]
+
+
+def _node_pid(node: str, run_id: str | None) -> int:
+    """The pid of a process inside `node`'s network namespace, in the one live lab (or run `run_id`)."""
+    labs = _live_labs()
+    described = ", ".join(f"{o['run']} ({o.get('topology')})" for o in labs)
+    if not labs:
+        raise LabError("no lab is up: start one with `safeq-lab up` (e.g. in another terminal), then run exec")
+    if run_id is not None:
+        labs = [o for o in labs if o["run"] == run_id]
+        if not labs:
+            raise LabError(f"--run {run_id}: no lab with that id is up (up: {described}; `safeq-lab up` prints its id)")
+    elif len(labs) > 1:
+        raise LabError(f"{len(labs)} labs are up: {described}; pick one with --run ID (`safeq-lab up` prints its id)")
+    owner = labs[0]
+    if os.geteuid() != 0:
+        raise LabError("exec enters a lab host's network namespace, which needs root: run it with sudo")
+    nodes = _lab_nodes(owner)
+    if node not in nodes:
+        shown = ", ".join(sorted(nodes)[:MAX_HOSTS_LISTED]) + (" ..." if len(nodes) > MAX_HOSTS_LISTED else "")
+        raise LabError(f"{node} is not a node of the lab {owner['run']} (topology {owner.get('topology')}, "
+                       f"started by `safeq-lab up`); its nodes: {shown or 'none yet: it is still starting'}")
+    return nodes[node]
+
+
+def _lab_nodes(owner: dict) -> dict[str, int]:
+    """node name -> pid of its Mininet shell, for the run's nodes that have a namespace of their own
+    (hosts, firewall nodes, shapers; not the bridges, whose shells live in the host's namespace)."""
+    from emulator import state
+
+    own = os.stat("/proc/self/ns/net").st_ino
+    nodes = {}
+    for pid, what in state.lab_processes({str(Path(owner.get("run_dir", "")))}).items():
+        if not what.startswith("shell "):
+            continue
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == own:
+                continue
+        except OSError:
+            continue  # gone meanwhile
+        nodes[what.split(" ", 1)[1]] = pid
+    return nodes
+
+
+# -- completion: a script generated from this parser (no dependency; argcomplete is not needed) ---
+def _cmd_completion(args) -> int:
+    sys.stdout.write(_completion_script(_build_parser(), args.shell))
+    return 0
+
+
+def _completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """A bash function completing commands, actions, options and their values; zsh runs it through
+    bashcompinit. Built from the argparse tree, so a new command or option is completed at once."""
+    from emulator.topology import TOPOLOGIES_DIR
+
+    topologies = " ".join(sorted(p.stem for p in TOPOLOGIES_DIR.glob("*.yaml")))
+    moves, words, values = [], [], []
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        offered = []
+        files = False
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    offered.append(name)
+                    moves.append(f'"{path}/{name}"')
+                    walk(child, f"{path}_{name}".lstrip("_"))
+            elif action.option_strings:
+                offered += action.option_strings
+                if action.nargs == 0:
+                    continue
+                keys = "|".join(f'"{path}/{o}"' for o in action.option_strings)
+                if action.choices:
+                    values.append(f'{keys}) COMPREPLY=($(compgen -W "{" ".join(action.choices)}" -- "$cur")); return ;;')
+                elif action.dest == "topology":
+                    values.append(f'{keys}) COMPREPLY=($(compgen -W "{topologies}" -f -- "$cur")); return ;;')
+                else:
+                    values.append(f'{keys}) COMPREPLY=($(compgen -f -- "$cur")); return ;;')
+            elif action.choices:
+                offered += list(action.choices)
+            elif action.nargs != argparse.REMAINDER:
+                files = True
+        words.append(f'"{path}") words="{" ".join(offered)}"; files={int(files)} ;;')
+
+    walk(parser, "")
+    body = f"""_safeq_lab() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" path="" words="" files=0 i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        [ "${{COMP_WORDS[i]}}" = "--" ] && {{ COMPREPLY=($(compgen -c -- "$cur")); return; }}
+        case "$path/${{COMP_WORDS[i]}}" in
+            {"|".join(moves)}) path="${{path:+${{path}}_}}${{COMP_WORDS[i]}}" ;;
+        esac
+    done
+    case "$path/$prev" in
+        {(chr(10) + " " * 8).join(values)}
+    esac
+    case "$path" in
+        {(chr(10) + " " * 8).join(words)}
+    esac
+    if [ "$files" = 1 ] && [ "${{cur#-}}" = "$cur" ]; then
+        COMPREPLY=($(compgen -W "$words" -f -- "$cur"))
+    else
+        COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    fi
+}}
+complete -o filenames -F _safeq_lab safeq-lab
+"""
+    if shell == "zsh":
+        return ("# zsh completion for safeq-lab: add `source <(safeq-lab completion zsh)` to ~/.zshrc "
+                "(after compinit)\nautoload -U +X bashcompinit && bashcompinit\n" + body)
+    return "# bash completion for safeq-lab: `source <(safeq-lab completion bash)`, e.g. in ~/.bashrc\n" + body
+
+
 _COMMANDS = {"catalog": _cmd_catalog, "rules": _cmd_rules, "audit": _cmd_audit, "up": _cmd_up,
-             "topology": _cmd_topology, "persona": _cmd_persona, "scenario": _cmd_scenario, "clean": _cmd_clean}
+             "topology": _cmd_topology, "persona": _cmd_persona, "scenario": _cmd_scenario, "clean": _cmd_clean,
+             "exec": _cmd_exec, "completion": _cmd_completion}
 
 if __name__ == "__main__":
     sys.exit(main())

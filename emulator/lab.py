@@ -622,7 +622,7 @@ class Lab:
         for spec in self.topology.hosts:
             persona = {"address": spec.address, **self.tls[spec.name].to_dict(), "ca_file": self.ca_file}
             daemon = roles.daemon_spec(spec.name, spec.roles, str(self.run_dir / f"{spec.name}.requests.jsonl"),
-                                       self.catalog, persona)
+                                       self.catalog, persona, site=self.topology.profile)
             if spec.persona:  # a device recorded from a real one: its captured values beat the role's defaults
                 daemon["persona"]["identity"].update(self.topology.personas[spec.persona])
             # every host runs a daemon, listeners or not: it is also the host's prober

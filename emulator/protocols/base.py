@@ -141,6 +141,9 @@ class ProbeResult:
     detail: str = ''
     peer_seen: str | None = None
     tls_issuer: str = ''      # issuer CN of the certificate the server presented ('' = no TLS seen)
+    # median time of the extra request/reply round trips a probe made on its open connection after
+    # the exchange (framed: option 'rounds'); None = not measured
+    round_trip_ms: float | None = None
 
     def __post_init__(self) -> None:
         owner = 'ProbeResult'
@@ -153,6 +156,9 @@ class ProbeResult:
         if self.peer_seen is not None:
             _need_str(owner, 'peer_seen', self.peer_seen)
         _need_str(owner, 'tls_issuer', self.tls_issuer, allow_empty=True)
+        if self.round_trip_ms is not None and (not _is_number(self.round_trip_ms) or self.round_trip_ms < 0):
+            raise ValueError(f'{owner}.round_trip_ms must be null or a non-negative number of milliseconds, '
+                             f'got {self.round_trip_ms!r}')
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:

@@ -49,6 +49,14 @@ UDP
     (8 KiB). Error replies are sent for malformed datagrams too. The reply goes
     to the datagram's source address and port.
 
+Round trips (probe option ``rounds``, TCP only)
+    With ``options['rounds'] = N`` (1-``MAX_ROUNDS``) the probe keeps the connection open after
+    the first exchange and sends N more requests of ``ROUND_BYTES`` bytes, one at a time, each
+    after the previous reply. The median of their request-to-reply times is the result's
+    ``round_trip_ms``: the link's own round-trip time, without the first exchange's TCP slow
+    start over a large payload. The server needs nothing new: a connection may carry several
+    pairs anyway.
+
 ``security``: 'tls' listeners and targets carry the same frames inside TLS
 (the lab CA's certificates, verified by the probe); 'starttls' and 'optional'
 stay plaintext, as framed has no in-band upgrade. Protocol modules with TLS replace it per protocol.
@@ -59,6 +67,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import statistics
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -87,6 +97,8 @@ VERSION = 1
 MAX_FRAME = 1 << 20          # largest TCP payload, without its 4-byte prefix
 MAX_DATAGRAM = 8 << 10       # largest UDP payload
 MAX_NONCE = 128
+MAX_ROUNDS = 100             # option 'rounds': extra round trips a probe may make on its connection
+ROUND_BYTES = 64             # body of each extra round trip: small, so it measures latency, not rate
 
 
 class FramedError(ValueError):
@@ -268,7 +280,7 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
 # --- client probe -------------------------------------------------------------
 
 class _Exchange(Verdict):
-    """One hello exchange; subclasses add the transport.
+    """One hello exchange, then ``rounds`` small ones (TCP); subclasses add the transport.
 
     ``done`` fires once the verdict is known *and* the socket is closed, so a
     caller that stops its reactor on the last result leaks nothing.
@@ -282,6 +294,10 @@ class _Exchange(Verdict):
         # Random bytes: a realistic, incompressible stand-in for job data.
         self.body = os.urandom(target.size)
         self.request = encode_request(self.nonce, self.body)
+        self.rounds = target.options.get('rounds', 0)
+        self.round_trips: list[float] = []   # seconds, one per completed extra round trip
+        self._round: tuple[str, bytes, float] | None = None   # nonce, body, sent at
+        self._first_reply: tuple[dict[str, Any], int] | None = None
 
     @property
     def exchange(self) -> str:
@@ -292,12 +308,28 @@ class _Exchange(Verdict):
             self.decide('error', f'size {self.target.size} B does not fit one {self.limit} B '
                                  f'{self.target.transport} message')
             return self.done
+        problem = self._rounds_problem()
+        if problem:
+            self.decide('error', problem)
+            return self.done
         return self.launch(self._begin)
+
+    def _rounds_problem(self) -> str:
+        if self.rounds == 0:
+            return ''
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 0 < self.rounds <= MAX_ROUNDS:
+            return f'option rounds must be an integer from 1 to {MAX_ROUNDS}, got {self.rounds!r}'
+        if self.target.transport != 'tcp':
+            return 'option rounds measures round trips on a connection: tcp only'
+        return ''
 
     def decide(self, outcome: str, detail: str = '', peer_seen: str | None = None,
                reply_size: int | None = None) -> bool:
         """Record the verdict once; later events (e.g. the close we cause) are ignored."""
         exchange = self.exchange if reply_size is None else f'{self.exchange} → {reply_size} B'
+        if self.round_trips:
+            exchange += (f', then {len(self.round_trips)} round trips of {ROUND_BYTES} B: '
+                         f'median {self.round_trip_ms:.1f} ms')
         if uses_tls(self.target):
             exchange = f'TLS {exchange}'
         elif self.target.security in ('tls', 'starttls'):
@@ -306,15 +338,59 @@ class _Exchange(Verdict):
             exchange += f' (plaintext: {self.target.security} not emulated)'
         return self.settle(outcome, detail, exchange, peer_seen)
 
+    @property
+    def round_trip_ms(self) -> float:
+        return statistics.median(self.round_trips) * 1000
+
+    def _release(self) -> None:
+        # settle() has just built the result; the measured round trips ride on an ok one
+        if self.result.outcome == 'ok' and self.round_trips:
+            self.result = replace(self.result, round_trip_ms=round(self.round_trip_ms, 3))
+        super()._release()
+
     def reply(self, payload: bytes) -> None:
+        if self._round is not None:
+            self._round_reply(payload)
+            return
         try:
             header, body = decode_reply(payload, self.nonce, self.body)
         except FramedError as exc:
             self.decide('protocol_error', str(exc))
             return
+        self._first_reply = header, len(body)
+        if self.rounds:
+            self._next_round()
+        else:
+            self._answered()
+
+    def _answered(self) -> None:
+        header, reply_size = self._first_reply
         roles = ','.join(map(str, header.get('roles') or ())) or '-'
         self.decide('ok', f'answered by {header["host"]} ({roles}) on port {header.get("port")}',
-                    peer_seen=header['peer'], reply_size=len(body))
+                    peer_seen=header['peer'], reply_size=reply_size)
+
+    def _next_round(self) -> None:
+        if self.result is not None:
+            return
+        nonce, body = secrets.token_hex(8), os.urandom(ROUND_BYTES)
+        self._round = nonce, body, self.reactor.seconds()
+        self.send_round(encode_request(nonce, body))
+
+    def _round_reply(self, payload: bytes) -> None:
+        nonce, body, sent = self._round
+        try:
+            decode_reply(payload, nonce, body)
+        except FramedError as exc:
+            self.decide('protocol_error', f'round trip {len(self.round_trips) + 1} of {self.rounds}: {exc}')
+            return
+        self.round_trips.append(max(0.0, self.reactor.seconds() - sent))
+        if len(self.round_trips) < self.rounds:
+            self._next_round()
+        else:
+            self._answered()
+
+    def send_round(self, payload: bytes) -> None:
+        raise NotImplementedError   # TCP only (_rounds_problem keeps rounds off UDP)
 
     def _begin(self) -> None:
         raise NotImplementedError
@@ -328,6 +404,9 @@ class _HelloClient(Int32StringReceiver):
 
     def connectionMade(self) -> None:
         if self.exchange.connected(self):
+            no_delay = getattr(self.transport, 'setTcpNoDelay', None)
+            if self.exchange.rounds and no_delay is not None:
+                no_delay(True)   # each round trip is one small frame: Nagle must not hold it back
             self.sendString(self.exchange.request)
 
     def stringReceived(self, string: bytes) -> None:
@@ -352,6 +431,9 @@ class _TcpExchange(_Exchange, StreamVerdict):
             self._connector = self.reactor.connectTCP(self.target.host, self.target.port, factory,
                                                       timeout=connect_timeout(self.target))
 
+    def send_round(self, payload: bytes) -> None:
+        self.protocol.sendString(payload)
+
     def lost(self, reason) -> None:
         self._open = False
         if uses_tls(self.target) and reason.check(SSL.Error):
@@ -362,6 +444,9 @@ class _TcpExchange(_Exchange, StreamVerdict):
         self.fire()
 
     def _timeout_detail(self) -> str:
+        if self._round is not None:
+            return (f'{len(self.round_trips)} of {self.rounds} round trips done within '
+                    f'{self.target.timeout:g} s')
         if self._made:
             return f'connected, but no reply within {self.target.timeout:g} s'
         return no_connection_detail(self.target)

@@ -14,8 +14,7 @@ from emulator import rules
 from emulator.catalog import load_catalog
 from emulator.errors import LabError
 from emulator.lab import Lab, preflight
-from emulator.plan import audit_plan
-from emulator.scenario.runner import Runner
+from emulator.scenario.runner import Runner, ScenarioResult, generated_ruleset
 from emulator.scenario.schema import SCENARIOS_DIR, Scenario, load_scenario
 
 EXIT_EXPECTATION_FAILED = 1
@@ -71,13 +70,10 @@ def enter_pause(stdin: TextIO, out: TextIO) -> Callable[[str], None]:
 def scenario_rulesets(scenario: Scenario) -> dict[str, rules.Ruleset]:
     """firewall node -> its ruleset: generated from the catalog, or the scenario's file (validated)."""
     topology = scenario.topology
-    checks = None
     chosen = {}
     for node, source in scenario.rules.items():
         if source == "generated":
-            if checks is None:
-                checks = audit_plan(load_catalog(), topology, exposures=False)
-            chosen[node] = rules.generate(topology, checks, node=node)
+            chosen[node] = generated_ruleset(topology, node)
         else:
             owner = f"{'firewall node' if topology.is_firewall(node) else 'host'} {node} of topology {topology.name}"
             chosen[node] = rules.load_rules_file(str(source), rules.node_interfaces(topology, node), owner)
@@ -92,6 +88,13 @@ def lab_options(scenario: Scenario) -> dict:
 def run_file(name_or_path: str, out: TextIO = sys.stdout, pause: Callable[[str], None] | None = None,
              lab_class=None) -> int:
     """Validate, build the lab, run, tear down; 0 when every expectation holds."""
+    result = run_scenario(name_or_path, out, pause, lab_class)
+    return 0 if result.passed else EXIT_EXPECTATION_FAILED
+
+
+def run_scenario(name_or_path: str, out: TextIO = sys.stdout, pause: Callable[[str], None] | None = None,
+                 lab_class=None) -> ScenarioResult:
+    """Validate, build the lab, run, tear down; what each expectation and workflow observed."""
     catalog = load_catalog()
     scenario = load_scenario(name_or_path, catalog)  # every check happens before anything is built
     rulesets = scenario_rulesets(scenario)
@@ -107,4 +110,4 @@ def run_file(name_or_path: str, out: TextIO = sys.stdout, pause: Callable[[str],
               + "; ".join(f"{node}: {r.source}" for node, r in rulesets.items()), file=out, flush=True)
         result = Runner(scenario, lab, rulesets, out, pause).run()
     print(f"The lab was torn down ({time.monotonic() - started:.1f} s in all).", file=out, flush=True)
-    return 0 if result.passed else EXIT_EXPECTATION_FAILED
+    return result

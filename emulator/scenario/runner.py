@@ -14,13 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
+from emulator import rules
 from emulator.audit import probe_targets
+from emulator.catalog import load_catalog
 from emulator.errors import LabError
 from emulator.impair import Impairment
-from emulator.plan import Check, CheckKind
+from emulator.plan import Check, CheckKind, audit_plan
 from emulator.protocols.base import ProbeResult
 from emulator.rules import Ruleset
-from emulator.scenario.schema import OUTCOME_GROUPS, Expect, Fault, Parallel, Scenario, Step, Workflow
+from emulator.scenario.schema import OUTCOME_GROUPS, Expect, Fault, Parallel, Scenario, Step, Table, Workflow
 
 
 COMMAND_TIMEOUT = 30.0
@@ -57,10 +59,22 @@ class WorkflowResult:
     elapsed: float
     results: tuple[ProbeResult, ...]
     labels: tuple[str, ...]   # the endpoint of each result, e.g. '636/tcp ldap+tls'
+    size: int = 0             # bytes of payload each probe carried
 
     @property
     def elapsed_ms(self) -> float:
         return self.elapsed * 1000
+
+    @property
+    def round_trip_ms(self) -> float | None:
+        """The slowest endpoint's median round trip (option rounds); None when none was measured."""
+        measured = [r.round_trip_ms for r in self.results if r.round_trip_ms is not None]
+        return max(measured) if measured else None
+
+    @property
+    def mbit(self) -> float:
+        """The payload's rate over the whole exchange, Mbit/s (10^6 bit/s, as tc and the scenario count)."""
+        return self.size * 8 / 1e6 / self.elapsed if self.elapsed > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,7 @@ class ExpectationResult:
 class ScenarioResult:
     name: str
     expectations: list[ExpectationResult] = field(default_factory=list)
+    workflows: dict[str, WorkflowResult] = field(default_factory=dict)   # step id -> what it observed
 
     @property
     def passed(self) -> bool:
@@ -109,8 +124,8 @@ class Runner:
         self.scenario, self.lab, self.rulesets, self.out = scenario, lab, dict(rulesets), out
         self.pause = pause
         self.node_command = node_command or popen_command(lab)
-        self.results: dict[str, WorkflowResult] = {}
         self.report = ScenarioResult(scenario.name)
+        self.results: dict[str, WorkflowResult] = self.report.workflows
         self._print_lock = threading.Lock()
 
     def say(self, text: str) -> None:
@@ -136,6 +151,8 @@ class Runner:
             self._parallel(step)
         elif isinstance(step, Expect):
             self._expect(step)
+        elif isinstance(step, Table):
+            self._table(step)
         else:
             self.say(f"Step {step.number}: {self.describe(step)}")
             self._act(step, "  -> ")
@@ -166,7 +183,8 @@ class Runner:
     def describe(self, step: Workflow | Fault) -> str:
         if isinstance(step, Workflow):
             which = ", ".join(_label(ep) for ep in step.endpoints)
-            return f"{step.text} ({step.flow.id}, {step.client} -> {step.server}, {which})"
+            size = "" if step.size is None else f", {_size_words(step.size)}"
+            return f"{step.text} ({step.flow.id}, {step.client} -> {step.server}, {which}{size})"
         words = _fault_words(step)
         return f"{step.text}: {words}" if step.text else words
 
@@ -186,15 +204,17 @@ class Runner:
                   for ep in step.endpoints]
         planned = probe_targets(checks, topology)
         targets = {host: [replace(t, timeout=step.timeout, ca_file=self.lab.ca_file,
-                                  options={**t.options, **step.options}) for t in found]
+                                  options={**t.options, **step.options},
+                                  size=t.size if step.size is None else step.size) for t in found]
                    for host, found in planned.items() if found}
         by_id = self.lab.run_probes(targets)
         ordered = [t.id for found in targets.values() for t in found]
         results = tuple(by_id.get(i) or ProbeResult(i, "error", 0.0, detail="no result came back") for i in ordered)
         failed = [r for r in results if r.outcome != "ok"]
         outcome = failed[0].outcome if failed else "ok"
+        sizes = [t.size for found in targets.values() for t in found]
         result = WorkflowResult(outcome, max(r.elapsed for r in results), results,
-                                tuple(_label(ep) for ep in step.endpoints))
+                                tuple(_label(ep) for ep in step.endpoints), max(sizes, default=0))
         self.results[step.id] = result
         return result
 
@@ -230,6 +250,10 @@ class Runner:
             nodes = [step.node] if step.node else list(self.rulesets)
             self.lab.apply_rules({node: self.rulesets[node] for node in nodes if node in self.rulesets})
             return ""
+        if kind == "generated-rules":
+            nodes = [step.node] if step.node else [fw.name for fw in self.scenario.topology.firewalls]
+            self.lab.apply_rules({node: generated_ruleset(self.scenario.topology, node) for node in nodes})
+            return f"{', '.join(nodes)}: the ruleset generated from the catalog (stateful, default-drop)"
         raise LabError(f"{step.where}: fault {kind!r} is not implemented")  # the schema lists only known faults
 
     def _block_commands(self, step: Fault) -> list[list[str]]:
@@ -276,10 +300,47 @@ class Runner:
             held, observed = False, "the step did not run"
         else:
             held, observed = judge(step, result)
+        self._record(step.number, f"{workflow.text}: {_expected_clause(step)}", held, observed, step.says)
+
+    def _record(self, number: str, wording: str, held: bool, observed: str, says: str = "") -> None:
         verdict = "holds" if held else "DOES NOT HOLD"
-        self.say(f"  -> {verdict}: {observed}" + (f". {step.says}" if step.says else ""))
-        self.report.expectations.append(ExpectationResult(step.number, f"{workflow.text}: {_expected_clause(step)}",
-                                                          held, observed))
+        self.say(f"  -> {verdict}: {observed}" + (f". {says}" if says else ""))
+        self.report.expectations.append(ExpectationResult(number, wording, held, observed))
+
+    # -- tables ----------------------------------------------------------------------------------
+    def _table(self, step: Table) -> None:
+        """Delivery time of each listed workflow against size * 8 / rate; with `within`, judged too."""
+        workflows = self.scenario.workflows()
+        self.say(f"Step {step.number}: delivery times at {step.mbit:g} Mbit/s (predicted: size x 8 / rate)")
+        rows = [(workflows[i], self.results.get(i)) for i in step.targets]
+        self.say(f"  {'step':<16} {'size':>10} {'seconds':>9} {'Mbit/s':>8} {'predicted s':>12}  outcome")
+        for workflow, result in rows:
+            predicted = _predicted_seconds(workflow.size, step.mbit)
+            if result is None:
+                self.say(f"  {workflow.id:<16} {_size_words(workflow.size):>10} {'-':>9} {'-':>8} {predicted:>12.2f}  did not run")
+                continue
+            self.say(f"  {workflow.id:<16} {_size_words(workflow.size):>10} {result.elapsed:>9.2f} "
+                     f"{result.mbit:>8.2f} {predicted:>12.2f}  {result.outcome}")
+        if step.says:
+            self.say(f"  {step.says}")
+        if step.within is None:
+            return
+        for workflow, result in rows:
+            predicted = _predicted_seconds(workflow.size, step.mbit)
+            wording = (f"{workflow.text}: {_size_words(workflow.size)} delivered in {predicted:.2f} s "
+                       f"+/- {step.within:g} %")
+            if result is None or result.outcome != "ok":
+                held, observed = False, "the step did not run" if result is None else OUTCOME_WORDS[result.outcome]
+            else:
+                off = (result.elapsed - predicted) / predicted * 100
+                held = abs(off) <= step.within
+                observed = f"{result.elapsed:.2f} s, {off:+.0f} % ({result.mbit:.2f} Mbit/s)"
+            self._record(step.number, wording, held, observed)
+        done = [(w.size, r.elapsed) for w, r in rows if r is not None and r.outcome == "ok"]
+        ordered = [elapsed for _size, elapsed in sorted(done)]
+        grows = len(done) == len(rows) and all(a < b for a, b in zip(ordered, ordered[1:]))
+        self._record(step.number, "the delivery time grows with the job's size", grows,
+                     ", ".join(f"{_size_words(size)}: {elapsed:.2f} s" for size, elapsed in sorted(done)) or "nothing ran")
 
     def _summary(self) -> None:
         held = sum(e.held for e in self.report.expectations)
@@ -291,6 +352,12 @@ class Runner:
             self.say(f"  {'PASS' if e.held else 'FAIL'}  step {e.number:<5} {e.wording}  [{e.observed}]")
 
 
+def generated_ruleset(topology, node: str) -> Ruleset:
+    """The least-privilege ruleset `safeq-lab rules generate` writes for a firewall node of the topology."""
+    checks = audit_plan(load_catalog(), topology, exposures=False)
+    return rules.generate(topology, checks, node=node)
+
+
 def judge(step: Expect, result: WorkflowResult) -> tuple[bool, str]:
     """Whether an expectation holds for a workflow's result, and what was observed, in words."""
     held = True
@@ -300,10 +367,19 @@ def judge(step: Expect, result: WorkflowResult) -> tuple[bool, str]:
         held = held and result.elapsed_ms > step.above_ms
     if step.below_ms is not None:
         held = held and result.elapsed_ms < step.below_ms
+    round_trip = result.round_trip_ms
+    if step.rtt_above_ms is not None:
+        held = held and round_trip is not None and round_trip > step.rtt_above_ms
+    if step.rtt_below_ms is not None:
+        held = held and round_trip is not None and round_trip < step.rtt_below_ms
     if result.outcome == "ok":
         observed = f"it worked in {result.elapsed_ms:.0f} ms"
     else:
         observed = f"{OUTCOME_WORDS[result.outcome]} after {result.elapsed:.1f} s"
+    if round_trip is not None:
+        observed += f"; round trip {round_trip:.1f} ms"
+    elif step.rtt_above_ms is not None or step.rtt_below_ms is not None:
+        observed += "; no round trip measured"
     return held, observed
 
 
@@ -313,7 +389,24 @@ def _expected_clause(step: Expect) -> str:
         parts.append(f"taking more than {step.above_ms:g} ms")
     if step.below_ms is not None:
         parts.append(f"taking less than {step.below_ms:g} ms")
+    if step.rtt_above_ms is not None:
+        parts.append(f"a round trip over {step.rtt_above_ms:g} ms")
+    if step.rtt_below_ms is not None:
+        parts.append(f"a round trip under {step.rtt_below_ms:g} ms")
     return ", ".join(parts)
+
+
+def _predicted_seconds(size: int, mbit: float) -> float:
+    return size * 8 / (mbit * 1e6)
+
+
+def _size_words(size: int) -> str:
+    """A size as the scenario would write it: MB and KB are powers of ten, MiB and KiB of two."""
+    for unit in ("MiB", "MB", "KiB", "KB"):
+        factor = {"MiB": 1024 ** 2, "MB": 1000 ** 2, "KiB": 1024, "KB": 1000}[unit]
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} B"
 
 
 def _outcome_text(probe: ProbeResult) -> str:
@@ -354,6 +447,8 @@ def _fault_words(step: Fault) -> str:
                 "(the FTP conntrack helper is removed)")
     if step.kind == "reset-rules":
         return f"{'firewall ' + step.node if step.node else 'every firewall'} gets the scenario's rules back"
+    if step.kind == "generated-rules":
+        return f"{'firewall ' + step.node if step.node else 'every firewall'} gets the generated rules"
     return step.kind
 
 

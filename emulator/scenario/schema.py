@@ -20,6 +20,7 @@ import yaml
 from emulator.catalog import Catalog, Endpoint, Flow, load_catalog
 from emulator.errors import LabError
 from emulator.plan import excluded_by_profile
+from emulator.protocols.framed import MAX_ROUNDS
 from emulator.topology import Topology, load_topology
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent.parent / "scenarios"
@@ -28,6 +29,9 @@ MAX_DEPTH = 16
 MAX_STEPS = 200
 DEFAULT_TIMEOUT = 3.0  # seconds a workflow's probe may take: a dropped packet costs this once
 MAX_TIMEOUT = 60.0
+MAX_SIZE = 64 * 1024 * 1024  # largest payload a workflow may ask for (a print job of 64 MiB)
+SIZE_UNITS = {"B": 1, "KB": 1000, "MB": 1000 ** 2, "KiB": 1024, "MiB": 1024 ** 2}
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(" + "|".join(SIZE_UNITS) + r")$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 STEP_ID = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 PLACEHOLDER = re.compile(r"\{([a-z0-9][a-z0-9-]*)\}")
@@ -47,7 +51,7 @@ OUTCOME_GROUPS = {
     "failure": frozenset({"refused", "timeout", "silent", "protocol_error", "unreachable", "error"}),
 }
 LINK_FAULTS = ("delay", "loss", "cut", "bandwidth", "clear")
-FAULTS = LINK_FAULTS + ("stop", "rule", "block", "ftp-helper-off", "reset-rules")
+FAULTS = LINK_FAULTS + ("stop", "rule", "block", "ftp-helper-off", "reset-rules", "generated-rules")
 RULE_ACTIONS = ("drop", "reject")
 FTP_MODES = ("passive", "active")
 
@@ -67,6 +71,7 @@ class Workflow:
     options: dict = field(default_factory=dict, hash=False)
     mode: str = ""        # FTP: passive | active
     timeout: float = DEFAULT_TIMEOUT
+    size: int | None = None   # bytes of payload (a print job's size); None: the audit's default for the protocol
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,20 @@ class Expect:
     above_ms: float | None = None
     below_ms: float | None = None
     says: str = ""        # words for the trainer
+    rtt_above_ms: float | None = None   # round_trip_ms: the median round trip measured on the connection
+    rtt_below_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """Earlier workflows of known sizes told as a table of delivery times against a link's rate."""
+
+    where: str
+    number: str
+    targets: tuple[str, ...]   # ids of earlier workflows with a size
+    mbit: float                # the rate the times are predicted from: size * 8 / rate
+    within: float | None = None   # percent: each time within this of its prediction, and growing with size
+    says: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,7 +127,7 @@ class Parallel:
     steps: tuple  # Workflow | Fault
 
 
-Step = Workflow | Fault | Expect | Parallel
+Step = Workflow | Fault | Expect | Parallel | Table
 
 
 @dataclass(frozen=True)
@@ -266,8 +285,9 @@ def resolve_scenario_path(name_or_path: str) -> Path:
 
 # -- validation --------------------------------------------------------------------------------
 TOP_KEYS = ("name", "description", "topology", "rules", "impairable", "timeout", "steps", "repair")
-WORKFLOW_KEYS = ("id", "do", "flow", "from", "to", "options", "security", "protocol", "mode", "timeout")
-EXPECT_KEYS = ("expect", "outcome", "elapsed_ms", "says")
+WORKFLOW_KEYS = ("id", "do", "flow", "from", "to", "options", "security", "protocol", "mode", "timeout", "size")
+EXPECT_KEYS = ("expect", "outcome", "elapsed_ms", "round_trip_ms", "says")
+TABLE_KEYS = ("table", "mbit", "within", "says")
 FAULT_KEYS = {
     "delay": ("link", "ms", "jitter_ms"),
     "loss": ("link", "percent"),
@@ -279,10 +299,12 @@ FAULT_KEYS = {
     "block": ("node", "flow", "from", "to", "security", "action"),
     "ftp-helper-off": ("node",),
     "reset-rules": ("node",),
+    "generated-rules": ("node",),
 }
 FAULT_REQUIRED = {"delay": ("link", "ms"), "loss": ("link", "percent"), "cut": ("link",),
                   "bandwidth": ("link", "mbit"), "clear": ("link",), "stop": ("host",), "rule": ("node", "rule"),
-                  "block": ("flow", "from", "to"), "ftp-helper-off": ("node",), "reset-rules": ()}
+                  "block": ("flow", "from", "to"), "ftp-helper-off": ("node",), "reset-rules": (),
+                  "generated-rules": ()}
 
 
 class _Validator:
@@ -293,6 +315,7 @@ class _Validator:
         self.timeout = DEFAULT_TIMEOUT
         self.ids: set[str] = set()
         self.workflow_ids: set[str] = set()
+        self.workflows: dict[str, Workflow] = {}
 
     def fail(self, at: tuple, message: str) -> LabError:
         return self.doc.fail(at, message)
@@ -420,12 +443,14 @@ class _Validator:
 
     def _step(self, raw, at: tuple, number: str, grouped: bool = False) -> Step:
         if not isinstance(raw, dict):
-            raise self.fail(at, f"expected a step (a mapping with flow:, fault:, expect: or parallel:), got {_kind(raw)}")
+            raise self.fail(at, f"expected a step (a mapping with flow:, fault:, expect:, table: or parallel:), "
+                                f"got {_kind(raw)}")
         # a fault may name a flow (block), so fault: decides before flow:
-        kinds = [k for k in ("fault" if "fault" in raw else "flow", "expect", "parallel") if k in raw]
+        kinds = [k for k in ("fault" if "fault" in raw else "flow", "expect", "table", "parallel") if k in raw]
         if len(kinds) != 1:
-            raise self.fail(at, "a step is one of: a workflow (flow:), a fault (fault:), an expectation (expect:) "
-                                "or a group (parallel:)" + (f"; this one has {', '.join(kinds)}" if kinds else ""))
+            raise self.fail(at, "a step is one of: a workflow (flow:), a fault (fault:), an expectation (expect:), "
+                                "a table (table:) or a group (parallel:)"
+                                + (f"; this one has {', '.join(kinds)}" if kinds else ""))
         where = f"{self.doc.path}:{self.doc.line(at)}"
         kind = kinds[0]
         if kind == "parallel":
@@ -436,6 +461,10 @@ class _Validator:
             if grouped:
                 raise self.fail(at + ("expect",), "expectations come after a parallel group, not inside it")
             return self._expect(raw, at, number, where)
+        if kind == "table":
+            if grouped:
+                raise self.fail(at + ("table",), "a table comes after the workflows it shows, not inside a group")
+            return self._table(raw, at, number, where)
         if kind == "fault":
             return self._fault(raw, at, number, where)
         return self._workflow(raw, at, number, where)
@@ -485,8 +514,26 @@ class _Validator:
         timeout = self.timeout
         if "timeout" in raw:
             timeout = self.number(raw["timeout"], at + ("timeout",), 0.1, MAX_TIMEOUT, "seconds")
+        size = self._size(raw["size"], at + ("size",)) if "size" in raw else None
         self.workflow_ids.add(step_id)
-        return Workflow(where, number, step_id, text, flow, client, server, endpoints, dict(options), mode, timeout)
+        workflow = Workflow(where, number, step_id, text, flow, client, server, endpoints, dict(options), mode,
+                            timeout, size)
+        self.workflows[step_id] = workflow
+        return workflow
+
+    def _size(self, value, at: tuple) -> int:
+        """Bytes: a whole number, or a number with a unit (16 MB, 512 KiB; MB = 10^6 B, MiB = 2^20 B)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        else:
+            match = SIZE.match(value.strip()) if isinstance(value, str) else None
+            if not match:
+                raise self.fail(at, f"expected a size like 16 MB, 512 KiB or 4096 (bytes), got {_kind(value)}; "
+                                    f"units: {', '.join(SIZE_UNITS)}")
+            size = round(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+        if not 0 <= size <= MAX_SIZE:
+            raise self.fail(at, f"{size} bytes is out of range: give 0 to {MAX_SIZE // 1024 ** 2} MiB")
+        return size
 
     def _endpoints(self, flow: Flow, raw: dict, at: tuple) -> tuple[Endpoint, ...]:
         used = [ep for ep in flow.endpoints
@@ -511,21 +558,66 @@ class _Validator:
         outcome = raw.get("outcome", "")
         if "outcome" in raw and outcome not in OUTCOME_GROUPS:
             raise self.fail(at + ("outcome",), f"unknown outcome {outcome!r}; use one of {', '.join(OUTCOME_GROUPS)}")
-        above = below = None
-        if "elapsed_ms" in raw:
-            bounds = self.mapping(raw["elapsed_ms"], at + ("elapsed_ms",), ("above", "below"))
-            if not bounds:
-                raise self.fail(at + ("elapsed_ms",), "give above: and/or below: (milliseconds)")
-            if "above" in bounds:
-                above = self.number(bounds["above"], at + ("elapsed_ms", "above"), 0, 3_600_000, "milliseconds")
-            if "below" in bounds:
-                below = self.number(bounds["below"], at + ("elapsed_ms", "below"), 0, 3_600_000, "milliseconds")
-            if above is not None and below is not None and above >= below:
-                raise self.fail(at + ("elapsed_ms",), f"above {above:g} and below {below:g} cannot both hold")
-        if not outcome and above is None and below is None:
-            raise self.fail(at, "an expectation needs outcome: or elapsed_ms:")
+        above, below = self._bounds(raw, "elapsed_ms", at)
+        rtt_above, rtt_below = self._bounds(raw, "round_trip_ms", at)
+        if "round_trip_ms" in raw:
+            rounds = self.workflows[target].options.get("rounds")
+            if isinstance(rounds, bool) or not isinstance(rounds, int) or not 0 < rounds <= MAX_ROUNDS:
+                raise self.fail(at + ("round_trip_ms",), f"step {target!r} measures no round trip: give it "
+                                                         f"options: {{rounds: N}} (1 to {MAX_ROUNDS} small request/"
+                                                         "reply round trips on its connection, framed flows)")
+        if not outcome and above is None and below is None and rtt_above is None and rtt_below is None:
+            raise self.fail(at, "an expectation needs outcome:, elapsed_ms: or round_trip_ms:")
         says = self.text(raw["says"], at + ("says",)) if "says" in raw else ""
-        return Expect(where, number, target, outcome, above, below, says)
+        return Expect(where, number, target, outcome, above, below, says, rtt_above, rtt_below)
+
+    def _bounds(self, raw: dict, key: str, at: tuple) -> tuple[float | None, float | None]:
+        """(above, below) milliseconds of an expectation's `key: {above: N, below: N}`; None where not given."""
+        if key not in raw:
+            return None, None
+        bounds = self.mapping(raw[key], at + (key,), ("above", "below"))
+        if not bounds:
+            raise self.fail(at + (key,), "give above: and/or below: (milliseconds)")
+        above = below = None
+        if "above" in bounds:
+            above = self.number(bounds["above"], at + (key, "above"), 0, 3_600_000, "milliseconds")
+        if "below" in bounds:
+            below = self.number(bounds["below"], at + (key, "below"), 0, 3_600_000, "milliseconds")
+        if above is not None and below is not None and above >= below:
+            raise self.fail(at + (key,), f"above {above:g} and below {below:g} cannot both hold")
+        return above, below
+
+    def _table(self, raw, at, number, where) -> Table:
+        self.mapping(raw, at, TABLE_KEYS, ("table", "mbit"))
+        ids = raw["table"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise self.fail(at + ("table",), f"expected a list of earlier workflow ids, got {_kind(ids)}")
+        for i, target in enumerate(ids):
+            if target not in self.workflow_ids:
+                known = ", ".join(sorted(self.workflow_ids)) or "none yet"
+                raise self.fail(at + ("table", i), f"{target!r} is not the id of an earlier workflow step ({known})")
+            workflow = self.workflows[target]
+            if workflow.size is None:
+                raise self.fail(at + ("table", i), f"step {target!r} has no size: give it size: (e.g. 4 MB) so "
+                                                   "its delivery time can be predicted")
+            if len(workflow.endpoints) != 1:
+                raise self.fail(at + ("table", i), f"step {target!r} runs {len(workflow.endpoints)} deliveries at once "
+                                                   "(one per port of its flow), sharing the link: pick one with "
+                                                   "protocol: or security:")
+        if len(set(ids)) != len(ids):
+            raise self.fail(at + ("table",), "a workflow is listed twice")
+        mbit = self.number(raw["mbit"], at + ("mbit",), 0.01, 100_000, "Mbit/s, the link's rate")
+        within = None
+        if "within" in raw:
+            value = raw["within"]
+            if isinstance(value, str) and value.strip().endswith("%"):
+                try:
+                    value = float(value.strip()[:-1])
+                except ValueError:
+                    pass
+            within = self.number(value, at + ("within",), 0.1, 100, "percent, like 20%")
+        says = self.text(raw["says"], at + ("says",)) if "says" in raw else ""
+        return Table(where, number, tuple(ids), mbit, within, says)
 
     def _fault(self, raw, at, number, where) -> Fault:
         kind = raw["fault"]
@@ -554,6 +646,11 @@ class _Validator:
             fields["host"] = self.host(raw["host"], at + ("host",))
         elif kind in ("ftp-helper-off", "reset-rules") and "node" in raw:
             fields["node"] = self.rule_node(raw["node"], at + ("node",))
+        elif kind == "generated-rules" and "node" in raw:
+            fields["node"] = self.rule_node(raw["node"], at + ("node",))
+            if not self.topology.is_firewall(fields["node"]):
+                raise self.fail(at + ("node",), f"rules are generated for firewall nodes only "
+                                                f"({', '.join(fw.name for fw in self.topology.firewalls)})")
         elif kind == "rule":
             fields["node"] = self.rule_node(raw["node"], at + ("node",))
             fields["rule"] = self._rule_text(raw["rule"], at + ("rule",))

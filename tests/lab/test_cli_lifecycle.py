@@ -151,3 +151,52 @@ def test_an_nft_ruleset_is_applied_like_an_iptables_one(lab_host, tmp_path):
     assert bad and all(" ftp " in l and "data channel" in l for l in bad), bad
     assert " BROKEN" not in broken.stdout
     assert footprint() == CLEAN
+
+
+def test_exec_runs_a_command_in_a_host_of_a_lab_up_keeps_running(lab_host, tmp_path):
+    import queue
+    import re
+    import threading
+
+    command = " ".join([*SAFEQ_LAB, "up", "--topology", small_topology(tmp_path)])
+    # Mininet's CLI wants a terminal: `script` gives it one, and types what we write to its stdin
+    proc = subprocess.Popen(["script", "-qfec", command, "/dev/null"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+    seen, run_id, deadline = [], None, time.monotonic() + 120
+    try:
+        while run_id is None and time.monotonic() < deadline:
+            try:
+                seen.append(lines.get(timeout=1).replace("\r", ""))
+            except queue.Empty:
+                assert proc.poll() is None, "".join(seen)
+                continue
+            found = re.search(r"is up with rules .*; run ([a-z0-9]{3}), ", seen[-1])
+            run_id = found and found[1]
+        assert run_id, "".join(seen)
+        out = "".join(seen)
+        # the host table: every host with its address, roles and how to reach its services
+        assert re.search(r"^ts1 +198\.18\.100\.10 +terminal-server, spooler-controller$", out, re.M), out
+        assert "https://198.18.100.10:" in out and "ldap://198.18.100.10:389" in out, out
+        inside = run_cli("exec", "--run", run_id, "km1", "--", "ip", "-4", "-o", "addr", "show", timeout=60)
+        assert inside.returncode == 0, inside.stderr
+        assert "198.18.101.10/24" in inside.stdout and "198.18.100.10" not in inside.stdout
+        through = run_cli("exec", "--run", run_id, "ts1", "--", "ping", "-c1", "-W2", "198.18.101.10", timeout=60)
+        assert through.returncode == 0 and "1 received" in through.stdout, through.stdout + through.stderr
+        status = run_cli("exec", "--run", run_id, "km1", "--", "sh", "-c", "exit 3", timeout=60)
+        assert status.returncode == 3  # the command's own exit status
+        unknown = run_cli("exec", "--run", run_id, "no-such-host", "--", "true", timeout=60)
+        assert unknown.returncode == 4
+        one_line_error(unknown, "no-such-host", "`safeq-lab up`", "km1", "ts1")
+        wrong_run = run_cli("exec", "--run", "zz9", "km1", "--", "true", timeout=60)
+        assert wrong_run.returncode == 4
+        one_line_error(wrong_run, "--run zz9", run_id)
+    finally:
+        if proc.poll() is None:
+            proc.stdin.write("exit\n")
+            proc.stdin.flush()
+        proc.wait(timeout=120)
+    assert footprint() == CLEAN
+    gone = run_cli("exec", "--run", run_id, "km1", "--", "true", timeout=60)
+    assert gone.returncode == 4 and "`safeq-lab up`" in gone.stderr

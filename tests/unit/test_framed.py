@@ -630,3 +630,105 @@ def test_loopback_protocol_error(server, detail):
 
     result = run_on_fresh_reactor(lambda r: Deferred.fromCoroutine(scenario(r)))
     assert result.outcome == 'protocol_error' and detail in result.detail, result
+
+
+# --- option rounds: the link's round-trip time on the open connection ------------
+
+def serve_in_memory(client, client_transport, server, server_transport, clock=None, delay=0.0):
+    """Pass every pending frame between probe and stub until both are quiet; `delay` seconds per trip."""
+    while client_transport.value() and client_transport.connected:
+        if clock is not None:
+            clock.advance(delay / 2)
+        request = client_transport.value()
+        client_transport.clear()
+        server.dataReceived(request)
+        if clock is not None:
+            clock.advance(delay / 2)
+        reply = server_transport.value()
+        server_transport.clear()
+        client.dataReceived(reply)
+
+
+def test_rounds_measure_the_median_round_trip_on_one_connection():
+    clock, d, factory = start_tcp_probe(size=2000, options={'rounds': 5}, timeout=10.0)
+    client, client_transport = connect_client(factory)
+    _, server, server_transport, records = tcp_server()
+    serve_in_memory(client, client_transport, server, server_transport, clock, delay=0.09)
+    result = fired(d)
+    assert result.outcome == 'ok', result
+    assert result.round_trip_ms == pytest.approx(90.0)
+    assert [r['size'] for r in records] == [2000] + [framed.ROUND_BYTES] * 5  # one connection, six pairs
+    assert 'then 5 round trips of 64 B: median 90.0 ms' in result.exchange
+    assert result.elapsed == pytest.approx(6 * 0.09)
+    assert not client_transport.connected and clock.getDelayedCalls() == []
+    assert ProbeResult.from_dict(result.to_dict()) == result   # JSON-safe, like every result field
+
+
+def test_without_rounds_no_round_trip_is_reported():
+    clock, d, factory = start_tcp_probe()
+    client, client_transport = connect_client(factory)
+    _, server, server_transport, records = tcp_server()
+    serve_in_memory(client, client_transport, server, server_transport)
+    result = fired(d)
+    assert result.outcome == 'ok' and result.round_trip_ms is None and len(records) == 1
+
+
+def test_a_round_without_reply_times_out_naming_the_rounds_done():
+    clock, d, factory = start_tcp_probe(options={'rounds': 3}, timeout=2.0)
+    client, client_transport = connect_client(factory)
+    _, server, server_transport, _records = tcp_server()
+    server.dataReceived(client_transport.value())
+    client_transport.clear()
+    client.dataReceived(server_transport.value())   # first exchange done; round 1 is on its way
+    assert client_transport.value()
+    clock.advance(2.0)
+    result = fired(d)
+    assert result.outcome == 'silent' and '0 of 3 round trips' in result.detail
+    assert result.round_trip_ms is None
+
+
+def test_a_wrong_round_reply_is_a_protocol_error():
+    clock, d, factory = start_tcp_probe(options={'rounds': 2})
+    client, client_transport = connect_client(factory)
+    _, server, server_transport, _records = tcp_server()
+    server.dataReceived(client_transport.value())
+    client_transport.clear()
+    client.dataReceived(server_transport.value())
+    client.dataReceived(frame(b'{"v":1,"ok":true,"nonce":"wrong","size":0}\n'))
+    result = fired(d)
+    assert result.outcome == 'protocol_error' and 'round trip 1 of 2' in result.detail
+    assert result.round_trip_ms is None
+
+
+@pytest.mark.parametrize('rounds, transport, words', [
+    (0.5, 'tcp', 'integer from 1'), (True, 'tcp', 'integer from 1'), (framed.MAX_ROUNDS + 1, 'tcp', 'integer from 1'),
+    (-1, 'tcp', 'integer from 1'), ('3', 'tcp', 'integer from 1'), (3, 'udp', 'tcp only'),
+])
+def test_bad_rounds_option_is_an_error_before_any_packet(rounds, transport, words):
+    clock = UDPMemoryReactor()
+    result = fired(framed.probe(clock, target(transport, options={'rounds': rounds})))
+    assert result.outcome == 'error' and words in result.detail
+    assert clock.tcpClients == [] and clock.udp_listens == []
+
+
+@pytest.mark.parametrize('value', [-1.0, float('nan'), float('inf'), '12', True])
+def test_probe_result_rejects_a_bad_round_trip(value):
+    with pytest.raises(ValueError, match='round_trip_ms'):
+        ProbeResult('x', 'ok', 0.1, round_trip_ms=value)
+
+
+def test_loopback_tcp_rounds():
+    records: list[dict] = []
+
+    async def scenario(reactor):
+        port = framed.listen(reactor, Listener('tcp', 0, 'safeq'), PERSONA,
+                             on_request=records.append, interface='127.0.0.1')
+        try:
+            return await framed.probe(reactor, loopback('tcp', port.getHost().port, options={'rounds': 7}))
+        finally:
+            await maybeDeferred(port.stopListening)
+
+    result = run_on_fresh_reactor(lambda r: Deferred.fromCoroutine(scenario(r)))
+    assert result.outcome == 'ok', result
+    assert 0 <= result.round_trip_ms < 50   # loopback: well under a millisecond, unless the machine is busy
+    assert len(records) == 8 and len({r['nonce'] for r in records}) == 8

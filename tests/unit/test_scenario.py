@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,7 +116,21 @@ BAD = [
     ("{expect: login, outcome: ok", "{expect: login, elapsed_ms: {above: 50, below: 10}", 9, "steps[2].elapsed_ms",
      "cannot both hold"),
     ("{expect: login, outcome: ok, says: \"the baseline\"}", "{expect: login}", 9, "steps[2]",
-     "needs outcome: or elapsed_ms:"),
+     "needs outcome:, elapsed_ms: or round_trip_ms:"),
+    ("{expect: login, outcome: ok", "{expect: login, round_trip_ms: {below: 100}", 9, "steps[2].round_trip_ms",
+     "measures no round trip: give it options: {rounds: N}"),
+    ("{expect: login, outcome: ok", "{expect: login, round_trip_ms: {above: 100, below: 90}", 9,
+     "steps[2].round_trip_ms", "cannot both hold"),
+    ("options: {card: '1234'}", "options: {card: '1234'}, size: 4 GB", 7, "steps[0].size", "a size like 16 MB"),
+    ("options: {card: '1234'}", "options: {card: '1234'}, size: 65 MiB", 7, "steps[0].size", "out of range"),
+    ("options: {card: '1234'}", "options: {card: '1234'}, size: -1", 7, "steps[0].size", "out of range"),
+    ("{expect: login, outcome: ok, says: \"the baseline\"}", "{table: [login], mbit: 10}", 9, "steps[2].table[0]",
+     "has no size"),
+    ("{expect: login, outcome: ok, says: \"the baseline\"}", "{table: [logon], mbit: 10}", 9, "steps[2].table[0]",
+     "not the id of an earlier workflow"),
+    ("{expect: login, outcome: ok, says: \"the baseline\"}", "{table: login, mbit: 10}", 9, "steps[2].table",
+     "list of earlier workflow ids"),
+    ("{expect: login, outcome: ok, says: \"the baseline\"}", "{table: [login]}", 9, "steps[2]", "missing key 'mbit'"),
     ("  - {fault: stop, host: site1}\n", "  - {fault: stop, host: site1}\n  - {id: login, do: again, "
      "flow: terminal-server-45, from: tp4, to: site1}\n", 9, "steps[2].id", "already used"),
     ("  - {fault: stop, host: site1}\n", "  - {fault: stop, host: site1, flow: x, expect: login}\n", 8, "steps[1]",
@@ -173,6 +188,7 @@ class FakeLab:
         self.stopped: set[str] = set()
         self.blocked: dict[tuple[str, int], str] = {}
         self.delay_ms = 0.0
+        self.mbit = 0.0
         self.helpers = ["-A PREROUTING -d 198.18.2.18/32 -p tcp -m tcp --dport 21 -m comment --comment "
                         "\"ftp data channels via conntrack helper\" -j CT --helper ftp"]
         self.barrier: threading.Barrier | None = None
@@ -187,6 +203,7 @@ class FakeLab:
 
     def apply_rules(self, rulesets):
         self.events.append(("apply_rules", tuple(rulesets)))
+        self.applied = dict(rulesets)
         self.blocked.clear()
 
     def stop_daemon(self, host):
@@ -196,11 +213,12 @@ class FakeLab:
     def impair(self, link, impairment):
         self.events.append(("impair", link, impairment))
         self.delay_ms = impairment.delay_ms or 0.0
+        self.mbit = impairment.bw or 0.0
         return f"netem on {link}"
 
     def clear_impairment(self, link):
         self.events.append(("clear", link))
-        self.delay_ms = 0.0
+        self.delay_ms = self.mbit = 0.0
         return f"{link} passes everything again"
 
     def command(self, node, argv):
@@ -221,6 +239,7 @@ class FakeLab:
             self.barrier.wait()  # a parallel group: every member must be in flight at once
         self.events.append(("probe", tuple((h, t.host, t.port, t.timeout, t.ca_file, tuple(sorted(t.options.items())))
                                            for h, ts in targets_by_host.items() for t in ts)))
+        self.sizes = [t.size for ts in targets_by_host.values() for t in ts]
         results = {}
         for ts in targets_by_host.values():
             for t in ts:
@@ -231,7 +250,12 @@ class FakeLab:
                 elif self.blocked.get((t.host, t.port)) == "REJECT":
                     results[t.id] = ProbeResult(t.id, "refused", 0.001)
                 else:
-                    results[t.id] = ProbeResult(t.id, "ok", 0.010 + self.delay_ms / 1000, exchange="login → session")
+                    # a link's delay once per round trip, its rate once per payload
+                    transfer = t.size * 8 / (self.mbit * 1e6) if self.mbit else 0.0
+                    rounds = t.options.get("rounds")
+                    results[t.id] = ProbeResult(t.id, "ok", 0.010 + self.delay_ms / 1000 + transfer,
+                                                exchange="login → session",
+                                                round_trip_ms=0.5 + self.delay_ms if rounds else None)
         return results
 
 
@@ -468,3 +492,142 @@ def test_vendor_stories_run_green_in_a_fake_lab():
         out = io.StringIO()
         assert command.run_file(name, out, lab_class=FakeLab) == 0, out.getvalue()
         assert " - FAILED" not in out.getvalue()
+
+
+# -- round trips, sizes and tables -----------------------------------------------------------------
+LATENCY = """\
+name: latency
+description: the sync round trip against a bound
+topology: branch-office
+impairable: [wan-bfw]
+steps:
+  - {id: fast, do: "site3 syncs", flow: spooler-controller-01, from: site3, to: site1, options: {rounds: 5}}
+  - {expect: fast, outcome: ok, round_trip_ms: {below: 100}}
+  - {fault: delay, link: wan-bfw, ms: 150}
+  - {id: slow, do: "site3 syncs again", flow: spooler-controller-01, from: site3, to: site1, options: {rounds: 5}}
+  - {expect: slow, round_trip_ms: {below: 100}, says: "beyond the bound"}
+  - {expect: slow, outcome: ok, round_trip_ms: {above: 100}}
+repair:
+  - {fault: clear, link: wan-bfw}
+"""
+
+
+def test_round_trip_expectations_judge_the_measured_median(tmp_path):
+    result, out, lab = run(tmp_path, LATENCY)
+    assert [(e.number, e.held) for e in result.expectations] == [("2", True), ("5", False), ("6", True)]
+    assert dict(lab.events[0][1][0][5])["rounds"] == 5   # the option reaches the probe
+    assert result.workflows["fast"].round_trip_ms == 0.5 and result.workflows["slow"].round_trip_ms == 150.5
+    assert "Step 2: expect step 1 (site3 syncs) to work, a round trip under 100 ms" in out
+    assert "  -> DOES NOT HOLD: it worked in 160 ms; round trip 150.5 ms. beyond the bound" in out
+    assert re.search(r"PASS  step 6 +site3 syncs again: to work, a round trip over 100 ms  \[.*round trip 150.5 ms\]", out)
+
+
+def test_a_round_trip_expectation_fails_when_nothing_was_measured(tmp_path):
+    class NoRoundTrips(FakeLab):
+        def run_probes(self, targets_by_host):
+            return {i: replace(r, round_trip_ms=None) for i, r in super().run_probes(targets_by_host).items()}
+
+    result, out, _lab = run(tmp_path, LATENCY, NoRoundTrips())
+    assert result.expectations[0].held is False and "no round trip measured" in result.expectations[0].observed
+
+
+@pytest.mark.parametrize("text, size", [("4096", 4096), ("1 MB", 10 ** 6), ("16MiB", 16 * 2 ** 20), ("1.5 KB", 1500),
+                                        ("0", 0), ("64 MiB", 64 * 2 ** 20)])
+def test_workflow_sizes_take_units(tmp_path, text, size):
+    scenario = load_scenario(write(tmp_path, VALID.replace("options: {card: '1234'}", f"size: {text}")), CATALOG)
+    assert scenario.steps[0].size == size
+
+
+BANDWIDTH = """\
+name: bandwidth
+description: delivery times on a narrow link
+topology: single-site
+impairable: [devices]
+timeout: 10
+steps:
+  - {fault: bandwidth, link: devices, mbit: 20}
+  - {id: small, do: "a 1 MB job", flow: mfd-23, from: site1, to: mfd-km, protocol: raw, size: 1 MB}
+  - {id: big, do: "a 16 MB job", flow: mfd-23, from: site1, to: mfd-km, protocol: raw, size: 16 MB}
+  - {id: mid, do: "a 4 MB job", flow: mfd-23, from: site1, to: mfd-km, protocol: raw, size: 4 MB}
+  - {table: [small, mid, big], mbit: 20, within: 20%, says: "size over rate"}
+repair:
+  - {fault: clear, link: devices}
+"""
+
+
+def test_a_table_prints_delivery_times_and_judges_them_against_the_rate(tmp_path):
+    result, out, lab = run(tmp_path, BANDWIDTH)
+    assert result.passed, out
+    probes = [e for e in lab.events if e[0] == "probe"]
+    assert len(probes) == 3
+    assert re.search(r"Step 3: a 16 MB job \(mfd-23, site1 -> mfd-km, \d+/tcp raw, 16 MB\)\n  -> it worked in 6.41 s", out)
+    lines = out.split("Step 5: delivery times at 20 Mbit/s (predicted: size x 8 / rate)\n", 1)[1].splitlines()
+    assert lines[0].split() == ["step", "size", "seconds", "Mbit/s", "predicted", "s", "outcome"]
+    assert lines[1].split() == ["small", "1", "MB", "0.41", "19.51", "0.40", "ok"]
+    assert lines[2].split() == ["mid", "4", "MB", "1.61", "19.88", "1.60", "ok"]
+    assert lines[3].split() == ["big", "16", "MB", "6.41", "19.97", "6.40", "ok"]
+    assert lines[4] == "  size over rate"
+    judged = result.expectations
+    assert [e.number for e in judged] == ["5"] * 4 and all(e.held for e in judged)
+    assert judged[0].wording == "a 1 MB job: 1 MB delivered in 0.40 s +/- 20 %"
+    assert re.fullmatch(r"0.41 s, \+[23] % \(19.51 Mbit/s\)", judged[0].observed)
+    assert judged[3].wording == "the delivery time grows with the job's size"
+    assert judged[3].observed == "1 MB: 0.41 s, 4 MB: 1.61 s, 16 MB: 6.41 s"
+
+
+def test_a_table_fails_rows_off_the_prediction_and_times_that_do_not_grow(tmp_path):
+    class Flat(FakeLab):   # every job takes as long: a link that is not the bottleneck
+        def run_probes(self, targets_by_host):
+            return {i: replace(r, elapsed=1.0) for i, r in super().run_probes(targets_by_host).items()}
+
+    result, out, _lab = run(tmp_path, BANDWIDTH, Flat())
+    assert [e.held for e in result.expectations] == [False, False, False, False]
+    assert result.expectations[0].observed == "1.00 s, +150 % (8.00 Mbit/s)"
+    assert "FAIL  step 5     the delivery time grows with the job's size" in out
+
+
+def test_a_table_without_within_only_prints(tmp_path):
+    result, out, _lab = run(tmp_path, BANDWIDTH.replace(", within: 20%", ""))
+    assert result.expectations == [] and "delivery times at 20 Mbit/s" in out
+
+
+@pytest.mark.parametrize("old, new, key, words", [
+    ("within: 20%", "within: lots", "steps[4].within", "percent, like 20%"),
+    ("within: 20%", "within: 0%", "steps[4].within", "out of range"),
+    ("mbit: 20, within", "mbit: 0, within", "steps[4].mbit", "out of range"),
+    ("[small, mid, big]", "[small, small]", "steps[4].table", "listed twice"),
+    ("to: mfd-km, protocol: raw, size: 1 MB", "to: mfd-km, size: 1 MB", "steps[4].table[0]", "runs 2 deliveries at once"),
+    ("  - {table:", "  - parallel: [{fault: clear, link: devices}, {table: [small], mbit: 1}]\n  - {table:",
+     "steps[4].parallel[1].table", "not inside a group"),
+])
+def test_table_errors_name_the_key(tmp_path, old, new, key, words):
+    assert old in BANDWIDTH
+    message = error_of(write(tmp_path, BANDWIDTH.replace(old, new, 1)))
+    assert f": {key}: " in message and words in message, message
+
+
+def test_generated_rules_replace_a_scenarios_own_ruleset(tmp_path):
+    result, out, lab = run(tmp_path, VALID.replace("{fault: stop, host: site1}", "{fault: generated-rules, node: fw}"))
+    assert result.passed
+    ruleset = lab.applied["fw"]
+    assert "--ctstate RELATED,ESTABLISHED -j ACCEPT" in ruleset.text and "generated" in ruleset.source
+    assert "Step 2: firewall fw gets the generated rules\n  -> fw: the ruleset generated from the catalog" in out
+
+
+def test_generated_rules_are_for_firewall_nodes(tmp_path):
+    message = error_of(write(tmp_path, VALID.replace("{fault: stop, host: site1}", "{fault: generated-rules, node: pc1}")))
+    assert "steps[1].node" in message
+
+
+def test_the_stateless_scenario_starts_from_its_own_rules_file():
+    scenario = load_scenario("replies-dropped-stateless", CATALOG)
+    ruleset = command.scenario_rulesets(scenario)["fw"]
+    assert "ESTABLISHED" not in ruleset.text.split("*filter", 1)[1].split("COMMIT")[0].replace(
+        "# ", "")   # the file says what it lacks only in its comment header
+    assert [s.kind for s in scenario.repair if isinstance(s, schema.Fault)] == ["generated-rules"]
+
+
+def test_the_jmx_scenario_runs_a_site_before_mu38():
+    scenario = load_scenario("jmx-beyond-localhost", CATALOG)
+    assert scenario.topology.profile.jmx_remote
+    assert {w.flow.endpoints[0].protocol for w in scenario.workflows().values()} == {"jmx"}
