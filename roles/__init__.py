@@ -24,6 +24,10 @@ LOCALHOST = "127.0.0.1"
 # listener (an IPP printer and an HTTP install endpoint on one port are one HTTP server in reality).
 _UPGRADABLE = {"plain", "starttls", "optional"}
 _LISTENER_PRECEDENCE = ("ftp", "ldap", "snmp", "lpr", "raw", "ipp", "soap", "webdav", "http")
+# Protocols that are HTTP underneath: on a port one of _HTTP_SITES serves for another role of the
+# host, they are mounted on that HTTP site (one socket, both surfaces), as one Tomcat would serve both.
+_MOUNTED_ON_HTTP = frozenset({"etcd", "infinispan"})
+_HTTP_SITES = frozenset({"http", "soap", "webdav"})
 
 
 @dataclass(frozen=True)
@@ -49,18 +53,26 @@ def listeners(role_ids, catalog: Catalog | None = None, site: DeploymentProfile 
     catalog = catalog or load_catalog()
     site = site or DeploymentProfile()
     chosen: dict[tuple[str, int], Listener] = {}
+    mounted: dict[tuple[str, int], set[str]] = {}  # HTTP-based protocols that share a port with others
     for role_id in role_ids:
         for _flow, ep in profile(role_id, catalog).serves:
             if ep.port is None or ep.transport == "icmp":
                 continue  # the kernel answers ICMP; FTP data ranges are opened per session
             candidate = Listener(ep.transport, ep.port, ep.protocol, ep.security)
             current = chosen.get((ep.transport, ep.port))
+            if ep.protocol in _MOUNTED_ON_HTTP:
+                mounted.setdefault((ep.transport, ep.port), set()).add(ep.protocol)
             if current is None or _rank(candidate.protocol) < _rank(current.protocol):
                 chosen[(ep.transport, ep.port)] = candidate
             elif current.protocol == candidate.protocol and current.security != candidate.security:
                 # one port, plain for some flows and upgraded for others: serve both
                 if {current.security, candidate.security} <= _UPGRADABLE:
                     chosen[(ep.transport, ep.port)] = Listener(ep.transport, ep.port, ep.protocol, "optional")
+    for key, protocols in mounted.items():
+        served = chosen[key]
+        also = tuple(sorted(protocols - {served.protocol}))
+        if also and served.protocol in _HTTP_SITES:
+            chosen[key] = replace(served, also=also)
     if not site.jmx_remote:
         chosen = {key: replace(item, bind=LOCALHOST) if item.protocol == "jmx" else item for key, item in chosen.items()}
     return sorted(chosen.values(), key=lambda item: (item.port, item.transport))

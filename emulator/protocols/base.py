@@ -178,6 +178,7 @@ class Listener:
     protocol: str
     security: str = 'plain'
     bind: str = ''   # '' = every address of the host; '127.0.0.1' = localhost only (e.g. JMX from MU38)
+    also: tuple[str, ...] = ()  # protocols that are HTTP underneath, served on this HTTP port too (etcd, ...)
 
     def __post_init__(self) -> None:
         owner = 'Listener'
@@ -186,11 +187,14 @@ class Listener:
         _need_str(owner, 'protocol', self.protocol)
         _need_choice(owner, 'security', self.security, SECURITIES)
         _need_str(owner, 'bind', self.bind, allow_empty=True)
+        if not isinstance(self.also, tuple) or not all(isinstance(p, str) and p for p in self.also):
+            raise ValueError(f'{owner}.also must be a list of protocol ids, got {self.also!r}')
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Listener:
         _check_keys(cls, data)
-        return cls(**data)
+        also = data.get('also', ())
+        return cls(**{**data, 'also': tuple(also) if isinstance(also, list) else also})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -296,6 +296,12 @@ class EtcdGateway(Resource):
         return reply
 
 
+def http_resources(reactor, persona: Persona) -> dict[bytes, EtcdGateway]:
+    """The gateway's first path segments, for another HTTP site sharing its port."""
+    gateway = EtcdGateway(persona)
+    return {b'v3': gateway, b'version': gateway, b'health': gateway}
+
+
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = ''):
     """Serve the etcd v3 JSON gateway on ``listener`` (one in-memory store per port)."""

@@ -256,6 +256,11 @@ class RestServer(Resource):
                              'last-modified': email.utils.formatdate(entry.modified, usegmt=True)})
 
 
+def http_resources(reactor, persona: Persona) -> dict[bytes, RestServer]:
+    """The REST API as a first path segment of another HTTP site sharing its port."""
+    return {b'rest': RestServer(reactor, CacheStore(_caches_of(persona)))}
+
+
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = ''):
     """Serve the Infinispan REST v2 subset on ``listener`` (one in-memory store per port)."""

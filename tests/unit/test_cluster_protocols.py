@@ -466,3 +466,45 @@ def test_probes_of_closed_ports_are_refused():
 def test_listeners_refuse_what_they_cannot_serve():
     with pytest.raises(ValueError):
         jgroups.listen(MemoryReactorClock(), Listener('tcp', 0, 'jgroups', 'tls'), ISPN)
+
+
+# --- HTTP-based protocols sharing an HTTP port ------------------------------------------------
+
+def probe_shared_http_port(also: tuple[str, ...], protocol: str):
+    """A WebDAV listener that also serves `also`, probed as `protocol` on the same port."""
+    import roles
+
+    site_roles = ('spooler-controller', 'infinispan', 'terminal-server')
+    persona = Persona(host='site-1', roles=site_roles, identity=roles.identity(site_roles))
+
+    def go(reactor):
+        port = http.listen(reactor, Listener('tcp', 0, 'webdav', 'plain', also=also), persona,
+                           interface='127.0.0.1')
+        target = ProbeTarget(id='t', host='127.0.0.1', transport='tcp', protocol=protocol,
+                             port=port.getHost().port, timeout=3.0)
+
+        async def run():
+            try:
+                return await protocols.probe(reactor, target)
+            finally:
+                await port.stopListening()
+        return Deferred.fromCoroutine(run())
+
+    return run_on_fresh_reactor(go)
+
+
+@pytest.mark.parametrize('protocol', ['infinispan', 'etcd'])
+def test_an_http_port_shared_with_an_http_based_protocol_serves_both(protocol):
+    assert probe_shared_http_port((protocol,), protocol).outcome == 'ok'
+    assert probe_shared_http_port((protocol,), 'webdav').outcome == 'ok'
+    # without the mount the HTTP site has no such surface: the probe reads a 404
+    assert probe_shared_http_port((), protocol).outcome == 'protocol_error'
+
+
+def test_roles_mount_http_based_protocols_on_the_port_they_share():
+    import roles
+
+    listeners = {(l.transport, l.port): l for l in roles.listeners(['terminal-server', 'infinispan'])}
+    shared = [l for l in listeners.values() if 'infinispan' in l.also]
+    assert shared and all(l.protocol in ('http', 'soap', 'webdav') for l in shared)
+    assert Listener.from_dict(shared[0].to_dict()) == shared[0]

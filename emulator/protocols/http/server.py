@@ -539,7 +539,13 @@ def listen_site(reactor, listener: Listener, persona: Persona, site: Site, inter
 
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = '', extra_resources: dict[bytes, Resource] | None = None):
-    """Serve HTTP(S) (REST, SOAP and WebDAV) on ``listener``; bind errors propagate."""
-    site = site_for(listener, persona, extra_resources, reactor=reactor, on_request=on_request)
+    """Serve HTTP(S) (REST, SOAP and WebDAV) on ``listener``, plus the surfaces of the HTTP-based
+    protocols ``listener.also`` names (their module's ``http_resources``); bind errors propagate."""
+    from .. import module_for
+
+    extra = dict(extra_resources or {})
+    for protocol in listener.also:
+        extra.update(module_for(protocol).http_resources(reactor, persona))
+    site = site_for(listener, persona, extra, reactor=reactor, on_request=on_request)
     return listen_site(reactor, listener, persona, site, interface=interface)
 
