@@ -86,16 +86,27 @@ def listen(reactor, listener: Listener, persona: Persona,
     return module.listen(reactor, listener, persona, on_request=on_request, interface=interface)
 
 
+# A probe bounds its own exchange by target.timeout; this backstop, well past that, turns a probe that
+# never settles (a bug) into one 'error' row instead of a prober job that waits forever.
+OVERDUE_FACTOR, OVERDUE_GRACE = 3.0, 10.0
+
+
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Probe ``target`` with its protocol's module; always fires with a ProbeResult."""
+    started = reactor.seconds()
     d = maybeDeferred(module_for(target.protocol).probe, reactor, target)
+    exchange = f'{target.protocol}/{target.transport}'
 
     def crashed(failure) -> ProbeResult:
         # Keeps the prober's output aligned with its input even on a bug.
-        return ProbeResult(id=target.id, outcome='error', elapsed=0.0,
-                           exchange=f'{target.protocol}/{target.transport}',
+        return ProbeResult(id=target.id, outcome='error', elapsed=0.0, exchange=exchange,
                            detail=f'probe crashed: {failure.type.__name__}: {failure.getErrorMessage()}')
 
+    def overdue(_value, timeout) -> ProbeResult:
+        return ProbeResult(id=target.id, outcome='error', elapsed=max(0.0, reactor.seconds() - started),
+                           exchange=exchange, detail=f'the probe never settled within {timeout:g} s (a probe bug)')
+
+    d.addTimeout(target.timeout * OVERDUE_FACTOR + OVERDUE_GRACE, reactor, onTimeoutCancel=overdue)
     return d.addErrback(crashed)
 
 

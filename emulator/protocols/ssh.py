@@ -406,7 +406,9 @@ class _ProbeCommand(channel.SSHChannel):
             'protocol_error', f'exec {self.plan.command.decode()!r} refused: {failure.getErrorMessage()}'))
 
     def openFailed(self, reason) -> None:
-        self.probe.decide('protocol_error', f'session channel refused: {reason.value}')
+        # Conch passes an OpenConnectionRefused from the server, or a bare exception when the
+        # connection is lost while the channel opens.
+        self.probe.decide('protocol_error', f'session channel refused: {getattr(reason, "value", reason)}')
 
     def dataReceived(self, data: bytes) -> None:
         self.stdout = (self.stdout + data)[:MAX_OUTPUT]
@@ -543,8 +545,10 @@ class _ProbeTransport(transport.SSHClientTransport):
         return f'connection closed while {self.probe.stage}: {reason.getErrorMessage()}'
 
     def connectionLost(self, reason) -> None:
-        transport.SSHClientTransport.connectionLost(self, reason)
-        self.probe.lost(reason)
+        try:
+            transport.SSHClientTransport.connectionLost(self, reason)
+        finally:  # Conch's services may raise while stopping: the probe must still hear of it
+            self.probe.lost(reason)
 
 
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:

@@ -176,3 +176,16 @@ def test_main_probes_and_keeps_order():
     # ICMP port unreachable on loopback is not rate-limited, so 'refused';
     # 'timeout' only if the sandbox drops the ICMP error.
     assert results[1].outcome in ('refused', 'timeout')
+
+
+def test_a_probe_that_never_settles_is_an_error_row_not_a_hang(monkeypatch):
+    from twisted.internet.defer import Deferred
+
+    clock = MemoryReactorClock()
+    monkeypatch.setattr(framed, 'probe', lambda reactor, target: Deferred())   # a bug: never fires
+    target = blackholed(1, timeout=2.0)[0]
+    d = protocols.probe(clock, target)
+    clock.advance(2.0 * protocols.OVERDUE_FACTOR + protocols.OVERDUE_GRACE)
+    result = fired(d)
+    assert (result.id, result.outcome) == ('p0', 'error') and 'never settled' in result.detail
+    assert clock.getDelayedCalls() == []

@@ -375,3 +375,19 @@ def test_importing_the_modules_leaves_the_global_reactor_alone():
             'assert "twisted.internet.reactor" not in sys.modules, "reactor installed"; print("clean")')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == 'clean', out.stderr
+
+
+def test_a_channel_lost_while_opening_settles_the_probe():
+    """Conch hands openFailed a bare ConnectionLost when the connection drops first (seen in a loaded lab)."""
+    from twisted.internet import error
+
+    decided = []
+
+    class Probe:
+        def decide(self, outcome, detail=''):
+            decided.append((outcome, detail))
+
+    session = ssh._ProbeCommand.__new__(ssh._ProbeCommand)
+    session.probe = Probe()
+    session.openFailed(error.ConnectionLost())
+    assert decided and decided[0][0] == 'protocol_error' and 'Connection to the other side was lost' in decided[0][1]
