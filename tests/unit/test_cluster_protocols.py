@@ -262,7 +262,7 @@ ASKER = uuid.UUID(int=0xabcd)
 
 def request(cluster: str | None = 'ISPN', kind: int = jgroups.GET_MBRS_REQ) -> jgroups.Discovery:
     data = jgroups.PingData(sender=ASKER, flags=0, logical_name='ispn-2',
-                            physical=jgroups.IpAddress('10.0.0.2', 7800))
+                            physical=jgroups.IpAddress('198.18.0.22', 7800))
     return jgroups.Discovery(type=kind, cluster=cluster, sender=ASKER, data=data, initial=True,
                              protocol_id=jgroups.TCPPING_ID)
 
@@ -271,10 +271,10 @@ def test_jgroups_version_and_preamble_bytes():
     assert jgroups.encode_version(5, 2, 12) == 0x288c == jgroups.OUR_VERSION
     assert jgroups.decode_version(0x288c) == (5, 2, 12)
     assert jgroups.compatible(jgroups.encode_version(5, 2, 0)) and not jgroups.compatible(jgroups.encode_version(5, 3, 0))
-    preamble = jgroups.encode_preamble(jgroups.IpAddress('10.0.0.2', 7800))
-    # cookie | version | address size 7 | IpAddress: length 4, 10.0.0.2, port 7800
-    assert preamble == b'bela' + bytes.fromhex('288c 0007 04 0a000002 1e78')
-    assert jgroups.decode_preamble(preamble + b'rest') == (0x288c, jgroups.IpAddress('10.0.0.2', 7800), 15)
+    preamble = jgroups.encode_preamble(jgroups.IpAddress('198.18.0.22', 7800))
+    # cookie | version | address size 7 | IpAddress: length 4, 198.18.0.22, port 7800
+    assert preamble == b'bela' + bytes.fromhex('288c 0007 04 c6120016 1e78')
+    assert jgroups.decode_preamble(preamble + b'rest') == (0x288c, jgroups.IpAddress('198.18.0.22', 7800), 15)
     for cut in range(len(preamble)):
         with pytest.raises(jgroups.Incomplete):
             jgroups.decode_preamble(preamble[:cut])
@@ -300,17 +300,17 @@ def test_jgroups_discovery_round_trip_and_layout():
     assert data[8:25] == b'\x02' + ASKER.bytes
     assert data[25:31] == struct.pack('>hhh', 1, 10, 53)
     assert data[31:40] == b'\x01' + b'\x01\x00\x04ISPN' + b'\x01'     # GET_MBRS_REQ, cluster, initial
-    reply, fields = jgroups.answer(ME, message, jgroups.IpAddress('10.0.0.1', 7800))
+    reply, fields = jgroups.answer(ME, message, jgroups.IpAddress('198.18.0.21', 7800))
     assert fields == {'member': 'ispn-2', 'cluster': 'ISPN', 'version': '5.2.12', 'op': 'discovery', 'answered': True}
     decoded = jgroups.decode_message(jgroups.encode_message(reply))
     assert decoded == reply and decoded.type == jgroups.GET_MBRS_RSP and decoded.dest == ASKER
-    assert decoded.data.logical_name == 'ispn-1' and decoded.data.physical == jgroups.IpAddress('10.0.0.1', 7800)
+    assert decoded.data.logical_name == 'ispn-1' and decoded.data.physical == jgroups.IpAddress('198.18.0.21', 7800)
     assert decoded.data.flags == jgroups.IS_SERVER | jgroups.IS_COORD and decoded.protocol_id == jgroups.TCPPING_ID
 
 
 def test_jgroups_answer_drops_other_clusters_and_other_types():
-    assert jgroups.answer(ME, request(cluster='other'), jgroups.IpAddress('10.0.0.1', 1))[0] is None
-    reply, fields = jgroups.answer(ME, request(kind=jgroups.GET_MBRS_RSP), jgroups.IpAddress('10.0.0.1', 1))
+    assert jgroups.answer(ME, request(cluster='other'), jgroups.IpAddress('198.18.0.21', 1))[0] is None
+    reply, fields = jgroups.answer(ME, request(kind=jgroups.GET_MBRS_RSP), jgroups.IpAddress('198.18.0.21', 1))
     assert reply is None and fields['op'] == 'ignored'
 
 
@@ -336,7 +336,7 @@ class TcpStub:
         self.records: list[dict] = []
         factory = jgroups._JGroupsFactory(MemoryReactorClock(), ISPN, self.records.append)
         self.proto = factory.buildProtocol(CLIENT)
-        self.transport = StringTransport(hostAddress=IPv4Address('TCP', '10.0.0.1', 7800), peerAddress=CLIENT)
+        self.transport = StringTransport(hostAddress=IPv4Address('TCP', '198.18.0.21', 7800), peerAddress=CLIENT)
         self.proto.makeConnection(self.transport)
 
     def send(self, data: bytes) -> bytes:
@@ -347,23 +347,23 @@ class TcpStub:
 
 def test_jgroups_tcp_stub_answers_frames_byte_by_byte_and_ignores_garbage_frames():
     stub = TcpStub()
-    data = jgroups.encode_preamble(jgroups.IpAddress('10.0.0.2', 7800)) + jgroups.frame(b'\x00garbage')
+    data = jgroups.encode_preamble(jgroups.IpAddress('198.18.0.22', 7800)) + jgroups.frame(b'\x00garbage')
     data += jgroups.frame(jgroups.encode_message(request()))
     answer = b''.join(stub.send(data[i:i + 1]) for i in range(len(data)))
     (length,) = struct.unpack('>i', answer[:4])
     reply = jgroups.decode_message(answer[4:4 + length])
     assert len(answer) == 4 + length and reply.data.logical_name == 'ispn-1'
-    assert reply.data.physical == jgroups.IpAddress('10.0.0.1', 7800)
+    assert reply.data.physical == jgroups.IpAddress('198.18.0.21', 7800)
     assert not stub.transport.disconnecting
     assert [r['op'] for r in stub.records] == ['ignored', 'discovery']
-    assert stub.records[1]['sender'] == '10.0.0.2:7800' and stub.records[1]['peer'] == CLIENT.host
+    assert stub.records[1]['sender'] == '198.18.0.22:7800' and stub.records[1]['peer'] == CLIENT.host
 
 
 @pytest.mark.parametrize('data', [
     b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03',          # a TLS ClientHello
-    jgroups.encode_preamble(jgroups.IpAddress('10.0.0.2', 1), jgroups.encode_version(4, 0, 0)),
-    jgroups.encode_preamble(jgroups.IpAddress('10.0.0.2', 1)) + struct.pack('>i', jgroups.MAX_FRAME + 1),
-    jgroups.encode_preamble(jgroups.IpAddress('10.0.0.2', 1)) + struct.pack('>i', -5),
+    jgroups.encode_preamble(jgroups.IpAddress('198.18.0.22', 1), jgroups.encode_version(4, 0, 0)),
+    jgroups.encode_preamble(jgroups.IpAddress('198.18.0.22', 1)) + struct.pack('>i', jgroups.MAX_FRAME + 1),
+    jgroups.encode_preamble(jgroups.IpAddress('198.18.0.22', 1)) + struct.pack('>i', -5),
 ])
 def test_jgroups_tcp_stub_closes_on_a_bad_preamble_or_frame(data):
     stub = TcpStub()

@@ -184,7 +184,7 @@ def responses(data: bytes) -> list[ajp.Response]:
     ('GET', 200, True), ('HEAD', 200, False), ('OPTIONS', 200, False), ('DELETE', 405, False)])
 def test_forward_requests_answer_per_method(method, status, has_body):
     proto, transport, records = server(ajp, 'ajp')
-    proto.dataReceived(ajp.ForwardRequest(method, '/portal', remote_addr='10.0.0.1').encode())
+    proto.dataReceived(ajp.ForwardRequest(method, '/portal', remote_addr='198.18.0.21').encode())
     [response] = responses(transport.value())
     assert response.status == status and bool(response.body) is has_body
     if has_body:

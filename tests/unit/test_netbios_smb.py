@@ -269,10 +269,10 @@ def test_ns_probe_resolves_and_lists_names():
 def test_ns_probe_fails_on_wrong_name_or_address():
     results, _ = run_netbios(
         [Listener('udp', 0, 'netbios-ns')],
-        [ns_target(server_name='other.lab'), ns_target(server_name='stub.lab', options={'address': '10.9.9.9'}),
+        [ns_target(server_name='other.lab'), ns_target(server_name='stub.lab', options={'address': '198.18.0.99'}),
          ns_target(server_name='other.lab', options={'query': 'status'})])
     assert [r.outcome for r in results] == ['protocol_error'] * 3, results
-    assert 'RCODE 3' in results[0].detail and '10.9.9.9' in results[1].detail and 'OTHER' in results[2].detail
+    assert 'RCODE 3' in results[0].detail and '198.18.0.99' in results[1].detail and 'OTHER' in results[2].detail
 
 
 def test_dgm_probe_gets_the_backup_list():

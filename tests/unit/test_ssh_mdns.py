@@ -257,7 +257,7 @@ PRINTER = persona_of(make_model='Xerox AltaLink C8145', ipp_port=8631)
 
 
 def test_legacy_unicast_ptr_query_gets_ptr_srv_txt_and_a():
-    zone = mdns.build_zone(PRINTER, '10.1.2.3')
+    zone = mdns.build_zone(PRINTER, '198.18.0.23')
     reply, fields = mdns.answer(zone, query(b'_ipp._tcp.local', dns.PTR), legacy=True)
     message = decoded(reply)
     instance = b'Xerox AltaLink C8145 [stub]._ipp._tcp.local'
@@ -267,13 +267,13 @@ def test_legacy_unicast_ptr_query_gets_ptr_srv_txt_and_a():
     extra = {r.type: r for r in message.additional}
     assert (extra[dns.SRV].payload.port, extra[dns.SRV].payload.target.name) == (8631, b'stub.local')
     assert b'ty=Xerox AltaLink C8145' in extra[dns.TXT].payload.data and b'rp=ipp/print' in extra[dns.TXT].payload.data
-    assert extra[dns.A].payload.dottedQuad() == '10.1.2.3'
+    assert extra[dns.A].payload.dottedQuad() == '198.18.0.23'
     assert all(r.ttl <= mdns.LEGACY_TTL and r.cls == dns.IN for r in message.answers + message.additional)
     assert fields == {'op': 'query', 'legacy_unicast': True, 'answers': 1, 'questions': ['_ipp._tcp.local PTR']}
 
 
 def test_mdns_port_query_gets_an_mdns_response_with_cache_flush_on_unique_records():
-    zone = mdns.build_zone(PRINTER, '10.1.2.3')
+    zone = mdns.build_zone(PRINTER, '198.18.0.23')
     reply, _ = mdns.answer(zone, query(b'STUB.local', dns.A, qclass=dns.IN | mdns.UNICAST_RESPONSE),
                            legacy=False)
     message = decoded(reply)
@@ -284,7 +284,7 @@ def test_mdns_port_query_gets_an_mdns_response_with_cache_flush_on_unique_record
 
 
 def test_services_meta_query_lists_the_printer_types_and_srv_needs_a_known_port():
-    zone = mdns.build_zone(persona_of(make_model='M'), '10.1.2.3')
+    zone = mdns.build_zone(persona_of(make_model='M'), '198.18.0.23')
     reply, _ = mdns.answer(zone, query(mdns.SERVICE_TYPES, dns.PTR), legacy=True)
     assert sorted(r.payload.name.name for r in decoded(reply).answers) == sorted(mdns.SERVICES)
     reply, _ = mdns.answer(zone, query(b'M [stub]._printer._tcp.local', dns.ALL_RECORDS), legacy=True)
@@ -295,7 +295,7 @@ def test_services_meta_query_lists_the_printer_types_and_srv_needs_a_known_port(
 
 
 def test_unknown_names_responses_and_garbage_get_no_reply():
-    zone = mdns.build_zone(PRINTER, '10.1.2.3')
+    zone = mdns.build_zone(PRINTER, '198.18.0.23')
     assert mdns.answer(zone, query(b'_http._tcp.local', dns.PTR), legacy=True) == (None, {
         'op': 'query', 'legacy_unicast': True, 'answers': 0, 'questions': ['_http._tcp.local PTR']})
     response = dns.Message(answer=1)
@@ -308,7 +308,7 @@ def test_unknown_names_responses_and_garbage_get_no_reply():
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=600))
 def test_mdns_answer_never_raises(data):
-    reply, fields = mdns.answer(mdns.build_zone(PRINTER, '10.1.2.3'), data, legacy=True)
+    reply, fields = mdns.answer(mdns.build_zone(PRINTER, '198.18.0.23'), data, legacy=True)
     assert fields['op'] in ('query', 'ignored') and (reply is None or len(reply) <= mdns.MAX_MESSAGE)
 
 
@@ -341,7 +341,7 @@ def test_mdns_probe_finds_the_instance_and_the_target_address(failures):
 
 
 @pytest.mark.parametrize('address, server_name, wanted', [
-    ('10.9.9.9', 'stub.lab', 'no A record stub.local=127.0.0.1'),   # advertises another address
+    ('198.18.0.99', 'stub.lab', 'no A record stub.local=127.0.0.1'),   # advertises another address
     ('127.0.0.1', 'other.lab', 'no A record other.local=127.0.0.1'),  # another host answered
 ])
 def test_mdns_probe_checks_address_and_name(address, server_name, wanted):
