@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 QUEUE_MAX = 8192  # packets one direction may hold (the kernel's queue length)
 QUEUE_STATS = "/proc/net/netfilter/nfnetlink_queue"
 PR_SET_TIMERSLACK = 29
+REALTIME_PRIORITY = 10  # SCHED_FIFO: above every ordinary process, below the kernel's own threads (50)
 
 
 # -- the timing, as pure functions -----------------------------------------------------------------
@@ -187,6 +188,18 @@ def _tight_timers() -> None:
         pass  # not Linux: the default slack only costs precision
 
 
+def _realtime() -> None:
+    """Run before ordinary processes: on a busy machine a hold must not end a scheduler slice late.
+
+    The loop blocks in select() between packets, so a real-time policy cannot starve the machine;
+    the kernel's RT throttling (sched_rt_runtime_us) bounds it anyway.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+    except (OSError, AttributeError):
+        pass  # not root or not Linux: ordinary scheduling, lateness shows in `stats`
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emulator.delayer", description=__doc__.splitlines()[0])
     parser.add_argument("--queues", required=True, help="NFQUEUE numbers, comma-separated (one per direction)")
@@ -196,6 +209,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     _tight_timers()
+    _realtime()
     try:
         queue_numbers = [int(q) for q in args.queues.split(",")]
     except ValueError:
