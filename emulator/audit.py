@@ -1,18 +1,22 @@
 """The audit: run every planned check in a running lab, gather the evidence, judge, attribute.
 
 Phases, each with the firewall's own record (emulator.witness) emptied before it:
-1. required flows: every host runs its probes at once (full protocol exchanges), with the
-   filtering nodes tracing first packets (emulator.trace) so a drop can be tied to its rule;
+1. required flows: every host runs its probes at once (full protocol exchanges);
 2. exposure sweep: every host knocks on every port it has no business with (no tracing: tens of
    thousands of packets), then the record says which knocks each node let through;
-3. the exposures found are knocked again with tracing on, to name the rule that let them in.
+3. the findings alone run again with the filtering nodes tracing first packets (emulator.trace),
+   to name the rule that decided: exposures and dropped requests are knocked again, flows whose
+   reply or FTP data channel was dropped probed again. (With `explain_all`, phase 1 is traced
+   instead, as passing checks are explained too.)
 Verdicts come from `evidence.judge`, a pure function; formatting lives in emulator.report.
 """
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import roles
@@ -28,6 +32,7 @@ PROBE_TIMEOUT = 5.0
 DROPPED_TIMEOUT = 0.5  # seconds a probe waits when a knock already showed its first packet dropped
 KNOCK_WAIT = 3.0     # seconds the first firewall of each path may take to count every knock
 KNOCK_SETTLE = 0.05  # then for the knocks to cross the later firewalls of a path
+ATTRIBUTE_TIMEOUT = 2.0  # seconds a flow whose reply or data channel was dropped is probed again under tracing
 RETRIED = ("silent", "timeout")  # unanswered probes the firewalls passed: probed once more, alone
 # What run_audit tells its `progress` callback, in this order, once each: (phase, what it does in words).
 AUDIT_PHASES = ("knock", "probe", "sweep", "judge", "attribute")
@@ -126,20 +131,28 @@ def knocks_by_host(checks: list[Check], topology: Topology) -> dict[str, list[li
     return by_host
 
 
+def _knockable(check: Check) -> bool:
+    """A required check whose first packet a knock can stand for: through a filtering node, to a port
+    (or a ping)."""
+    ep = check.endpoint
+    return (check.kind == CheckKind.REQUIRED and bool(check.enforcers) and check.client_host != check.server_host
+            and (ep.transport == "icmp" or ep.transport in ("tcp", "udp") and bool(ep.port)))
+
+
+def _one_knock_each(checks: list[Check]) -> list[Check]:
+    """One check per connection: a second datagram from the same socket would not be a new one, and
+    the node would never count every knock due."""
+    return list({(c.client_host, c.server_host, c.endpoint.transport, c.endpoint.port): c for c in checks}.values())
+
+
 def _first_packet_dropped(lab, nodes, checks: list[Check], topology: Topology) -> set[int]:
     """Indexes of the required checks whose first packet a filtering node drops, learnt from one knock
     each: their probes need not wait a whole timeout for an answer that cannot come. The probe still
-    runs (traced), so its verdict rests on its own packets like any other."""
-    knocked = [i for i, c in enumerate(checks) if c.kind == CheckKind.REQUIRED and c.enforcers
-               and (c.endpoint.transport == "icmp" or c.endpoint.transport in ("tcp", "udp") and c.endpoint.port)
-               and c.client_host != c.server_host]
+    runs, so its verdict rests on its own packets like any other."""
+    knocked = [i for i, c in enumerate(checks) if _knockable(c)]
     if not knocked:
         return set()
-    # one knock per connection: a second datagram from the same socket would not be a new one,
-    # and the node would never count every knock due
-    distinct = {(checks[i].client_host, checks[i].server_host, checks[i].endpoint.transport, checks[i].endpoint.port):
-                checks[i] for i in knocked}
-    records, complete, _errors = _sweep(lab, nodes, list(distinct.values()), topology, {})
+    records, complete, _errors = _sweep(lab, nodes, _one_knock_each([checks[i] for i in knocked]), topology, {})
     dropped = set()
     for index in knocked:
         check = checks[index]
@@ -168,6 +181,8 @@ def _server_witness(request_log: list[dict]) -> dict[tuple[str, str, int], set[s
 
 def path_loss(check: Check, topology: Topology, lossy: dict[str, float]) -> str:
     """The impaired links on a check's path that lose packets, in words ('' when none does)."""
+    if not lossy:  # the usual lab: nothing to look up for each of tens of thousands of checks
+        return ""
     links = {topology.host(check.client_host).zone, topology.host(check.server_host).zone}
     links |= {topology.firewall_node(e.node).wan_link for e in check.enforcers if e.hook == "forward"}
     on_path = sorted(link for link in links if lossy.get(link))
@@ -209,8 +224,12 @@ def _read_records(lab, nodes) -> dict[str, witness.FirewallRecord]:
     return records
 
 
-def _probe(lab, nodes, targets: dict[str, list[ProbeTarget]], dropped: set[int] = frozenset()):
-    """Every host's probes at once under tracing -> (results by id, the nodes' records, their traces)."""
+def _probe(lab, nodes, targets: dict[str, list[ProbeTarget]], dropped: set[int] = frozenset(), traced: bool = True):
+    """Every host's probes at once, under tracing when `traced` -> (results by id, the nodes' records,
+    their traces)."""
+    if not traced:
+        results = lab.run_probes(targets, unanswered=frozenset(map(str, dropped)))
+        return results, _read_records(lab, nodes), {}
     lab.start_trace(nodes)
     try:
         results = lab.run_probes(targets, unanswered=frozenset(map(str, dropped)))
@@ -277,7 +296,9 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     dropped = _first_packet_dropped(lab, nodes, checks, topology)
     targets = probe_targets(checks, topology, timeout, lab.ca_file, dropped)
     progress("probe", f"probing {required} required flow checks")
-    results, records, traces = _probe(lab, nodes, targets, dropped)
+    # Traced only when passing checks are explained too: otherwise the findings alone are probed
+    # again under tracing below, and an audit that finds nothing never pays for a trace.
+    results, records, traces = _probe(lab, nodes, targets, dropped, traced=explain_all)
     timings["probe"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -291,14 +312,15 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
     def judged(indexes, results, records) -> dict[int, FlowVerdict]:
         dead, saw = lab.dead_daemons(), _server_witness(lab.request_log())
         out = {}
-        for index in indexes:
-            check, result = checks[index], results.get(str(index))
-            evidence = None
-            if check.kind == CheckKind.REQUIRED:
-                evidence = evidence_for(check, topology, result, records, saw, dead, lossy=lossy)
-            elif check.kind == CheckKind.EXPOSURE:
-                evidence = evidence_for(check, topology, None, sweep, saw, dead, complete, lossy)
-            out[index] = _verdict(check, judge(check, evidence, catalog), result)
+        with _collector_paused():
+            for index in indexes:
+                check, result = checks[index], results.get(str(index))
+                evidence = None
+                if check.kind == CheckKind.REQUIRED:
+                    evidence = evidence_for(check, topology, result, records, saw, dead, lossy=lossy)
+                elif check.kind == CheckKind.EXPOSURE:
+                    evidence = evidence_for(check, topology, None, sweep, saw, dead, complete, lossy)
+                out[index] = _verdict(check, judge(check, evidence, catalog), result)
         return out
 
     progress("judge", "judging the evidence (unanswered flows are probed once more, alone)")
@@ -311,20 +333,29 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
         wanted = {str(i) for i in again}  # with the whole timeout, whatever a knock said
         subset = {host: [t for t in ts if t.id in wanted]
                   for host, ts in probe_targets(checks, topology, timeout, lab.ca_file).items()}
-        retried, retried_records, retried_traces = _probe(lab, nodes, subset)
+        retried, retried_records, retried_traces = _probe(lab, nodes, subset, traced=explain_all)
         verdicts.update(judged(again, retried, retried_records))
         traces = _merge(traces, retried_traces)
     timings["retry"] = time.monotonic() - started
     verdicts = [verdicts[i] for i in range(len(checks))]
 
-    # the exposures found, knocked again under tracing so the rule that let them in is named
+    # the findings, run again under tracing so the rule that decided is named (see phase 3 above)
     started = time.monotonic()
-    found = [v.check for v in verdicts if v.verdict == Verdict.EXPOSED]
+    blocked = [] if explain_all else [(i, v) for i, v in enumerate(verdicts) if v.verdict == Verdict.BLOCKED]
+    # Only for the trace (the verdicts stand on the first exchange): a dropped request needs its
+    # first packet again, a knock; a dropped reply or FTP data channel needs the exchange, a probe.
+    knocks = [v.check for v in verdicts if v.verdict == Verdict.EXPOSED] + _one_knock_each(
+        [v.check for _i, v in blocked if v.direction == "request" and _knockable(v.check)])
+    reprobed = {str(i) for i, v in blocked if not (v.direction == "request" and _knockable(v.check))}
     progress("attribute", "naming the rule behind each finding")
-    if found:
+    if knocks or reprobed:
         lab.start_trace(nodes)
         try:
-            _knock(lab, found, topology)
+            if reprobed:
+                lab.run_probes({host: [replace(t, timeout=min(t.timeout, ATTRIBUTE_TIMEOUT)) for t in ts if t.id in reprobed]
+                                for host, ts in targets.items()}, unanswered=frozenset(reprobed))
+            if knocks:
+                _knock(lab, knocks, topology)
         finally:
             traces = _merge(traces, lab.stop_trace())
     timings["attribute"] = time.monotonic() - started
@@ -334,6 +365,20 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
                                     detail=f"{len(knock_errors)} knocks could not be sent: {knock_errors[0]}"))
     return AuditReport(topology.name, rules_source, verdicts, timings, topology.profile.to_dict(),
                        egress_drops=_egress_during(egress_before, lab.egress_drops()))
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile: judging makes a few objects per check, none of them
+    cycles, and with tens of thousands of checks the collector's full passes over every live object
+    cost a third of the judging."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _egress_during(before: dict[str, int], after: dict[str, int]) -> int:
@@ -357,20 +402,33 @@ def _merge(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
 # -- why: the rule that decided -------------------------------------------------------------------
 @dataclass
 class Explainer:
-    """Rule maps (loaded rules -> the user's file lines) and the traced packets of one audit."""
+    """Rule maps (loaded rules -> the user's file lines) and the traced packets of one audit.
+
+    A node's trace is parsed on the first question about it: an audit without findings never
+    needs one (the default lab's is ~30,000 lines, a second of parsing)."""
 
     rule_maps: dict[str, attribution.RuleMap]
     indexes: dict[str, attribution.SourceIndex]
-    packets: dict[str, list[trace.PacketTrace]]
+    traces: dict[str, str]  # node -> its `nft monitor trace` text
+    _by_pair: dict[str, dict[frozenset, list[trace.PacketTrace]]] = field(default_factory=dict, repr=False)
+
+    def packets_between(self, node: str, a: str, b: str) -> list[trace.PacketTrace]:
+        """`node`'s traced packets between two addresses (either way), in the order first seen."""
+        if node not in self._by_pair:
+            by_pair: dict[frozenset, list[trace.PacketTrace]] = defaultdict(list)
+            for packet in trace.parse_trace(self.traces.get(node, "")):
+                by_pair[frozenset((packet.saddr, packet.daddr))].append(packet)
+            self._by_pair[node] = by_pair
+        return self._by_pair[node].get(frozenset((a, b)), [])
 
     def decision(self, node: str, src: str, dst: str, transport: str, port: int | None,
                  fates: tuple[trace.Fate, ...], reply: bool = False, data_from: int | None = None):
         """The traced decision of `node` on the first matching packet whose fate is one of `fates`."""
-        for packet in self.packets.get(node, ()):
+        for packet in self.packets_between(node, src, dst):
             if packet.decision is None or packet.fate not in fates or packet.protocol != transport:
                 continue
             if data_from is not None:  # an FTP data connection between the two hosts, either way
-                if {packet.saddr, packet.daddr} == {src, dst} and packet.dport != data_from:
+                if packet.dport != data_from:
                     return packet.decision
                 continue
             if reply:
@@ -397,7 +455,7 @@ def explainer(lab, nodes, rulesets: dict[str, Ruleset], traces: dict[str, str]) 
             continue
         indexes[node] = attribution.index_source(ruleset)
         rule_maps[node] = attribution.attribute(lab.rule_listing(node), indexes[node])
-    return Explainer(rule_maps, indexes, {node: trace.parse_trace(text) for node, text in traces.items()})
+    return Explainer(rule_maps, indexes, traces)
 
 
 _DROPPED = (trace.Fate.DROP, trace.Fate.REJECT)

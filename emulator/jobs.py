@@ -5,6 +5,9 @@ host goes to it as a job on a Unix socket (the daemon's spec names the path):
 
     ProbeJob  {"targets": [ProbeTarget...], "concurrency": n}  ->  ProbeReply {"results": [ProbeResult...]}
     KnockJob  {"knock": [[address, transport, port]...]}       ->  KnockReply {"knocked": n, "errors": [...]}
+    StoreQuery {"store": name}  ('' = all)                      ->  StoreReply {"documents": [Document...]}
+    CertificateJob {"certificate": {"cert_file", "key_file"}}  ->  CertificateReply {"contexts": n}
+        (every TLS listener of the host presents that pair to new connections; n server contexts switched)
     anything unusable                                           ->  JobError   {"error": "..."}
 
 Both ends use this module: the lab encodes jobs and decodes replies, `JobServer` (the daemon's
@@ -19,8 +22,9 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
 from .knock import Knock, knock, parse_knocks
+from .protocols import jobstore
 from .prober import DEFAULT_CONCURRENCY, run_probes
-from .protocols.base import ProbeResult, ProbeTarget
+from .protocols.base import Persona, ProbeResult, ProbeTarget
 
 MAX_LINE = 64 * 1024 * 1024
 MAX_ERRORS = 20  # knock errors a reply carries: the first few say what is wrong
@@ -41,6 +45,41 @@ class KnockJob:
 
     def to_line(self) -> bytes:
         return _line({"knock": [list(k) for k in self.knocks]})
+
+
+@dataclass(frozen=True)
+class StoreQuery:
+    """What the daemon's stubs received (and its probes created): its jobstore, one name or all."""
+    name: str = ""
+
+    def to_line(self) -> bytes:
+        return _line({"store": self.name})
+
+
+@dataclass(frozen=True)
+class StoreReply:
+    documents: tuple[jobstore.Document, ...]
+
+    def to_line(self) -> bytes:
+        return _line({"documents": [d.to_dict() for d in self.documents]})
+
+
+@dataclass(frozen=True)
+class CertificateJob:
+    """Swap the certificate of every TLS listener of the daemon's host, in place (no restart)."""
+    cert_file: str
+    key_file: str
+
+    def to_line(self) -> bytes:
+        return _line({"certificate": {"cert_file": self.cert_file, "key_file": self.key_file}})
+
+
+@dataclass(frozen=True)
+class CertificateReply:
+    contexts: int   # server contexts switched: 0 when the host has no TLS listener
+
+    def to_line(self) -> bytes:
+        return _line({"contexts": self.contexts})
 
 
 @dataclass(frozen=True)
@@ -68,8 +107,8 @@ class JobError:
         return _line({"error": self.error})
 
 
-Job = ProbeJob | KnockJob
-Reply = ProbeReply | KnockReply | JobError
+Job = ProbeJob | KnockJob | StoreQuery | CertificateJob
+Reply = ProbeReply | KnockReply | StoreReply | CertificateReply | JobError
 
 
 def _line(data: dict) -> bytes:
@@ -95,6 +134,16 @@ def parse_job(line: bytes | str) -> Job:
         if not isinstance(data["knock"], list):
             raise ValueError("knock must be a list")
         return KnockJob(tuple(parse_knocks(data["knock"])))
+    if "store" in data:
+        if not isinstance(data["store"], str):
+            raise ValueError("store must be a document name ('' for all)")
+        return StoreQuery(data["store"])
+    if "certificate" in data:
+        pair = data["certificate"]
+        if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) and pair[k]
+                                                 for k in ("cert_file", "key_file")):
+            raise ValueError("certificate must be {cert_file: path, key_file: path}")
+        return CertificateJob(pair["cert_file"], pair["key_file"])
     if not isinstance(data.get("targets"), list):
         raise ValueError("a job has targets (a list) or knock (a list)")
     targets = []
@@ -119,9 +168,13 @@ def parse_reply(line: bytes | str) -> Reply:
             return ProbeReply(tuple(ProbeResult.from_dict(r) for r in data["results"]))
         if "knocked" in data:
             return KnockReply(int(data["knocked"]), tuple(str(e) for e in data.get("errors", [])))
+        if "documents" in data:
+            return StoreReply(tuple(jobstore.Document.from_dict(d) for d in data["documents"]))
+        if "contexts" in data:
+            return CertificateReply(int(data["contexts"]))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         return JobError(f"the daemon's answer is unusable: {' '.join(str(exc).split())}")
-    return JobError("the daemon's answer is neither results, knocks nor an error")
+    return JobError("the daemon's answer is neither results, knocks, documents nor an error")
 
 
 class JobServer(LineReceiver):
@@ -140,9 +193,25 @@ class JobServer(LineReceiver):
             sent, errors = knock(job.knocks)
             self._answer(KnockReply(sent, tuple(errors)))
             return
+        if isinstance(job, StoreQuery):
+            self._answer(StoreReply(jobstore.all_documents(job.name)))
+            return
+        if isinstance(job, CertificateJob):
+            self._answer(self._swap_certificate(job))
+            return
         running = run_probes(self.factory.reactor, list(job.targets), job.concurrency)
         running.addCallback(lambda results: self._answer(ProbeReply(tuple(results))))
         running.addErrback(lambda failure: self._answer(JobError(" ".join(failure.getErrorMessage().split()))))
+
+    def _swap_certificate(self, job: CertificateJob) -> Reply:
+        from .protocols import tls   # pyOpenSSL only where TLS is served
+        persona = self.factory.persona
+        if persona is None or not (persona.cert_file and persona.key_file):
+            return JobError("this daemon serves no certificate to swap")
+        try:
+            return CertificateReply(tls.swap_certificate(persona, job.cert_file, job.key_file))
+        except ValueError as exc:
+            return JobError(str(exc))
 
     def _answer(self, reply: Reply) -> None:
         if self.transport is not None and self.transport.connected:
@@ -156,5 +225,6 @@ class JobServer(LineReceiver):
 class JobServerFactory(Factory):
     protocol = JobServer
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor, persona: Persona | None = None) -> None:
         self.reactor = reactor
+        self.persona = persona   # whose TLS listeners a CertificateJob swaps

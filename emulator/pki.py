@@ -24,6 +24,11 @@ from emulator.errors import LabError
 LAB_CA_NAME = "safeq-lab pre-installed CA"  # the issuer name that marks a pre-installed lab certificate
 LAB_DOMAIN = "lab"  # hosts are named <host>.lab in certificates
 VALIDITY = datetime.timedelta(days=30)
+EXPIRED_SINCE = datetime.timedelta(days=1)   # an expired certificate ran out this long ago
+FACTORY_VALIDITY = datetime.timedelta(days=20 * 365)   # devices ship self-signed certificates for decades
+# what a scenario can swap in (emulator.lab.Lab.install_certificate): one from the lab CA that ran out,
+# the device's own factory certificate, or a valid one the lab CA issues anew (the repair)
+CERTIFICATE_KINDS = ("expired", "pre-installed", "valid")
 
 
 @dataclass(frozen=True)
@@ -69,15 +74,20 @@ class LabCA:
                                                   encipher_only=False, decipher_only=False), critical=True)
                      .sign(self.key, hashes.SHA256()))
 
-    def issue(self, host: str, address: str):
+    def issue(self, host: str, address: str, expired: bool = False):
+        """A certificate for the host's names and address; `expired`: one that ran out EXPIRED_SINCE ago
+        (its only defect: right names, this CA's signature)."""
         now = datetime.datetime.now(datetime.timezone.utc)
+        not_before, not_after = now - datetime.timedelta(hours=1), now + VALIDITY
+        if expired:
+            not_before, not_after = now - EXPIRED_SINCE - VALIDITY, now - EXPIRED_SINCE
         key = _key()
         names = [x509.DNSName(server_name(host)), x509.DNSName(host)]
         if address:
             names.append(x509.IPAddress(ipaddress.ip_address(address)))
         cert = (x509.CertificateBuilder().subject_name(_name(server_name(host))).issuer_name(self.cert.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + VALIDITY)
+                .not_valid_before(not_before).not_valid_after(not_after)
                 .add_extension(x509.SubjectAlternativeName(names), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
@@ -92,13 +102,40 @@ class LabCA:
         ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         material = {}
         for host, address in hosts:
-            cert, key = self.issue(host, address)
-            cert_file, key_file = directory / f"{host}.pem", directory / f"{host}.key"
-            cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            key_file.write_bytes(_pem_key(key))
-            key_file.chmod(0o600)
-            material[host] = HostTLS(str(cert_file), str(key_file), str(ca_file))
+            cert_file, key_file = _write_pair(directory, host, *self.issue(host, address))
+            material[host] = HostTLS(cert_file, key_file, str(ca_file))
         return material
+
+
+def _write_pair(directory: Path, stem: str, cert, key) -> tuple[str, str]:
+    """directory/<stem>.pem and <stem>.key (readable by its owner only)."""
+    cert_file, key_file = directory / f"{stem}.pem", directory / f"{stem}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(_pem_key(key))
+    key_file.chmod(0o600)
+    return str(cert_file), str(key_file)
+
+
+def factory_certificate(model: str):
+    """The certificate a device ships with: self-signed, its common name the vendor's default (the
+    model name), no lab names; what an MFD presents until the site installs one from its CA."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = _key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, model)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + FACTORY_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def write_certificate(ca: LabCA, kind: str, directory: Path, host: str, address: str, model: str) -> tuple[str, str]:
+    """A new certificate of `kind` (CERTIFICATE_KINDS) for host: (cert_file, key_file) in directory."""
+    if kind not in CERTIFICATE_KINDS:
+        raise LabError(f"unknown certificate kind {kind!r}; use one of {', '.join(CERTIFICATE_KINDS)}")
+    pair = factory_certificate(model) if kind == "pre-installed" else ca.issue(host, address, expired=kind == "expired")
+    return _write_pair(directory, f"{host}.{kind}", *pair)
 
 
 def load_pki_dir(directory: str, hosts: list[str]) -> dict[str, HostTLS]:
@@ -139,7 +176,7 @@ def load_pki_dir(directory: str, hosts: list[str]) -> dict[str, HostTLS]:
         if not_before > now:
             raise LabError(f"{cert_file} is not valid before {not_before:%Y-%m-%d %H:%M} UTC; "
                            "issue one valid now (or check this machine's clock)")
-        if not any(_issued_by(cert, issuer) for issuer in [*cas, *chain]):
+        if not any(issued_by(cert, issuer) for issuer in [*cas, *chain]):
             raise LabError(f"{cert_file} is not signed by a certificate of {ca_file} (nor by one following it in "
                            f"{cert_file.name}); put the CA that issued it in ca.pem")
         found[host] = HostTLS(str(cert_file), str(key_file), str(ca_file))
@@ -158,7 +195,7 @@ def _read_pem(path: Path) -> bytes:
         raise LabError(f"{path} cannot be read ({exc.strerror or exc.__class__.__name__}); check its permissions") from None
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
@@ -190,6 +227,23 @@ def is_pre_installed(cert_file: str) -> bool:
     cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
     issuer = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
     return bool(issuer) and issuer[0].value == LAB_CA_NAME
+
+
+def describe_certificate(cert_file: str) -> str:
+    """A certificate in words: whose, issued by whom, until when ('expired on' once past)."""
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    subject = common_name(cert.subject)
+    issuer = common_name(cert.issuer)
+    issuer = ("self-signed" if cert.issuer == cert.subject else
+              "issued by the lab CA" if issuer == LAB_CA_NAME else f"issued by {issuer!r}")
+    until = cert.not_valid_after_utc
+    when = "expired on" if until < datetime.datetime.now(datetime.timezone.utc) else "valid until"
+    return f"{subject!r} ({issuer}, {when} {until:%Y-%m-%d %H:%M} UTC)"
+
+
+def common_name(name: x509.Name) -> str:
+    found = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(found[0].value) if found else name.rfc4514_string()
 
 
 def make_test_pki(directory, host: str = "stub.lab", address: str = "127.0.0.1") -> dict:

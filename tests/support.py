@@ -110,12 +110,13 @@ def free_port_pair() -> int:
 
 @contextlib.contextmanager
 def run_stub(tmp_path: Path, listeners: list[dict], persona: dict | None = None, host: str = "stub",
-             roles=("stub",), timeout: float = 20.0):
-    """Start `python -m emulator.roled` bound to 127.0.0.1; yields the request-log path."""
+             roles=("stub",), timeout: float = 20.0, control: str = ""):
+    """Start `python -m emulator.roled` bound to 127.0.0.1 (taking jobs on the Unix socket `control`,
+    if given); yields the request-log path."""
     log = tmp_path / f"{host}.requests.jsonl"
     spec = tmp_path / f"{host}.spec.json"
     spec.write_text(json.dumps({"host": host, "roles": list(roles), "listeners": listeners, "log": str(log),
-                                "interface": "127.0.0.1", "persona": persona or {}}))
+                                "interface": "127.0.0.1", "persona": persona or {}, "control": control}))
     proc = subprocess.Popen([sys.executable, "-m", "emulator.roled", str(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

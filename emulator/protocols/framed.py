@@ -57,6 +57,14 @@ Round trips (probe option ``rounds``, TCP only)
     start over a large payload. The server needs nothing new: a connection may carry several
     pairs anyway.
 
+Job metadata (probe options ``carries``/``holder``, see ``jobstore``; invented, like the rest)
+    The request header also carries ``"job": {"name", "owner", "bytes", "sha256"}``, a job the
+    probe's host holds, and the body is that job's metadata (``payloads.job_metadata``, 40-60 kB,
+    deterministic for the job) instead of random bytes: a FlexiSpooler telling its Spooler
+    Controller about a job. The server keeps an ``accounting`` entry for it in its host's
+    jobstore (the job's name, owner, size and sha256, and the metadata's size) and answers as
+    usual, echoing the body.
+
 ``security``: 'tls' listeners and targets carry the same frames inside TLS
 (the lab CA's certificates, verified by the probe); 'starttls' and 'optional'
 stay plaintext, as framed has no in-band upgrade. Protocol modules with TLS replace it per protocol.
@@ -79,9 +87,10 @@ from twisted.protocols.basic import Int32StringReceiver
 
 from OpenSSL import SSL
 
-from . import tls
+from . import jobstore, tls
 from .serving import LISTEN_BACKLOG, StubConnection, listen_udp, loads_json
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .payloads import job_metadata
 from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
                       connect_timeout, crashed, error_result, no_connection_detail, report)
 
@@ -136,8 +145,26 @@ def _sized_body(header: dict[str, Any], body: bytes) -> bytes:
     return body
 
 
-def encode_request(nonce: str, body: bytes) -> bytes:
-    return encode({'v': VERSION, 'op': 'hello', 'nonce': nonce, 'size': len(body)}, body)
+def encode_request(nonce: str, body: bytes, job: dict[str, Any] | None = None) -> bytes:
+    header = {'v': VERSION, 'op': 'hello', 'nonce': nonce, 'size': len(body)}
+    return encode(header if job is None else {**header, 'job': job}, body)
+
+
+def job_header(doc: jobstore.Document) -> dict[str, Any]:
+    return {'name': doc.name, 'owner': doc.owner, 'bytes': doc.size, 'sha256': doc.sha256}
+
+
+def accounted(header: dict[str, Any], body: bytes, peer: str) -> jobstore.Document | None:
+    """The accounting entry a request's ``job`` header asks for; None without one (or a bad one)."""
+    job = header.get('job')
+    if not isinstance(job, dict):
+        return None
+    try:
+        return jobstore.Document.from_dict({'name': job.get('name'), 'kind': 'accounting', 'size': job.get('bytes'),
+                                            'sha256': job.get('sha256'), 'owner': job.get('owner', ''),
+                                            'via': 'framed', 'peer': peer, 'metadata_bytes': len(body)})
+    except ValueError:
+        return None
 
 
 def decode_request(payload: bytes) -> tuple[str, bytes]:
@@ -216,14 +243,18 @@ class _HelloServer(StubConnection, Int32StringReceiver):
     def stringReceived(self, string: bytes) -> None:
         if self.closing:  # frames already buffered behind a bad one
             return
+        peer = self.transport.getPeer().host
         reply, record = answer(self.factory.persona, string,
-                               port=self.transport.getHost().port,
-                               peer=self.transport.getPeer().host, limit=MAX_FRAME)
+                               port=self.transport.getHost().port, peer=peer, limit=MAX_FRAME)
         self.sendString(reply)
         if record is None:
             self.hang_up()
-        else:
-            report(self.factory.on_request, {'transport': 'tcp', **record})
+            return
+        entry = accounted(*decode(string), peer)
+        if entry is not None:
+            jobstore.store_for(self.factory.persona.host).keep(entry)
+            record = {**record, 'job': entry.name, 'metadata_bytes': entry.metadata_bytes}
+        report(self.factory.on_request, {'transport': 'tcp', **record})
 
     def lengthLimitExceeded(self, length: int) -> None:
         # Int32StringReceiver calls this again on every later chunk.
@@ -291,9 +322,14 @@ class _Exchange(Verdict):
     def __init__(self, reactor, target: ProbeTarget) -> None:
         super().__init__(reactor, target)
         self.nonce = secrets.token_hex(8)
-        # Random bytes: a realistic, incompressible stand-in for job data.
-        self.body = os.urandom(target.size)
-        self.request = encode_request(self.nonce, self.body)
+        self.job, self.problem = (jobstore.need_held(target.options, ('print-job', 'accounting'), bytes_too=False)
+                                  if target.options.get('carries') else (None, ''))
+        if self.job is not None:
+            self.body = job_metadata(self.job.name, self.job.owner, self.job.size, self.job.sha256)
+        else:
+            # Random bytes: a realistic, incompressible stand-in for job data.
+            self.body = os.urandom(target.size)
+        self.request = encode_request(self.nonce, self.body, None if self.job is None else job_header(self.job))
         self.rounds = target.options.get('rounds', 0)
         self.round_trips: list[float] = []   # seconds, one per completed extra round trip
         self._round: tuple[str, bytes, float] | None = None   # nonce, body, sent at
@@ -301,9 +337,14 @@ class _Exchange(Verdict):
 
     @property
     def exchange(self) -> str:
+        if self.job is not None:
+            return f'framed/{self.target.transport} job {self.job.name!r} metadata {len(self.body)} B'
         return f'framed/{self.target.transport} hello {self.target.size} B'
 
     def start(self) -> Deferred[ProbeResult]:
+        if self.problem:
+            self.decide('error', self.problem)
+            return self.done
         if len(self.request) > self.limit:
             self.decide('error', f'size {self.target.size} B does not fit one {self.limit} B '
                                  f'{self.target.transport} message')

@@ -57,6 +57,8 @@ directory is removed, so the port is free when it returns.
 * ``on_request`` is called, from the reactor thread, once per completed
   upload: ``{'transport', 'port', 'peer', 'op': 'STOR', 'file', 'bytes',
   'sha256', 'mode': 'passive'|'active', 'data_port', 'data_peer_port'}``.
+* Every completed upload is also kept in the host's ``jobstore`` (kind ``scan``, named by the
+  file's stem), so a workflow can pass the scan on (to the Workflow Processing System).
 * ``STAT`` without argument answers like vsftpd, naming the client address
   the server sees (``Connected to 198.18.0.9``): the probe reports it as
   ``peer_seen``, which reveals NAT in the path.
@@ -69,7 +71,8 @@ Probe
 ``document`` (``scan``, the default, or ``install``: a terminal package for
 a device). The upload is ``max(target.size, MIN_UPLOAD)`` bytes,
 deterministic for a target id and size (a PDF with one JPEG page image, or a
-ZIP package). The control connect and
+ZIP package). With ``carries``/``holder`` (``jobstore``) the file is ``NAME.pdf``: the scan
+the holder keeps under that name, or a new random one it then keeps (the MFD scanning). The control connect and
 every data-channel open are bounded by ``target.timeout``; the whole session
 by ``transfer_budget(target.timeout)`` = max(3 x timeout, 10 s).
 
@@ -112,7 +115,8 @@ except ImportError:  # pragma: no cover - pyftpdlib 1.5
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .serving import LISTEN_BACKLOG
 from .probing import UNREACHABLE_ERRNOS, OnRequest, crashed, error_result, report
-from .payloads import install_package, scan_document
+from . import jobstore
+from .payloads import install_package, scan_document, scanned_pdf
 
 PROTOCOL_IDS = ('ftp',)
 
@@ -121,7 +125,9 @@ DEFAULT_PASSWORD = 'scan'
 DEFAULT_PASSIVE_PORTS = (30000, 30999)
 IDLE_TIMEOUT = 60            # seconds a server keeps a silent control connection
 MAX_POLL_WAIT = 1.0          # the FTP thread re-checks its stop flag at least this often
-MIN_UPLOAD = 1 << 20         # a scanned page is rarely smaller than 1 MiB
+# A one-page scan at an MFD's usual scan-to-folder setting (200-300 dpi JPEG) is 150-500 kB, the
+# size of HTTP probes' scans (http.DOC_FLOOR); a flow or scenario step asking for more gets its size.
+MIN_UPLOAD = 256 << 10
 MAX_KEPT_BYTES = 64 << 20    # uploads a listener keeps at most; the oldest go first
 MIN_BUDGET = 10.0            # seconds: the shortest whole-session bound
 MAX_REPLY_BYTES = 1 << 16    # what the probe reads of a STAT reply, at most
@@ -140,6 +146,11 @@ def upload_for(target: ProbeTarget) -> tuple[str, bytes]:
     """(file name, content) the probe uploads for ``target``."""
     kind = target.options.get('document', 'scan')
     size = max(target.size, MIN_UPLOAD)
+    carried, why = jobstore.to_send(target.options, ('scan',), lambda: scanned_pdf(size))
+    if why:
+        raise ValueError(why)
+    if carried is not None:
+        return f'{carried.name}.pdf', carried.data
     seed = f'{target.id or "ftp"}:{kind}:{size}'
     token = secrets.token_hex(6)
     if kind == 'install':
@@ -275,6 +286,7 @@ class _ScanHandler(FTPHandler):
     active_dtp = _ConnectBack
     deliver: Callable[[dict[str, Any]], None] = staticmethod(lambda record: None)
     keep: UploadBound
+    documents: jobstore.JobStore | None = None   # the host's jobstore
     data_mode: str | None = None
     data_link: tuple[int, int] | None = None
 
@@ -334,10 +346,21 @@ class _ScanHandler(FTPHandler):
                       'op': 'STOR', 'file': name, 'bytes': size, 'sha256': sha256,
                       'mode': self.data_mode, 'data_port': data_port,
                       'data_peer_port': data_peer_port}
+            if self.documents is not None:
+                self.documents.keep(_received(file, name, size, sha256, self.remote_ip))
         except Exception:
             _log.failure('cannot record the upload of {file}', file=file)
             return
         self.deliver(record)
+
+
+def _received(path: str, name: str, size: int, sha256: str, peer: str) -> jobstore.Document:
+    """The jobstore entry of an uploaded file: its bytes when small enough to pass on."""
+    data = None
+    if size <= jobstore.MAX_DOCUMENT_BYTES:
+        with open(path, 'rb') as handle:
+            data = handle.read(jobstore.MAX_DOCUMENT_BYTES + 1)
+    return jobstore.Document(jobstore.name_of(name), 'scan', size, sha256, via='ftp', peer=peer, data=data)
 
 
 class _Waker:
@@ -451,7 +474,8 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
     connect_back = type('_ListenerConnectBack', (_ConnectBack,), {})
     handler = type('_ListenerScanHandler', (_ScanHandler,), {
         'authorizer': authorizer, 'banner': banner, 'passive_ports': list(passive_ports),
-        'active_dtp': connect_back, 'deliver': staticmethod(deliver), 'keep': UploadBound()})
+        'active_dtp': connect_back, 'deliver': staticmethod(deliver), 'keep': UploadBound(),
+        'documents': jobstore.store_for(persona.host)})
     ioloop = IOLoop()
     try:
         server = FTPServer((interface or '0.0.0.0', listener.port), handler, ioloop=ioloop,

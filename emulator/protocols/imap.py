@@ -26,7 +26,9 @@ Probe
     ``ok`` needs the message to carry a PDF attachment (checked by parsing the MIME). Implicit
     TLS for ``tls`` targets, verifying the chain and ``target.server_name``.
     ``target.options``: ``user``, ``password``, ``mailbox`` (default INBOX), ``message``
-    (sequence number to read, default 1).
+    (sequence number to read, default 1), and ``carries``/``holder`` (``jobstore``): read the
+    newest message instead, ``ok`` only when it carries the attachment ``NAME.pdf``, which the
+    holder (the reader's host) then keeps (kind ``mail``): a user fetching a scan sent to them.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from twisted.mail.interfaces import (IAccountIMAP, IMailboxIMAP, IMessageIMAP, I
                                      IMessageIMAPPart)
 from zope.interface import implementer
 
-from . import mailstore, tls
+from . import jobstore, mailstore, tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .mailstore import LabAccountChecker, LineClient, MailStore, StoredMessage
 from .probing import OnRequest, StreamProbe, crashed, error_result
@@ -549,6 +551,7 @@ class _IMAPClient(LineClient):
         self.peer_seen: str | None = None
         self.exists = 0
         self.body: bytes | None = None
+        self.carried, self.holder = jobstore.carried(target.options)
 
     def begin(self) -> None:
         self.probe.stage = 'waiting for the * OK greeting'
@@ -599,6 +602,8 @@ class _IMAPClient(LineClient):
         self._command('select', f'SELECT {_quoted(self.mailbox)}', f'SELECT {self.mailbox}')
 
     def _on_select(self) -> None:
+        if self.carried:
+            self.number = max(self.exists, 1)
         if self.exists < self.number:
             self.probe.decide('protocol_error', f'{self.mailbox} holds {self.exists} message(s), '
                                                 f'no message {self.number} to read')
@@ -609,7 +614,7 @@ class _IMAPClient(LineClient):
         if self.body is None:
             self.probe.decide('protocol_error', f'FETCH {self.number} completed without the message')
             return
-        found, description = mailstore.check_job(self.body)
+        found, description = (self._carried_attachment() if self.carried else mailstore.check_job(self.body))
         if not found:
             self.probe.decide('protocol_error', f'FETCH {self.number}: {description}')
             return
@@ -621,6 +626,18 @@ class _IMAPClient(LineClient):
                                 f'{description}', peer_seen=self.peer_seen)
 
 
+    def _carried_attachment(self) -> tuple[bool, str]:
+        """Whether the message carries ``NAME.pdf``; kept in the holder's jobstore when it does."""
+        wanted = f'{self.carried}.pdf'
+        found = [a for a in mailstore.attachments(self.body) if a.name == wanted]
+        if not found:
+            return False, f'the newest message ({len(self.body)} B) has no attachment {wanted}'
+        attachment = found[0]
+        jobstore.store_for(self.holder).keep(jobstore.Document(
+            self.carried, 'mail', attachment.size, attachment.sha256, via='imap', peer=self.target.host))
+        return True, f'{wanted} ({attachment.size} B, sha256 {attachment.sha256[:12]}...)'
+
+
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Log in to ``target``'s mailbox and read a print-by-mail job; always fires with a ProbeResult."""
     exchange = 'IMAPS' if target.security == 'tls' else 'IMAP'
@@ -628,7 +645,7 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
         return error_result(target, exchange, f'imap runs over TCP, not {target.transport}')
     try:
         client = _IMAPClient(target)
-        exchange += f' LOGIN + SELECT {client.mailbox} + FETCH {client.number}'
+        exchange += f' LOGIN + SELECT {client.mailbox} + FETCH {"the newest" if client.carried else client.number}'
         return StreamProbe(reactor, target, exchange).start(client, tls=target.security == 'tls')
     except Exception as exc:
         return crashed(target, exchange, exc)

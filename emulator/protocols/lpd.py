@@ -20,7 +20,9 @@ The client ends the job by closing the connection. The stub then logs one
 ``on_request`` record ``op='receive-job'`` with ``queue``, ``bytes`` (data file
 bytes), ``control_bytes``, ``files``, and ``user``/``job``/``client_host`` from
 the control file (P, J, H lines). A connection that closes in the middle of a
-file is an aborted job and is not logged. Queue state and the other daemon
+file is an aborted job and is not logged. A received job is also kept in the host's
+``jobstore`` (kind ``print-job``, named by its J line, owner from P, the data file's sha256
+and bytes), so a workflow can list it and pass it on. Queue state and the other daemon
 commands are logged with ``op`` ``queue-state``, ``print-waiting`` or
 ``remove-jobs``.
 
@@ -38,11 +40,14 @@ The probe submits one job: control file (H host, P user, J and N job name,
 ``l`` + U for the data file) first, then a PostScript data file of exactly
 ``target.size`` bytes, and is ``ok`` when every one of the five
 acknowledgements is 0x00. Options: ``queue`` (default ``lp``), ``user``
-(default ``safeq``), ``client_host`` (default ``safeq-lab``).
+(default ``safeq``), ``client_host`` (default ``safeq-lab``), and ``carries``/``holder``
+(``jobstore``): the job is named after ``carries`` and its data file is the job the holder
+host keeps under that name (a spooler releasing it), or a new one it then keeps (a user).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from typing import Any
@@ -52,7 +57,8 @@ from twisted.protocols.basic import LineReceiver
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .serving import StubConnection, StubFactory, listen_plain_tcp
-from .probing import OnRequest, StreamClient, StreamProbe, crashed
+from .probing import OnRequest, StreamClient, tcp_client_probe
+from . import jobstore
 from .payloads import postscript_job
 
 PROTOCOL_IDS = ('lpr',)
@@ -107,6 +113,8 @@ class _LpdServer(StubConnection, LineReceiver):
         self.control_bytes = 0
         self.files = 0
         self.info: dict[str, Any] = {}
+        self.data_digest = hashlib.sha256()   # of the current data file
+        self.data_kept = bytearray()          # its bytes, up to what the jobstore keeps
 
 
 
@@ -185,6 +193,7 @@ class _LpdServer(StubConnection, LineReceiver):
             return self._nak(f'{kind} file of {count} B is too large')
         self.file_kind, self.remaining, self.file_size = kind, count, count
         self.control = b''
+        self.data_digest, self.data_kept = hashlib.sha256(), bytearray()
         self.state = 'file'
         self.transport.write(ACK)
         self.setRawMode()
@@ -199,6 +208,10 @@ class _LpdServer(StubConnection, LineReceiver):
         self.remaining -= len(body)
         if self.file_kind == 'control':
             self.control += body
+        else:
+            self.data_digest.update(body)
+            if len(self.data_kept) <= jobstore.MAX_DOCUMENT_BYTES:
+                self.data_kept += body
         rest = data[len(body):]
         if self.remaining or not rest:
             return   # more body to come, or the 0x00 end marker is still on its way
@@ -232,7 +245,15 @@ class _LpdServer(StubConnection, LineReceiver):
                                 control_bytes=self.control_bytes, files=self.files,
                                 user=self.info.get('user', ''), job=self.info.get('job', ''),
                                 client_host=self.info.get('client_host', ''))
+            self._keep_job()
         super().connectionLost(reason)
+
+    def _keep_job(self) -> None:
+        size = len(self.data_kept) if len(self.data_kept) <= jobstore.MAX_DOCUMENT_BYTES else self.file_size
+        data = bytes(self.data_kept) if size == len(self.data_kept) else None
+        jobstore.store_for(self.factory.persona.host).keep(jobstore.Document(
+            self.info.get('job', ''), 'print-job', size, self.data_digest.hexdigest(), via='lpr',
+            peer=self.transport.getPeer().host, owner=self.info.get('user', ''), data=data))
 
 
 class _LpdFactory(StubFactory):
@@ -258,7 +279,13 @@ class _LpdClient(StreamClient):
         number = secrets.randbelow(1000)
         job = f'safeq-lab probe {target.id}'[:99]
         data_name = f'dfA{number:03d}{host}'
-        self.data = postscript_job(target.size, job)
+        carried, why = jobstore.to_send(options, ('print-job',), lambda: postscript_job(target.size, job))
+        if why:
+            raise ValueError(why)
+        if carried is not None:
+            job, user = carried.name, carried.owner or user
+        self.data = postscript_job(target.size, job) if carried is None else carried.data
+        self.job, self.user = job, user
         self.control = control_file(host, user, job, data_name)
         control_name = f'cfA{number:03d}{host}'
         # (what to send, what the next 0x00 acknowledges)
@@ -304,9 +331,6 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Submit one print job (control + PostScript data file of ``target.size`` B)."""
     queue = target.options.get('queue') or DEFAULT_QUEUE
     exchange = f'LPD receive-job {queue} {target.size} B PostScript'
-    try:
-        if target.transport != 'tcp':
-            raise ValueError(f'lpr is a TCP protocol, not {target.transport}')
-        return StreamProbe(reactor, target, exchange).start(_LpdClient(target))
-    except Exception as exc:
-        return crashed(target, exchange, exc)
+    carried = (lambda client: f'LPD receive-job {queue} job {client.job!r} of {client.user}, {len(client.data)} B'
+               ) if target.options.get('carries') else None
+    return tcp_client_probe(reactor, target, exchange, _LpdClient, carried)

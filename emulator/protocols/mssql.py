@@ -449,6 +449,8 @@ def _server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_TICKET
     context.load_cert_chain(cert_file, key_file)
+    # a certificate swap (tls.swap_certificate) reaches TDS too: the stdlib context takes a new pair in place
+    tls.serve_swappable(cert_file, key_file, context.load_cert_chain)
     return context
 
 

@@ -9,6 +9,7 @@ like real scans, so a firewall's content inspection and a link's throughput see 
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -215,3 +216,29 @@ def check_png(data: bytes) -> tuple[int, int]:
     if not chunks or chunks[-1] != b'IEND' or b'IDAT' not in chunks:
         raise ValueError('PNG lacks IDAT or does not end with IEND')
     return size
+
+
+METADATA_BYTES = (40_000, 60_000)   # job metadata per job, as SafeQ's Spooler Controller links carry it
+
+
+def job_metadata(name: str, owner: str, size: int, sha256: str) -> bytes:
+    """The metadata a FlexiSpooler sends its Spooler Controller for one job: deterministic for the
+    job, between 40 and 60 kB. Invented (SafeQ's format is proprietary): a JSON job ticket with
+    one record per page (the per-page accounting data that makes real metadata this large)."""
+    low, high = METADATA_BYTES
+    target = low + int(sha256[:8] or '0', 16) % (high - low)
+    rng = random.Random(f'{name}:{sha256}')
+    head = ('{"job":{"name":' + json.dumps(name) + ',"owner":' + json.dumps(owner) + f',"bytes":{size},'
+            f'"sha256":"{sha256}","format":"application/postscript"}},"pages":[')
+    records, length = [], len(head) + 2
+    while True:
+        record = (f'{{"page":{len(records) + 1},"paper":"A4","duplex":{str(rng.random() < 0.5).lower()},'
+                  f'"color":{str(rng.random() < 0.3).lower()},"coverage":[{rng.randint(0, 999)},'
+                  f'{rng.randint(0, 999)},{rng.randint(0, 999)},{rng.randint(0, 999)}],'
+                  f'"fingerprint":"{rng.randbytes(24).hex()}"}}')
+        if length + len(record) + 1 > target:
+            break
+        records.append(record)
+        length += len(record) + 1
+    text = head + ','.join(records) + ']}'
+    return (text + ' ' * (target - len(text))).encode('ascii')

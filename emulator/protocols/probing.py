@@ -497,3 +497,20 @@ class DatagramProbe(DatagramVerdict):
     def _timeout_detail(self) -> str:
         return (f'no reply within {self.target.timeout:g} s '
                 f'(datagram or reply dropped, no ICMP seen)')
+
+
+def tcp_client_probe(reactor, target: ProbeTarget, exchange: str, make_client: Callable,
+                     renamed: Callable[[Any], str] | None = None) -> Deferred[ProbeResult]:
+    """Run ``make_client(target)`` (a StreamClient) as a TCP StreamProbe. A ValueError from it is the
+    target's own problem (a bad option, a document the host holds none of to pass on): one 'error'
+    row saying so. ``renamed(client)`` names the exchange once the client knows what it sends."""
+    try:
+        if target.transport != 'tcp':
+            raise ValueError(f'{target.protocol} is a TCP protocol, not {target.transport}')
+        try:
+            client = make_client(target)
+        except ValueError as exc:
+            return error_result(target, exchange, str(exc))
+        return StreamProbe(reactor, target, renamed(client) if renamed else exchange).start(client)
+    except Exception as exc:
+        return crashed(target, exchange, exc)

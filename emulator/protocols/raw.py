@@ -18,6 +18,8 @@ Counts every byte until the client closes or half-closes, then logs one
 ``pdl_bytes`` (page description bytes), ``pjl`` (a ``ESC%-12345X@PJL`` header
 was seen), ``language``, ``job`` and ``end`` (``half-close``, ``close`` or
 ``timeout``). A connection that sends nothing is not a job and is not logged.
+The job's last complete PDL section is also kept in the host's ``jobstore`` (kind
+``print-job``, named by ``@PJL JOB NAME``, with its sha256 and bytes).
 After a client half-close the stub writes any pending reply and closes.
 
 Between UELs the stub reads PJL command lines (case-insensitive, CR optional)
@@ -62,12 +64,16 @@ Malformed input: a PJL command line longer than ``MAX_PJL_LINE`` closes the
 connection (the job is still logged); everything else is print data, as on a
 printer. Silent connections are dropped after ``IDLE_TIMEOUT`` seconds.
 
+With the probe options ``carries``/``holder`` (``jobstore``) the job is named after ``carries``
+and its PostScript is the job the holder host keeps under that name (FlexiSpooler releasing it).
+
 The print payload (``payloads.postscript_job``, a realistic PostScript page
 of an exact size) is shared with ``lpd``; the client machinery is ``probing``'s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 
@@ -76,9 +82,10 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from . import jobstore
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .serving import StubConnection, StubFactory, listen_plain_tcp
-from .probing import OnRequest, StreamClient, StreamProbe, crashed
+from .probing import OnRequest, StreamClient, tcp_client_probe
 from .payloads import postscript_job
 
 PROTOCOL_IDS = ('raw',)
@@ -162,6 +169,8 @@ class _RawServer(StubConnection, Protocol):
         self.ustatus_job = False
         self.reported = False
         self.end = 'close'
+        self.pdl_digest, self.pdl_kept = hashlib.sha256(), bytearray()   # the PDL section in progress
+        self.section: tuple[int, str, bytes | None] | None = None        # the last complete one
 
 
 
@@ -189,10 +198,13 @@ class _RawServer(StubConnection, Protocol):
                     keep = next((n for n in range(len(UEL) - 1, 0, -1)
                                  if self.buffer.endswith(UEL[:n])), 0)
                     self.pdl += len(self.buffer) - keep
-                    self._take(len(self.buffer) - keep)
+                    self._pdl_bytes(self._take(len(self.buffer) - keep))
                     return
                 self.pdl += index
-                self._take(index)
+                self._pdl_bytes(self._take(index))
+                kept = bytes(self.pdl_kept) if len(self.pdl_kept) == self.pdl else None
+                self.section = (self.pdl, self.pdl_digest.hexdigest(), kept)
+                self.pdl_digest, self.pdl_kept = hashlib.sha256(), bytearray()
                 self.last_pdl = self.pdl
                 self.pdl_total += self.pdl
                 self.pdl = 0
@@ -226,6 +238,11 @@ class _RawServer(StubConnection, Protocol):
             # Anything else is print data: the PDL starts implicitly.
             self.after_uel = False
             self.mode = 'pdl'
+
+    def _pdl_bytes(self, data: bytes) -> None:
+        self.pdl_digest.update(data)
+        if len(self.pdl_kept) + len(data) <= jobstore.MAX_DOCUMENT_BYTES:
+            self.pdl_kept += data
 
     def _command(self, line: bytes) -> None:
         command, words, rest = _pjl_words(line)
@@ -296,6 +313,10 @@ class _RawServer(StubConnection, Protocol):
         pdl_bytes = self.pdl_total + self.pdl   # a job may end without a closing UEL
         self.report_request('print-job', bytes=self.total, pdl_bytes=pdl_bytes, pjl=self.pjl_seen,
                             language=self.language, job=self.job, end=self.end)
+        if self.section is not None:
+            size, sha256, data = self.section
+            jobstore.store_for(self.factory.persona.host).keep(jobstore.Document(
+                self.job, 'print-job', size, sha256, via='raw', peer=self.peer, data=data))
 
 
 class _RawFactory(StubFactory):
@@ -313,9 +334,10 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
 # RAW / JetDirect: client probe
 # =============================================================================
 
-def build_job(size: int, name: str) -> tuple[bytes, bytes, int]:
-    """(job bytes, PDL data, TOTAL the stub must report at INFO LABBYTES)."""
-    data = postscript_job(size, name)
+def build_job(size: int, name: str, data: bytes | None = None) -> tuple[bytes, bytes, int]:
+    """(job bytes, PDL data, TOTAL the stub must report at INFO LABBYTES); ``data``: the
+    PostScript to send (default a new page of ``size`` bytes)."""
+    data = postscript_job(size, name) if data is None else data
     quoted = f'"{name}"'.encode('ascii')
     head = (UEL + b'@PJL JOB NAME=' + quoted + b'\r\n'
             b'@PJL ENTER LANGUAGE=POSTSCRIPT\r\n')
@@ -329,7 +351,13 @@ class _RawClient(StreamClient):
     def __init__(self, target: ProbeTarget) -> None:
         self.target = target
         self.name = f'safeq-lab probe {secrets.token_hex(4)}'
-        self.job, self.data, self.expected_total = build_job(target.size, self.name)
+        carried, why = jobstore.to_send(target.options, ('print-job',), lambda: postscript_job(target.size, self.name))
+        if why:
+            raise ValueError(why)
+        if carried is not None:
+            self.name = carried.name
+        self.job, self.data, self.expected_total = build_job(
+            target.size, self.name, None if carried is None else carried.data)
         self.buffer = b''
         self.model = None
 
@@ -383,9 +411,6 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Send a PJL-wrapped PostScript job of ``target.size`` bytes and check the
     stub's byte count (``@PJL INFO LABBYTES``)."""
     exchange = f'JetDirect PJL job {target.size} B PostScript'
-    try:
-        if target.transport != 'tcp':
-            raise ValueError(f'raw is a TCP protocol, not {target.transport}')
-        return StreamProbe(reactor, target, exchange).start(_RawClient(target))
-    except Exception as exc:
-        return crashed(target, exchange, exc)
+    carried = (lambda client: f'JetDirect PJL job {client.name!r} {len(client.data)} B PostScript'
+               ) if target.options.get('carries') else None
+    return tcp_client_probe(reactor, target, exchange, _RawClient, carried)

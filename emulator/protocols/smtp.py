@@ -32,7 +32,10 @@ Probe
     ``target.size`` bytes (at least the smallest PDF), then QUIT. ``ok`` needs ``250`` with
     ``queued`` after DATA and, when the server lists the attachments (this stub does), the
     PDF at its size. ``target.options``: ``user``, ``password``, ``auth`` (false: no AUTH),
-    ``sender``, ``recipient``.
+    ``sender``, ``recipient``, and ``carries``/``holder`` (``jobstore``): the attachment is
+    ``NAME.pdf``, the scan the holder keeps under that name (the Workflow Processing System
+    mailing a scan it received). The stub keeps each delivered attachment in its host's
+    jobstore too (kind ``mail``, named by the file's stem).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from twisted.mail._except import SMTPBadRcpt, SMTPServerError
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from zope.interface import implementer
 
-from . import mailstore, tls
+from . import jobstore, mailstore, tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .mailstore import LabAccountChecker, LineClient
 from .probing import OnRequest, StreamProbe, crashed, error_result
@@ -295,6 +298,11 @@ class LabSMTPSession:
     def delivered(self, envelope: _Envelope, data: bytes) -> tuple[str, str]:
         stored = self.factory.store.deliver(data)
         found = mailstore.attachments(stored.data)
+        peer = self.transport.getPeer().host if self.transport is not None else ''
+        for attachment in found[:10]:
+            jobstore.store_for(self.factory.persona.host).keep(jobstore.Document(
+                jobstore.name_of(attachment.name) or stored.queue_id, 'mail', attachment.size, attachment.sha256,
+                via='smtp', peer=peer, owner=', '.join(map(str, envelope.recipients[:3]))))
         listed = ', '.join(f'{a.name or a.content_type} {a.size} B' for a in found) or 'none'
         self.report_request('mail', **{'from': envelope.sender}, to=envelope.recipients[:10],
                     recipients=len(envelope.recipients), bytes=len(stored.data),
@@ -355,7 +363,13 @@ def scan_mail(target: ProbeTarget) -> tuple[str, str, bytes, str, int]:
     sender = str(options.get('sender') or f'scan@{mailstore.MAIL_DOMAIN}')
     recipient = str(options.get('recipient') or f'alice@{mailstore.MAIL_DOMAIN}')
     name = re.sub(r'[^\w.-]+', '-', f'scan-{target.id or "probe"}')[:76] + '.pdf'   # one token in the 250 reply
-    pdf = mailstore.pdf_document(target.size, f'safeq-lab scan {target.id}', target.id or 'scan')
+    held, why = (jobstore.need_held(options, ('scan',)) if options.get('carries') else (None, ''))
+    if why:
+        raise ValueError(why)
+    if held is not None:
+        name, pdf = f'{held.name}.pdf', held.data
+    else:
+        pdf = mailstore.pdf_document(target.size, f'safeq-lab scan {target.id}', target.id or 'scan')
     message = mailstore.compose(sender, recipient, f'Scanned document {name}',
                                 'Your scanned document is attached (safeq-lab).', name, pdf)
     return sender, recipient, message, name, len(pdf)
@@ -536,7 +550,12 @@ def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
         return error_result(target, exchange, f'smtp runs over TCP, not {target.transport}')
     try:
         exchange += f' EHLO + MAIL {target.size} B scan'
-        client = _SMTPClient(target)
+        try:
+            client = _SMTPClient(target)
+        except ValueError as exc:   # nothing to pass on
+            return error_result(target, exchange, str(exc))
+        if target.options.get('carries'):
+            exchange = exchange.replace(f'{target.size} B scan', f'{client.attachment} ({client.attachment_size} B)')
         return StreamProbe(reactor, target, exchange).start(client, tls=target.security == 'tls')
     except Exception as exc:
         return crashed(target, exchange, exc)

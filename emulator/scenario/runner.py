@@ -1,8 +1,9 @@
 """Running a scenario in a lab: each step as it happens, in words a trainer can read aloud.
 
 The runner talks to the lab through what `emulator.lab.Lab` offers (run_probes, stop_daemon,
-apply_rules, impair, clear_impairment, ca_file) plus one seam, `node_command(node, argv) -> stdout`,
-which runs a firewall command inside a node; tests hand it a fake lab and a recording command.
+start_daemon, install_certificate, apply_rules, impair, clear_impairment, ca_file, documents) plus
+one seam, `node_command(node, argv) -> stdout`, which runs a firewall command inside a node; tests
+hand it a fake lab and a recording command.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from emulator.impair import Impairment
 from emulator.plan import Check, CheckKind, audit_plan
 from emulator.protocols.base import ProbeResult
 from emulator.rules import Ruleset
-from emulator.scenario.schema import OUTCOME_GROUPS, Expect, Fault, Parallel, Scenario, Step, Table, Workflow
+from emulator.scenario.schema import OUTCOME_GROUPS, Expect, Fault, Holds, Parallel, Scenario, Step, Table, Workflow
 
 
 COMMAND_TIMEOUT = 30.0
@@ -35,6 +36,11 @@ OUTCOME_WORDS = {  # each names the outcome too, so a trainer can match it with 
     "protocol_error": "an answer, but not the exchange it needs (protocol error)",
     "unreachable": "host or network unreachable",
     "error": "the probe itself failed (a lab error)",
+}
+CERTIFICATE_WORDS = {  # the certificate a `certificate` fault installs, by kind
+    "expired": "a certificate from the lab CA that has expired",
+    "pre-installed": "the device's pre-installed certificate (self-signed at the factory, not from the lab CA)",
+    "valid": "a new, valid certificate from the lab CA",
 }
 EXPECTED_WORDS = {
     "ok": "to work",
@@ -153,6 +159,8 @@ class Runner:
             self._expect(step)
         elif isinstance(step, Table):
             self._table(step)
+        elif isinstance(step, Holds):
+            self._holds(step)
         else:
             self.say(f"Step {step.number}: {self.describe(step)}")
             self._act(step, "  -> ")
@@ -184,7 +192,8 @@ class Runner:
         if isinstance(step, Workflow):
             which = ", ".join(_label(ep) for ep in step.endpoints)
             size = "" if step.size is None else f", {_size_words(step.size)}"
-            return f"{step.text} ({step.flow.id}, {step.client} -> {step.server}, {which}{size})"
+            carries = f", carrying {step.carries}" if step.carries else ""
+            return f"{step.text} ({step.flow.id}, {step.client} -> {step.server}, {which}{size}{carries})"
         words = _fault_words(step)
         return f"{step.text}: {words}" if step.text else words
 
@@ -233,6 +242,11 @@ class Runner:
         if kind == "stop":
             self.lab.stop_daemon(step.host)
             return ""
+        if kind == "start":
+            self.lab.start_daemon(step.host)
+            return ""
+        if kind == "certificate":
+            return self.lab.install_certificate(step.host, step.certificate)
         if kind == "rule":
             argv = ["iptables", *shlex.split(step.rule)]
             self.node_command(step.node, argv)
@@ -307,6 +321,21 @@ class Runner:
         self.say(f"  -> {verdict}: {observed}" + (f". {says}" if says else ""))
         self.report.expectations.append(ExpectationResult(number, wording, held, observed))
 
+    # -- documents passed along -------------------------------------------------------------------
+    def _holds(self, step: Holds) -> None:
+        """The document at `step.host` (of its kind) has the sha256 it had where it was created."""
+        wording = f"{step.host} holds {step.name}" + (f" ({step.kind})" if step.kind else "")
+        if step.above_kb is not None or step.below_kb is not None:
+            wording += " with " + _bounds_words(step.above_kb, step.below_kb, "kB") + " of job metadata"
+        wording += f", the bytes {step.origin} started with"
+        self.say(f"Step {step.number}: expect {wording}")
+        try:
+            held, observed = judge_holds(step, self.lab.documents(step.host, step.name),
+                                         self.lab.documents(step.origin, step.name))
+        except LabError as exc:   # a stopped daemon cannot say what it holds
+            held, observed = False, str(exc)
+        self._record(step.number, wording, held, observed, step.says)
+
     # -- tables ----------------------------------------------------------------------------------
     def _table(self, step: Table) -> None:
         """Delivery time of each listed workflow against size * 8 / rate; with `within`, judged too."""
@@ -380,7 +409,42 @@ def judge(step: Expect, result: WorkflowResult) -> tuple[bool, str]:
         observed += f"; round trip {round_trip:.1f} ms"
     elif step.rtt_above_ms is not None or step.rtt_below_ms is not None:
         observed += "; no round trip measured"
+    if step.detail:
+        said = next((text for r in result.results for text in (r.detail, r.exchange)
+                     if step.detail.lower() in text.lower()), None)
+        held = held and said is not None
+        observed += f"; {said}" if said is not None else f"; no probe said {step.detail!r}"
     return held, observed
+
+
+def judge_holds(step: Holds, there: list, origin: list) -> tuple[bool, str]:
+    """Whether `there` (documents the host holds by that name) has the one `origin` created, in words."""
+    created = next((d for d in reversed(origin) if d.kind == "created"), None)
+    found = [d for d in there if d.kind != "created" and (not step.kind or d.kind == step.kind)]
+    if created is None:
+        return False, f"{step.origin} never created {step.name} (its first workflow did not run there)"
+    if not found:
+        kinds = f" as {step.kind}" if step.kind else ""
+        return False, f"{step.host} holds no {step.name}{kinds}"
+    doc = found[-1]
+    seen = (f"{step.host} holds {doc.name} ({doc.kind}, {doc.size} B, sha256 {doc.sha256[:12]}, by {doc.via or '?'}"
+            f"{' from ' + doc.peer if doc.peer else ''}")
+    seen += f", {doc.metadata_bytes / 1000:.1f} kB of metadata)" if doc.metadata_bytes else ")"
+    held = doc.sha256 == created.sha256
+    seen += ("; the same sha256 as " if held else f"; sha256 differs from {created.sha256[:12]}, ") + \
+        f"the {created.size} B {step.origin} created"
+    kb = doc.metadata_bytes / 1000
+    if step.above_kb is not None:
+        held = held and kb > step.above_kb
+    if step.below_kb is not None:
+        held = held and kb < step.below_kb
+    return held, seen
+
+
+def _bounds_words(above: float | None, below: float | None, unit: str) -> str:
+    if above is not None and below is not None:
+        return f"{above:g}-{below:g} {unit}"
+    return f"over {above:g} {unit}" if above is not None else f"under {below:g} {unit}"
 
 
 def _expected_clause(step: Expect) -> str:
@@ -393,6 +457,8 @@ def _expected_clause(step: Expect) -> str:
         parts.append(f"a round trip over {step.rtt_above_ms:g} ms")
     if step.rtt_below_ms is not None:
         parts.append(f"a round trip under {step.rtt_below_ms:g} ms")
+    if step.detail:
+        parts.append(f"saying {step.detail!r}")
     return ", ".join(parts)
 
 
@@ -436,6 +502,11 @@ def _fault_words(step: Fault) -> str:
         return f"the {step.link} link is back to normal"
     if step.kind == "stop":
         return f"the role daemon on {step.host} stops: its services close their ports"
+    if step.kind == "start":
+        return f"the role daemon on {step.host} starts again: its services open their ports"
+    if step.kind == "certificate":
+        return (f"{step.host}'s TLS services (all of them, without a restart) now present "
+                f"{CERTIFICATE_WORDS[step.certificate]}")
     if step.kind == "rule":
         return f"firewall {step.node} gets a new rule"
     if step.kind == "block":

@@ -19,8 +19,10 @@ import yaml
 
 from emulator.catalog import Catalog, Endpoint, Flow, load_catalog
 from emulator.errors import LabError
+from emulator.pki import CERTIFICATE_KINDS
 from emulator.plan import excluded_by_profile
 from emulator.protocols.framed import MAX_ROUNDS
+from emulator.protocols.jobstore import KINDS as DOCUMENT_KINDS
 from emulator.topology import Topology, load_topology
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent.parent / "scenarios"
@@ -51,8 +53,13 @@ OUTCOME_GROUPS = {
     "failure": frozenset({"refused", "timeout", "silent", "protocol_error", "unreachable", "error"}),
 }
 LINK_FAULTS = ("delay", "loss", "cut", "bandwidth", "clear")
-FAULTS = LINK_FAULTS + ("stop", "rule", "block", "ftp-helper-off", "reset-rules", "generated-rules")
+FAULTS = LINK_FAULTS + ("stop", "start", "rule", "block", "ftp-helper-off", "reset-rules", "generated-rules",
+                         "certificate")
 RULE_ACTIONS = ("drop", "reject")
+# catalog protocols whose probes pass a named document on (option carries; emulator/protocols/jobstore.py):
+# lpd, raw, framed (safeq: job metadata), http (soap: the job list; webdav), ftp, smtp, imap
+CARRYING_PROTOCOLS = ("lpr", "raw", "safeq", "soap", "webdav", "ftp", "smtp", "imap")
+HELD_KINDS = tuple(k for k in DOCUMENT_KINDS if k != "created")
 FTP_MODES = ("passive", "active")
 
 
@@ -72,6 +79,7 @@ class Workflow:
     mode: str = ""        # FTP: passive | active
     timeout: float = DEFAULT_TIMEOUT
     size: int | None = None   # bytes of payload (a print job's size); None: the audit's default for the protocol
+    carries: str = ""         # the document it passes on (or creates, on the first hop): jobstore
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class Fault:
     jitter_ms: float = 0.0
     percent: float = 0.0
     mbit: float = 0.0
+    certificate: str = ""   # `certificate`: which one the host's TLS ports present (pki.CERTIFICATE_KINDS)
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,22 @@ class Expect:
     says: str = ""        # words for the trainer
     rtt_above_ms: float | None = None   # round_trip_ms: the median round trip measured on the connection
     rtt_below_ms: float | None = None
+    detail: str = ""      # words some probe's detail or exchange must contain (case-insensitive), e.g. 'expired'
+
+
+@dataclass(frozen=True)
+class Holds:
+    """A host holds a document an earlier workflow carried, with the bytes it started with."""
+
+    where: str
+    number: str
+    name: str             # the document (a workflow's carries:)
+    host: str             # where it should be (at:)
+    origin: str           # the host that created it: the first workflow carrying it ran from there
+    kind: str = ""        # in: one of HELD_KINDS ('' = whatever it arrived as)
+    above_kb: float | None = None   # metadata_kb: the job metadata that came with it (accounting)
+    below_kb: float | None = None
+    says: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,7 +152,7 @@ class Parallel:
     steps: tuple  # Workflow | Fault
 
 
-Step = Workflow | Fault | Expect | Parallel | Table
+Step = Workflow | Fault | Expect | Parallel | Table | Holds
 
 
 @dataclass(frozen=True)
@@ -285,8 +310,10 @@ def resolve_scenario_path(name_or_path: str) -> Path:
 
 # -- validation --------------------------------------------------------------------------------
 TOP_KEYS = ("name", "description", "topology", "rules", "impairable", "timeout", "steps", "repair")
-WORKFLOW_KEYS = ("id", "do", "flow", "from", "to", "options", "security", "protocol", "mode", "timeout", "size")
-EXPECT_KEYS = ("expect", "outcome", "elapsed_ms", "round_trip_ms", "says")
+WORKFLOW_KEYS = ("id", "do", "flow", "from", "to", "options", "security", "protocol", "mode", "timeout", "size",
+                 "carries")
+HOLDS_KEYS = ("holds", "at", "in", "metadata_kb", "says")
+EXPECT_KEYS = ("expect", "outcome", "elapsed_ms", "round_trip_ms", "detail", "says")
 TABLE_KEYS = ("table", "mbit", "within", "says")
 FAULT_KEYS = {
     "delay": ("link", "ms", "jitter_ms"),
@@ -300,11 +327,14 @@ FAULT_KEYS = {
     "ftp-helper-off": ("node",),
     "reset-rules": ("node",),
     "generated-rules": ("node",),
+    "certificate": ("host", "kind"),
+    "start": ("host",),
 }
 FAULT_REQUIRED = {"delay": ("link", "ms"), "loss": ("link", "percent"), "cut": ("link",),
                   "bandwidth": ("link", "mbit"), "clear": ("link",), "stop": ("host",), "rule": ("node", "rule"),
                   "block": ("flow", "from", "to"), "ftp-helper-off": ("node",), "reset-rules": (),
-                  "generated-rules": ()}
+                  "generated-rules": (), "certificate": ("host", "kind"),
+                  "start": ("host",)}
 
 
 class _Validator:
@@ -316,6 +346,7 @@ class _Validator:
         self.ids: set[str] = set()
         self.workflow_ids: set[str] = set()
         self.workflows: dict[str, Workflow] = {}
+        self.origins: dict[str, str] = {}   # document carried -> the host its first workflow ran from
 
     def fail(self, at: tuple, message: str) -> LabError:
         return self.doc.fail(at, message)
@@ -446,10 +477,10 @@ class _Validator:
             raise self.fail(at, f"expected a step (a mapping with flow:, fault:, expect:, table: or parallel:), "
                                 f"got {_kind(raw)}")
         # a fault may name a flow (block), so fault: decides before flow:
-        kinds = [k for k in ("fault" if "fault" in raw else "flow", "expect", "table", "parallel") if k in raw]
+        kinds = [k for k in ("fault" if "fault" in raw else "flow", "expect", "table", "parallel", "holds") if k in raw]
         if len(kinds) != 1:
-            raise self.fail(at, "a step is one of: a workflow (flow:), a fault (fault:), an expectation (expect:), "
-                                "a table (table:) or a group (parallel:)"
+            raise self.fail(at, "a step is one of: a workflow (flow:), a fault (fault:), an expectation (expect: or "
+                                "holds:), a table (table:) or a group (parallel:)"
                                 + (f"; this one has {', '.join(kinds)}" if kinds else ""))
         where = f"{self.doc.path}:{self.doc.line(at)}"
         kind = kinds[0]
@@ -465,6 +496,10 @@ class _Validator:
             if grouped:
                 raise self.fail(at + ("table",), "a table comes after the workflows it shows, not inside a group")
             return self._table(raw, at, number, where)
+        if kind == "holds":
+            if grouped:
+                raise self.fail(at + ("holds",), "expectations come after a parallel group, not inside it")
+            return self._holds(raw, at, number, where)
         if kind == "fault":
             return self._fault(raw, at, number, where)
         return self._workflow(raw, at, number, where)
@@ -515,11 +550,40 @@ class _Validator:
         if "timeout" in raw:
             timeout = self.number(raw["timeout"], at + ("timeout",), 0.1, MAX_TIMEOUT, "seconds")
         size = self._size(raw["size"], at + ("size",)) if "size" in raw else None
+        carries = self._carries(raw["carries"], at + ("carries",), endpoints, client) if "carries" in raw else ""
+        if carries:
+            options = {**options, "carries": carries, "holder": client}
         self.workflow_ids.add(step_id)
         workflow = Workflow(where, number, step_id, text, flow, client, server, endpoints, dict(options), mode,
-                            timeout, size)
+                            timeout, size, carries)
         self.workflows[step_id] = workflow
         return workflow
+
+    def _carries(self, value, at: tuple, endpoints: tuple[Endpoint, ...], client: str) -> str:
+        """A document name the workflow passes on; its first workflow's host is where it is created."""
+        if not isinstance(value, str) or not STEP_ID.match(value):
+            raise self.fail(at, f"{value!r}: a document is named like a step id (lowercase letters, digits, '-'), "
+                                "like report-1")
+        others = sorted({ep.protocol for ep in endpoints if ep.protocol not in CARRYING_PROTOCOLS})
+        if others:
+            raise self.fail(at, f"{', '.join(others)} cannot carry a document here; pick a port with protocol: "
+                                f"(those that can: {', '.join(CARRYING_PROTOCOLS)})")
+        self.origins.setdefault(value, client)
+        return value
+
+    def _holds(self, raw, at, number, where) -> Holds:
+        self.mapping(raw, at, HOLDS_KEYS, ("holds", "at"))
+        name = raw["holds"]
+        if name not in self.origins:
+            known = ", ".join(sorted(self.origins)) or "none yet"
+            raise self.fail(at + ("holds",), f"{name!r} is not carried by an earlier workflow (carries: {known})")
+        host = self.host(raw["at"], at + ("at",))
+        kind = raw.get("in", "")
+        if "in" in raw and kind not in HELD_KINDS:
+            raise self.fail(at + ("in",), f"unknown kind {kind!r}; use one of {', '.join(HELD_KINDS)}")
+        above, below = self._bounds(raw, "metadata_kb", at, "kB, 1000 bytes")
+        says = self.text(raw["says"], at + ("says",)) if "says" in raw else ""
+        return Holds(where, number, name, host, self.origins[name], kind, above, below, says)
 
     def _size(self, value, at: tuple) -> int:
         """Bytes: a whole number, or a number with a unit (16 MB, 512 KiB; MB = 10^6 B, MiB = 2^20 B)."""
@@ -569,20 +633,21 @@ class _Validator:
         if not outcome and above is None and below is None and rtt_above is None and rtt_below is None:
             raise self.fail(at, "an expectation needs outcome:, elapsed_ms: or round_trip_ms:")
         says = self.text(raw["says"], at + ("says",)) if "says" in raw else ""
-        return Expect(where, number, target, outcome, above, below, says, rtt_above, rtt_below)
+        detail = self.text(raw["detail"], at + ("detail",)) if "detail" in raw else ""
+        return Expect(where, number, target, outcome, above, below, says, rtt_above, rtt_below, detail)
 
-    def _bounds(self, raw: dict, key: str, at: tuple) -> tuple[float | None, float | None]:
-        """(above, below) milliseconds of an expectation's `key: {above: N, below: N}`; None where not given."""
+    def _bounds(self, raw: dict, key: str, at: tuple, unit: str = "milliseconds") -> tuple[float | None, float | None]:
+        """(above, below) `unit` of an expectation's `key: {above: N, below: N}`; None where not given."""
         if key not in raw:
             return None, None
         bounds = self.mapping(raw[key], at + (key,), ("above", "below"))
         if not bounds:
-            raise self.fail(at + (key,), "give above: and/or below: (milliseconds)")
+            raise self.fail(at + (key,), f"give above: and/or below: ({unit})")
         above = below = None
         if "above" in bounds:
-            above = self.number(bounds["above"], at + (key, "above"), 0, 3_600_000, "milliseconds")
+            above = self.number(bounds["above"], at + (key, "above"), 0, 3_600_000, unit)
         if "below" in bounds:
-            below = self.number(bounds["below"], at + (key, "below"), 0, 3_600_000, "milliseconds")
+            below = self.number(bounds["below"], at + (key, "below"), 0, 3_600_000, unit)
         if above is not None and below is not None and above >= below:
             raise self.fail(at + (key,), f"above {above:g} and below {below:g} cannot both hold")
         return above, below
@@ -642,8 +707,14 @@ class _Validator:
             fields["percent"] = self.number(raw["percent"], at + ("percent",), 0.01, 100, "percent")
         elif kind == "bandwidth":
             fields["mbit"] = self.number(raw["mbit"], at + ("mbit",), 0.01, 100_000, "Mbit/s")
-        elif kind == "stop":
+        elif kind in ("stop", "start"):
             fields["host"] = self.host(raw["host"], at + ("host",))
+        elif kind == "certificate":
+            fields["host"] = self.host(raw["host"], at + ("host",))
+            if raw["kind"] not in CERTIFICATE_KINDS:
+                raise self.fail(at + ("kind",), f"unknown certificate kind {raw['kind']!r}; use one of "
+                                                f"{', '.join(CERTIFICATE_KINDS)}")
+            fields["certificate"] = raw["kind"]
         elif kind in ("ftp-helper-off", "reset-rules") and "node" in raw:
             fields["node"] = self.rule_node(raw["node"], at + ("node",))
         elif kind == "generated-rules" and "node" in raw:

@@ -12,7 +12,7 @@ from emulator.catalog import load_catalog
 from emulator.lab import Lab, preflight
 from emulator.scenario import Runner, available_scenarios, load_scenario
 from emulator.scenario.command import scenario_rulesets
-from emulator.scenario.schema import Expect, Fault, Parallel
+from emulator.scenario.schema import Expect, Fault, Holds, Parallel
 from tests.lab.helpers import footprint
 
 pytestmark = pytest.mark.lab
@@ -56,7 +56,7 @@ def test_vendor_story_is_green(shared_lab, name):
     result = Runner(scenario, lab, rulesets, out).run()
     took = time.monotonic() - started
     text = out.getvalue()
-    expectations = sum(1 for step in scenario.steps if isinstance(step, Expect))
+    expectations = sum(1 for step in scenario.steps if isinstance(step, (Expect, Holds)))
     assert result.passed, text
     assert f"Scenario {name}: {expectations} of {expectations} expectations hold\n" in text, text
     assert took < STORY_SECONDS, f"{name} took {took:.1f}s:\n{text}"

@@ -207,3 +207,24 @@ def test_path_loss_names_only_lossy_links_on_the_checks_path():
     zone = topology.host("pc1").zone
     assert path_loss(check, topology, {zone: 5.0, "branch": 50.0}) == f"the {zone} link loses 5 % of packets"
     assert path_loss(check, topology, {"branch": 50.0}) == ""
+
+
+def test_the_explainer_parses_a_trace_only_when_asked_and_finds_what_a_scan_would():
+    from pathlib import Path
+
+    from emulator.audit import Explainer
+    from emulator.trace import Fate, parse_trace
+
+    text = (Path(__file__).resolve().parents[1] / "data" / "trace" / "iptables.trace").read_text()
+    why = Explainer({}, {}, {"fw": text})
+    assert why._by_pair == {}  # nothing parsed yet: an audit without findings never pays for it
+    traced = parse_trace(text)
+    asked = {(p.saddr, p.daddr, p.protocol, p.dport, p.fate) for p in traced if p.decision is not None}
+    assert len(asked) > 5
+    for src, dst, transport, port, fate in asked:
+        scan = next(p.decision for p in traced if p.decision is not None and p.fate == fate
+                    and p.protocol == transport and (p.saddr, p.daddr) == (src, dst)
+                    and (transport == "icmp" or p.dport == port))
+        assert why.decision("fw", src, dst, transport, port, (fate,)) == scan
+    assert why.decision("fw", "198.18.99.1", "198.18.99.2", "tcp", 1, tuple(Fate)) is None
+    assert why.decision("other-node", *next(iter(asked))[:4], tuple(Fate)) is None

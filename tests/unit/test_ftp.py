@@ -87,7 +87,7 @@ def probe_stub(persona=PERSONA, patch=None, limit: float = 10.0, **overrides):
                      persona=persona, patch=patch, limit=limit)
 
 
-def expected_upload(size=1 << 20, target_id='t', kind='scan') -> bytes:
+def expected_upload(size=ftp.MIN_UPLOAD, target_id='t', kind='scan') -> bytes:
     maker = payloads.scan_document if kind == 'scan' else payloads.install_package
     return maker(size, f'{target_id}:{kind}:{size}')
 
@@ -192,7 +192,7 @@ def test_passive_upload_is_verified_and_witnessed():
     result, records, port = probe_stub()
     assert result.outcome == 'ok', result
     assert result.peer_seen == '127.0.0.1'
-    assert result.exchange.startswith('FTP passive upload → 220, login 230, STOR 1048576 B 226')
+    assert result.exchange.startswith(f'FTP passive upload → 220, login 230, STOR {ftp.MIN_UPLOAD} B 226')
     assert 'RETR 226 sha256 ok' in result.exchange
     assert 'terminal-server-1' in result.detail  # the greeting names the host that answered
     [record] = records

@@ -61,7 +61,7 @@ def test_shipped_scenarios_cover_the_promised_failure_modes():
     names = set(available_scenarios())
     assert {"role-down-vs-firewall-drop", "passive-ftp-blocked", "time-sync-blocked", "ldap-unencrypted",
             "database-open-to-users", "scg-latency-over-wan"} <= names
-    for name in names - set(vendor_scenarios()):  # a vendor's story shows workflows working: nothing to repair
+    for name in names - set(vendor_scenarios()) - set(workflow_stories()):  # stories show workflows working
         assert load_scenario(name, CATALOG).repair, f"{name} has no repair section"
 
 
@@ -150,6 +150,12 @@ BAD = [
     ("timeout: 1\n", "timeout: &t 1\n", 4, "file", "anchors and aliases are not allowed"),
     ("timeout: 1\n", "timeout: [1\n", 5, "file", "not valid YAML"),
     ("steps:\n", "stepz:\n", 6, "stepz", "unknown key 'stepz'"),
+    ("{fault: stop, host: site1}", "{fault: certificate, host: site1, kind: stale}", 8, "steps[1].kind",
+     "unknown certificate kind 'stale'; use one of expired, pre-installed, valid"),
+    ("{fault: stop, host: site1}", "{fault: certificate, host: site1}", 8, "steps[1]", "missing key 'kind'"),
+    ("{fault: stop, host: site1}", "{fault: certificate, host: site9, kind: expired}", 8, "steps[1].host",
+     "no host 'site9'"),
+    ("outcome: ok, says", "outcome: ok, detail: 7, says", 9, "steps[2].detail", "expected words"),
 ]
 
 
@@ -178,7 +184,8 @@ def test_an_unknown_scenario_name_lists_the_known_ones():
 # -- a fake lab ---------------------------------------------------------------------------------
 class FakeLab:
     """A lab in miniature: probes succeed unless their server's daemon was stopped (refused), an
-    iptables DROP/REJECT names their server and port (timeout/refused) or their link is delayed."""
+    iptables DROP/REJECT names their server and port (timeout/refused) or their link is delayed.
+    A probe that carries a document and succeeds hands it, whole, to its server's host."""
 
     ca_file = "/lab/ca.pem"
 
@@ -193,6 +200,8 @@ class FakeLab:
                         "\"ftp data channels via conntrack helper\" -j CT --helper ftp"]
         self.barrier: threading.Barrier | None = None
         self.entered = self.exited = 0
+        self.holders: dict[str, set[str]] = {}   # document -> the hosts it reached (or was created on)
+        self.certificates: dict[str, str] = {}   # server address -> the kind of certificate its TLS ports present
 
     def __enter__(self):
         self.events.append(("enter", self.options))
@@ -209,6 +218,15 @@ class FakeLab:
     def stop_daemon(self, host):
         self.events.append(("stop", host))
         self.stopped.add(self.topology.host(host).address)
+
+    def start_daemon(self, host):
+        self.events.append(("start", host))
+        self.stopped.discard(self.topology.host(host).address)
+
+    def install_certificate(self, host, kind):
+        self.events.append(("certificate", host, kind))
+        self.certificates[self.topology.host(host).address] = kind
+        return f"{host} presents a {kind} certificate"
 
     def impair(self, link, impairment):
         self.events.append(("impair", link, impairment))
@@ -249,6 +267,10 @@ class FakeLab:
                     results[t.id] = ProbeResult(t.id, "timeout", t.timeout, detail="no TCP connection")
                 elif self.blocked.get((t.host, t.port)) == "REJECT":
                     results[t.id] = ProbeResult(t.id, "refused", 0.001)
+                elif self.certificates.get(t.host, "valid") != "valid" and t.security != "plain":
+                    results[t.id] = ProbeResult(t.id, "protocol_error", 0.002, exchange="SOAP 1.1/HTTPS",
+                                                detail=f"certificate: certificate verify failed: "
+                                                       f"{self.certificates[t.host]} certificate")
                 else:
                     # a link's delay once per round trip, its rate once per payload
                     transfer = t.size * 8 / (self.mbit * 1e6) if self.mbit else 0.0
@@ -256,7 +278,17 @@ class FakeLab:
                     results[t.id] = ProbeResult(t.id, "ok", 0.010 + self.delay_ms / 1000 + transfer,
                                                 exchange="login → session",
                                                 round_trip_ms=0.5 + self.delay_ms if rounds else None)
+                    if "carries" in t.options:
+                        server = next(h.name for h in self.topology.hosts if h.address == t.host)
+                        # the first hop creates the document where it runs; every hop hands it to its server
+                        self.holders.setdefault(t.options["carries"], {t.options["holder"]}).add(server)
         return results
+
+    def documents(self, host, name=""):
+        from emulator.protocols.jobstore import KINDS, Document
+        if host not in self.holders.get(name, ()):
+            return []
+        return [Document(name, kind, 1000, "f" * 64, metadata_bytes=50_000) for kind in KINDS]
 
 
 class FakeProc:
@@ -428,7 +460,7 @@ def test_run_file_runs_a_shipped_scenario_in_a_fake_lab():
     lab, = labs
     assert lab.events[0] == ("enter", {}) and lab.events[-1] == ("exit",)
     assert lab.events[1] == ("apply_rules", ("fw",))
-    assert "Scenario role-down-vs-firewall-drop: 5 of 5 expectations hold" in out.getvalue()
+    assert "Scenario role-down-vs-firewall-drop: 6 of 6 expectations hold" in out.getvalue()
 
 
 def test_run_file_asks_the_lab_for_the_impairable_links():
@@ -631,3 +663,172 @@ def test_the_jmx_scenario_runs_a_site_before_mu38():
     scenario = load_scenario("jmx-beyond-localhost", CATALOG)
     assert scenario.topology.profile.jmx_remote
     assert {w.flow.endpoints[0].protocol for w in scenario.workflows().values()} == {"jmx"}
+
+
+# -- documents passed along (carries:, holds:) ---------------------------------------------------
+WORKFLOW_SUFFIX = "-workflow"
+
+
+def workflow_stories() -> list[str]:
+    return [name for name in available_scenarios() if name.endswith(WORKFLOW_SUFFIX)]
+
+
+CARRY = """\
+name: carry
+description: a job passed along
+topology: single-site
+steps:
+  - {id: submit, do: "alice prints", flow: flexi-spooler-03, from: pc1, to: site1, carries: job-1, options: {user: alice}}
+  - {id: release, do: "FlexiSpooler releases it", flow: mfd-23, from: site1, to: mfd-km, protocol: raw, carries: job-1}
+  - {holds: job-1, at: mfd-km, in: print-job, says: "the same bytes"}
+  - {holds: job-1, at: site2, in: accounting, metadata_kb: {above: 40, below: 60}}
+"""
+
+
+def test_carries_becomes_probe_options_and_holds_names_its_origin(tmp_path):
+    scenario = load_scenario(write(tmp_path, CARRY), CATALOG)
+    submit, release, held, accounted = scenario.steps
+    assert submit.options == {"user": "alice", "carries": "job-1", "holder": "pc1"} and submit.carries == "job-1"
+    assert release.options == {"carries": "job-1", "holder": "site1"}
+    assert (held.name, held.host, held.origin, held.kind) == ("job-1", "mfd-km", "pc1", "print-job")
+    assert (accounted.above_kb, accounted.below_kb) == (40, 60)
+
+
+@pytest.mark.parametrize("old,new,key,words", [
+    ("carries: job-1, options", "carries: Job 1, options", "steps[0].carries", "named like a step id"),
+    ("protocol: raw, carries", "carries", "steps[1].carries", "ipp cannot carry a document here; pick a port"),
+    ("{holds: job-1, at: mfd-km", "{holds: job-2, at: mfd-km", "steps[2].holds", "not carried by an earlier workflow (carries: job-1)"),
+    ("at: mfd-km, in: print-job", "at: mfd-9, in: print-job", "steps[2].at", "no host 'mfd-9'"),
+    ("in: print-job", "in: created", "steps[2].in", "unknown kind 'created'; use one of print-job"),
+    ("{above: 40, below: 60}", "{above: 60, below: 40}", "steps[3].metadata_kb", "cannot both hold"),
+    ("{above: 40, below: 60}", "{}", "steps[3].metadata_kb", "give above: and/or below: (kB, 1000 bytes)"),
+    ("in: print-job, says", "within: 5, says", "steps[2].within", "unknown key 'within'"),
+])
+def test_bad_carries_and_holds_name_line_and_key(tmp_path, old, new, key, words):
+    assert old in CARRY
+    message = error_of(write(tmp_path, CARRY.replace(old, new, 1)))
+    assert f": {key}: " in message and words in message, message
+
+
+def doc(kind, sha, **more):
+    from emulator.protocols.jobstore import Document
+    return Document("job-1", kind, 2_000_000, sha, **more)
+
+
+@pytest.mark.parametrize("there,held,words", [
+    ([doc("print-job", "a" * 64, via="raw", peer="198.18.1.10")], True, "mfd-km holds job-1 (print-job, 2000000 B, "
+     "sha256 aaaaaaaaaaaa, by raw from 198.18.1.10); the same sha256 as the 2000000 B pc1 created"),
+    ([doc("print-job", "b" * 64)], False, "sha256 differs from aaaaaaaaaaaa"),
+    ([doc("scan", "a" * 64), doc("created", "a" * 64)], False, "mfd-km holds no job-1 as print-job"),
+    ([], False, "mfd-km holds no job-1"),
+])
+def test_holds_compares_the_sha256_with_the_origins(tmp_path, there, held, words):
+    step = load_scenario(write(tmp_path, CARRY), CATALOG).steps[2]
+    verdict, observed = runner.judge_holds(step, there, [doc("created", "a" * 64)])
+    assert verdict is held and words in observed, observed
+
+
+def test_holds_checks_the_metadata_size_and_needs_the_origin(tmp_path):
+    step = load_scenario(write(tmp_path, CARRY), CATALOG).steps[3]
+    for size, held in ((50_000, True), (39_000, False), (61_000, False)):
+        assert runner.judge_holds(step, [doc("accounting", "a" * 64, metadata_bytes=size)],
+                                  [doc("created", "a" * 64)])[0] is held
+    assert runner.judge_holds(step, [doc("accounting", "a" * 64, metadata_bytes=50_000)], []) == \
+        (False, "pc1 never created job-1 (its first workflow did not run there)")
+
+
+def test_a_run_reads_the_stores_and_prints_holds_in_words(tmp_path):
+    class Stores(FakeLab):
+        def documents(self, host, name=""):
+            self.events.append(("documents", host, name))
+            return {"pc1": [doc("created", "c" * 64)], "mfd-km": [doc("print-job", "c" * 64, via="raw")],
+                    "site2": [doc("accounting", "c" * 64, metadata_bytes=47_500)]}.get(host, [])
+
+    result, out, lab = run(tmp_path, CARRY, lab=Stores())
+    assert result.passed, out
+    assert "carrying job-1)" in out
+    assert "Step 3: expect mfd-km holds job-1 (print-job), the bytes pc1 started with\n" in out
+    assert "Step 4: expect site2 holds job-1 (accounting) with 40-60 kB of job metadata" in out
+    assert "47.5 kB of metadata" in out
+    assert ("documents", "mfd-km", "job-1") in lab.events and ("documents", "pc1", "job-1") in lab.events
+
+
+def test_holds_on_a_host_whose_daemon_cannot_answer_does_not_hold(tmp_path):
+    class Unanswered(FakeLab):
+        def documents(self, host, name=""):
+            raise LabError(f"the documents {host} holds cannot be read: its daemon is not running (stopped)")
+
+    result, out, _lab = run(tmp_path, CARRY, lab=Unanswered())
+    assert [e.held for e in result.expectations] == [False, False]
+    assert "DOES NOT HOLD: the documents mfd-km holds cannot be read: its daemon is not running" in out
+
+
+@pytest.mark.parametrize("name", workflow_stories())
+def test_a_workflow_story_passes_its_documents_along_in_one_shared_lab(name):
+    """Like a vendor story (no faults, no repair, single-site, generated rules: it shares a lab);
+    every document it carries is checked where it arrives."""
+    scenario = load_scenario(name, CATALOG)
+    assert scenario.topology.name == "single-site" and set(scenario.rules.values()) == {"generated"}
+    assert not scenario.repair and not scenario.impairable
+    assert not [s for s in scenario.steps if isinstance(s, (schema.Fault, schema.Parallel))]
+    carried = {w.carries for w in scenario.workflows().values()} - {""}
+    assert carried and carried == {s.name for s in scenario.steps if isinstance(s, schema.Holds)}
+    expected_ok = {s.target for s in scenario.steps if isinstance(s, schema.Expect) and s.outcome == "ok"}
+    assert expected_ok == set(scenario.workflows())
+
+
+def test_workflow_stories_run_green_in_a_fake_lab_and_a_blocked_hop_fails_its_holds(tmp_path):
+    for name in workflow_stories():
+        out = io.StringIO()
+        assert command.run_file(name, out, lab_class=FakeLab) == 0, out.getvalue()
+    text = (SCENARIOS_DIR / "print-release-workflow.yaml").read_text().replace(
+        "  - {id: release,", "  - {fault: block, flow: mfd-23, from: site1, to: mfd-km}\n  - {id: release,")
+    result, out, _lab = run(tmp_path, text)
+    assert [e.observed for e in result.expectations if not e.held] == [
+        "no answer (timeout) after 3.0 s", "mfd-km holds no report-1 as print-job"], out
+
+
+def test_there_are_the_two_workflow_stories():
+    assert {"print-release-workflow", "scan-to-mail-workflow"} <= set(workflow_stories())
+
+
+CERTIFICATE = """\
+name: certificate
+description: an expired certificate, then a valid one
+topology: single-site
+steps:
+  - {fault: certificate, host: site1, kind: expired, do: "site1's certificate runs out"}
+  - parallel:
+      - {id: tls, do: "Xerox logs in over TLS", flow: terminal-server-01, from: mfd-xerox, to: site1, security: tls}
+      - {id: plain, do: "Xerox logs in without TLS", flow: terminal-server-01, from: mfd-xerox, to: site1, security: plain}
+  - {expect: tls, outcome: protocol_error, detail: "Expired Certificate"}
+  - {expect: tls, outcome: protocol_error, detail: "self-signed"}
+  - {expect: plain, outcome: ok}
+repair:
+  - {fault: certificate, host: site1, kind: valid}
+  - {id: again, do: "Xerox logs in over TLS again", flow: terminal-server-01, from: mfd-xerox, to: site1, security: tls}
+  - {expect: again, outcome: ok}
+"""
+
+
+def test_a_certificate_fault_and_an_expectation_on_the_probes_words(tmp_path):
+    result, out, lab = run(tmp_path, CERTIFICATE)
+    assert [e for e in lab.events if e[0] == "certificate"] == [("certificate", "site1", "expired"),
+                                                                ("certificate", "site1", "valid")]
+    assert [(e.number, e.held) for e in result.expectations] == [("3", True), ("4", False), ("5", True), ("8", True)]
+    assert ("Step 1: site1's certificate runs out: site1's TLS services (all of them, without a restart) now "
+            "present a certificate from the lab CA that has expired\n  -> site1 presents a expired certificate") in out
+    assert ("to get a wrong answer, saying 'Expired Certificate'\n  -> holds: an answer, but not the exchange it "
+            "needs (protocol error) after 0.0 s; certificate: certificate verify failed: expired certificate") in out
+    assert "-> DOES NOT HOLD: an answer, but not the exchange it needs (protocol error) after 0.0 s; " \
+           "no probe said 'self-signed'" in out
+    assert "now present a new, valid certificate from the lab CA" in out
+
+
+def test_a_stopped_daemon_is_started_again(tmp_path):
+    text = ROLE_DOWN.replace("repair:\n", "repair:\n  - {fault: start, host: site1}\n  - {id: e, do: \"tp4 logs in at "
+                             "site1 again\", flow: terminal-server-45, from: tp4, to: site1}\n  - {expect: e, outcome: ok}\n")
+    result, out, lab = run(tmp_path, text)
+    assert ("start", "site1") in lab.events and lab.events.index(("stop", "site1")) < lab.events.index(("start", "site1"))
+    assert "Repair:\nStep 9: the role daemon on site1 starts again: its services open their ports" in out
+    assert [(e.number, e.held) for e in result.expectations][-2:] == [("11", True), ("14", True)]

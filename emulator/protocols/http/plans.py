@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 from twisted.internet.defer import CancelledError, Deferred
 
+from .. import jobstore
 from ..base import ProbeResult, ProbeTarget
 from ..payloads import check_png, print_job, scanned_pdf
 from ..probing import error_result
@@ -233,11 +234,24 @@ async def _plan_soap(x: HttpExchange) -> str:
     expect(reply, 200)
     if local != operation.response:
         raise Reject(f'expected {operation.response}, got {local}')
-    problems = check_fields(operation.reply, soap_params(element),
-                            _client_ctx(surface, operation.user_by, fields))
+    params = soap_params(element)
+    problems = check_fields(operation.reply, params, _client_ctx(surface, operation.user_by, fields))
     if problems:
         raise Reject(f'{operation.response}: {"; ".join(problems)}')
+    carried, _holder = jobstore.carried(options)
+    if carried:
+        return _listed(params, carried, str(fields.get('userName', '')))
     return f'{operation.response} as expected'
+
+
+def _listed(params: dict[str, Any], name: str, user: str) -> str:
+    """A job list's verdict for the job ``name`` the probe looks for (option ``carries``)."""
+    jobs = (params.get('jobs') or {}).get('job', []) if isinstance(params.get('jobs'), dict) else []
+    jobs = jobs if isinstance(jobs, list) else [jobs]
+    found = [j for j in jobs if isinstance(j, dict) and j.get('id') == name]
+    if not found:
+        raise Reject(f'the job list of {user} ({len(jobs)} job(s)) does not show {name}')
+    return f'the job list of {user} shows {name} ({found[0].get("bytes", "?")} B) among {len(jobs)} job(s)'
 
 
 async def _plan_webdav(x: HttpExchange) -> str:
@@ -254,8 +268,12 @@ async def _plan_webdav(x: HttpExchange) -> str:
         raise Reject(f'PROPFIND: {exc}') from None
     if not listing.get(collection, {}).get('collection'):
         raise Reject(f'PROPFIND listing does not show {collection} as a collection')
-    document = scanned_pdf(_doc_size(x.target))
-    name = f'scan-{x.nonce}.pdf'
+    document, name = scanned_pdf(_doc_size(x.target)), f'scan-{x.nonce}.pdf'
+    if x.target.options.get('carries'):
+        held, why = jobstore.need_held(x.target.options, ('scan',))
+        if held is None:
+            raise Reject(why)
+        document, name = held.data, f'{held.name}.pdf'
     reply = await x.request('PUT', collection + name, {'content-type': 'application/pdf'}, document, label=label)
     expect(reply, 201, 204)
     wanted = (b'<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:"><D:prop>'

@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from .. import jobstore
 from ..base import Listener, Persona
 from ..payloads import make_png
 from ..probing import OnRequest, report
@@ -378,8 +379,21 @@ class _SoapResource(Resource):
                 raise SoapFault('Client', f'{name}: unknown user {operation.user_by}={params.get(operation.user_by)!r}')
             more['user'] = user
         reply = render(operation.reply, self.state.context(request, **more))
+        if name == 'GetJobList':
+            reply = self._held_jobs(reply, str(params.get('userName', '')))
         return respond(request, 200, soap_envelope(version, surface.soap_namespace, operation.response, reply),
                         SOAP_CONTENT_TYPE[version])
+
+    def _held_jobs(self, reply: dict[str, Any], user: str) -> dict[str, Any]:
+        """The job list with the user's jobs this host holds (a FlexiSpooler on the Terminal
+        Server's host spooled them) after the data's sample jobs."""
+        held = [{'id': doc.name, 'name': doc.name, 'bytes': doc.size, 'sha256': doc.sha256}
+                for doc in jobstore.store_for(self.state.persona.host).documents()
+                if doc.kind == 'print-job' and doc.owner == user]
+        jobs = dict(reply.get('jobs') or {})
+        listed = jobs.get('job', [])
+        jobs['job'] = (listed if isinstance(listed, list) else [listed]) + held
+        return {**reply, 'jobs': jobs}
 
     @staticmethod
     def _action(request: Request, version: str) -> str:
@@ -455,6 +469,8 @@ class _DavResource(Resource):
         replaced = self.state.dav.put(name, data, _media_type(request) or 'application/octet-stream',
                                       self.state.reactor.seconds())
         note(request, stored=len(data))
+        jobstore.store_for(self.state.persona.host).keep(jobstore.document(
+            jobstore.name_of(name), 'scan', data, via='webdav', peer=getattr(request.getClientAddress(), 'host', '')))
         doc = self.state.dav.docs[name]
         return respond(request, 204 if replaced else 201, b'', 'text/plain',
                         {'etag': doc.etag, 'location': self._href(name)})
