@@ -424,9 +424,9 @@ class _JGroupsConnection(StubConnection, Protocol):
             return   # JGroups logs an undecodable message and keeps the connection
         local = self.transport.getHost()
         reply, fields = answer(self.factory.member, request, IpAddress(local.host, local.port))
+        self.report_request(**fields, sender=str(self.peer_address))
         if reply is not None:
             self.transport.write(frame(encode_message(reply)))
-        self.report_request(**fields, sender=str(self.peer_address))
 
 
 
@@ -456,9 +456,9 @@ class _JGroupsDatagrams(DatagramProtocol):
             return
         host = self.persona.address or (local.host if local.host != '0.0.0.0' else '127.0.0.1')
         reply, fields = answer(self.member, request, IpAddress(host, local.port))
+        report(self.on_request, {**record, **fields})   # the witness is written before the answer leaves
         if reply is not None:
             self.transport.write(encode_message(reply), addr)
-        report(self.on_request, {**record, **fields})
 
 
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
