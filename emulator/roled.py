@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from . import protocols
 from .jobs import JobServerFactory
+from .protocols import jobstore
 from .protocols.base import Listener, Persona
 from .protocols.tls import TLSMaterialMissing
 
@@ -257,6 +258,10 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] = _say) -> in
         # every protocol module loaded, so an audit costs no process start-ups per host.
         protocols.preload()
         ports.append(reactor.listenUNIX(spec.control, JobServerFactory(reactor, spec.persona)))
+        # Documents kept for workflows go to files beside the control socket (in the run
+        # directory, removed with the run), not to this daemon's heap.
+        jobstore.spool_in(os.path.splitext(spec.control)[0] + '.spool')
+        reactor.addSystemEventTrigger('after', 'shutdown', jobstore.drop_spool)
     _log_to_stderr()
     reactor.addSystemEventTrigger('before', 'shutdown', stop_listeners, ports)
     # READY only once running: by then the SIGTERM handler is installed, so a

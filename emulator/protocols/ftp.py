@@ -355,12 +355,16 @@ class _ScanHandler(FTPHandler):
 
 
 def _received(path: str, name: str, size: int, sha256: str, peer: str) -> jobstore.Document:
-    """The jobstore entry of an uploaded file: its bytes when small enough to pass on."""
-    data = None
+    """The jobstore entry of an uploaded file: its bytes when small enough to pass on (a copy
+    in the jobstore's spool when there is one, else read into memory)."""
+    data, file = None, ''
     if size <= jobstore.MAX_DOCUMENT_BYTES:
-        with open(path, 'rb') as handle:
-            data = handle.read(jobstore.MAX_DOCUMENT_BYTES + 1)
-    return jobstore.Document(jobstore.name_of(name), 'scan', size, sha256, via='ftp', peer=peer, data=data)
+        file = jobstore.spool_copy(path)
+        if not file:
+            with open(path, 'rb') as handle:
+                data = handle.read(jobstore.MAX_DOCUMENT_BYTES + 1)
+    return jobstore.Document(jobstore.name_of(name), 'scan', size, sha256, via='ftp', peer=peer, data=data,
+                             file=file)
 
 
 class _Waker:

@@ -16,14 +16,25 @@ WebDAV, SMTP, framed) and probes share it; tests run several hosts in one proces
 ``MAX_DOCUMENTS`` entries and ``MAX_KEPT_BYTES`` of content, oldest first out; a document over
 ``MAX_DOCUMENT_BYTES`` is recorded (size and sha256) without its bytes, so it cannot be passed on.
 Thread-safe: the FTP stub and probe run in threads.
+
+Where the bytes are: a lab daemon names a spool directory (``spool_in``; roled: ``<host>.spool``
+in the run directory, removed with it) and every kept document's bytes go to a file there, so
+the daemon's heap holds only its name, size and sha256; ``to_send``/``need_held`` read the file
+back for the one hop that passes it on. Without a spool (unit tests, one-off processes) the
+bytes stay in memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
+import os
 import re
+import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # what a document is to the host holding it
@@ -48,13 +59,28 @@ class Document:
     peer: str = ''         # address it came from
     owner: str = ''        # the user it belongs to (print jobs)
     metadata_bytes: int = 0   # bytes of job metadata that came with it (accounting)
-    data: bytes | None = None   # the content, when kept (passing it on needs it)
+    data: bytes | None = None   # the content, when kept in memory (passing it on needs it)
+    file: str = ''              # the spool file holding the content instead (see spool_in)
+
+    @property
+    def kept(self) -> bool:
+        return self.data is not None or bool(self.file)
+
+    def with_content(self) -> Document | None:
+        """This entry with its bytes in ``data`` (read from its spool file); None when not kept
+        (or its file is gone: evicted meanwhile)."""
+        if self.data is not None or not self.file:
+            return self if self.data is not None else None
+        try:
+            return dataclasses.replace(self, data=Path(self.file).read_bytes())
+        except OSError:
+            return None
 
     def to_dict(self) -> dict[str, Any]:
         """The entry without its content: what the lab reads."""
         return {'name': self.name, 'kind': self.kind, 'size': self.size, 'sha256': self.sha256,
                 'via': self.via, 'peer': self.peer, 'owner': self.owner,
-                'metadata_bytes': self.metadata_bytes, 'kept': self.data is not None}
+                'metadata_bytes': self.metadata_bytes, 'kept': self.kept}
 
     @classmethod
     def from_dict(cls, data: Any) -> Document:
@@ -84,6 +110,67 @@ def name_of(file_name: str) -> str:
     return base.rsplit('.', 1)[0] if '.' in base[1:] else base
 
 
+# --- the spool: documents' bytes in files, not in the daemon's heap -------------------------------
+_spool: Path | None = None
+_spool_files = itertools.count(1)
+
+
+def spool_in(directory: str | os.PathLike | None) -> None:
+    """Keep the bytes of documents kept from now on in files under ``directory`` (created, mode
+    0700); None, or a directory that cannot be made: in memory. A lab daemon calls it once."""
+    global _spool
+    _spool = None
+    if directory is not None:
+        try:
+            Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            return
+        _spool = Path(directory)
+
+
+def drop_spool() -> None:
+    """Remove the spool directory and every file in it (a daemon stopping)."""
+    if _spool is not None:
+        shutil.rmtree(_spool, ignore_errors=True)
+
+
+def spool(data: bytes) -> str:
+    """``data`` written to a new file of the spool: its path; '' without a spool (or when the
+    file cannot be written), and the caller keeps the bytes in memory."""
+    if _spool is None:
+        return ''
+    path = _spool / f'{next(_spool_files):08d}'
+    try:
+        with open(path, 'xb') as handle:
+            handle.write(data)
+    except OSError:
+        unspool(str(path))
+        return ''
+    return str(path)
+
+
+def spool_copy(path: str) -> str:
+    """A copy of the file ``path`` in the spool, made by the kernel (no bytes through the heap):
+    its path; '' without a spool or when it cannot be copied."""
+    if _spool is None:
+        return ''
+    copy = str(_spool / f'{next(_spool_files):08d}')
+    try:
+        shutil.copyfile(path, copy)
+    except OSError:
+        unspool(copy)
+        return ''
+    return copy
+
+
+def unspool(path: str) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class JobStore:
     """One host's documents, newest last, one per (name, kind): a later arrival replaces it."""
 
@@ -93,15 +180,23 @@ class JobStore:
         self._lock = threading.Lock()
 
     def keep(self, doc: Document) -> Document:
+        """Keep ``doc`` (its bytes moved to the spool when there is one); the entry kept."""
+        if doc.data is not None:
+            file = spool(doc.data)
+            if file:
+                doc = dataclasses.replace(doc, data=None, file=file)
         with self._lock:
-            self._docs.pop((doc.name, doc.kind), None)
+            gone = [self._docs.pop((doc.name, doc.kind), None)]
             self._docs[(doc.name, doc.kind)] = doc
             while len(self._docs) > self.max_documents or (self._kept() > self.max_bytes and len(self._docs) > 1):
-                self._docs.popitem(last=False)
+                gone.append(self._docs.popitem(last=False)[1])
+        for old in gone:
+            if old is not None:
+                unspool(old.file)
         return doc
 
     def _kept(self) -> int:
-        return sum(len(d.data) for d in self._docs.values() if d.data is not None)
+        return sum(d.size for d in self._docs.values() if d.kept)
 
     def find(self, name: str, kinds: tuple[str, ...] = KINDS) -> Document | None:
         """The newest document ``name`` of one of ``kinds``."""
@@ -160,10 +255,17 @@ def to_send(options: dict, kinds: tuple[str, ...], make) -> tuple[Document | Non
     store = store_for(holder)
     held = store.find(name, kinds + ('created',))
     if held is None:
-        return store.keep(document(name, 'created', make())), ''
-    if held.data is None:
-        return None, f'{holder} holds {name} ({held.size} B) without its bytes (over {MAX_DOCUMENT_BYTES} B)'
-    return held, ''
+        made = document(name, 'created', make())
+        store.keep(made)
+        return made, ''
+    loaded = held.with_content()
+    return (loaded, '') if loaded is not None else (None, _no_bytes(holder, held))
+
+
+def _no_bytes(holder: str, held: Document) -> str:
+    if held.file:   # evicted (or removed) between finding it and reading it
+        return f'{holder} lost the bytes of {held.name} ({held.size} B): its spool file is gone'
+    return f'{holder} holds {held.name} ({held.size} B) without its bytes (over {MAX_DOCUMENT_BYTES} B)'
 
 
 def need_held(options: dict, kinds: tuple[str, ...], bytes_too: bool = True) -> tuple[Document | None, str]:
@@ -174,6 +276,7 @@ def need_held(options: dict, kinds: tuple[str, ...], bytes_too: bool = True) -> 
     held = store_for(holder).find(name, kinds + ('created',))
     if held is None:
         return None, f'{holder} holds no {name} to pass on (an earlier hop did not bring it)'
-    if bytes_too and held.data is None:
-        return None, f'{holder} holds {name} ({held.size} B) without its bytes (over {MAX_DOCUMENT_BYTES} B)'
-    return held, ''
+    if not bytes_too:
+        return held, ''
+    loaded = held.with_content()
+    return (loaded, '') if loaded is not None else (None, _no_bytes(holder, held))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -63,6 +64,65 @@ def test_a_document_too_large_to_pass_on_is_kept_without_its_bytes(monkeypatch):
     assert 'without its bytes' in jobstore.need_held({'carries': 'a', 'holder': holder}, ('scan',))[1]
 
 
+@pytest.fixture
+def spool_dir(tmp_path):
+    """The spool a lab daemon has (roled: ``<host>.spool`` in the run directory), removed after."""
+    jobstore.spool_in(tmp_path / 'spool')
+    yield tmp_path / 'spool'
+    jobstore.drop_spool()
+    jobstore.spool_in(None)
+
+
+@pytest.fixture(params=['in memory', 'in spool files'])
+def kept_where(request):
+    """Chains run both ways: bytes in memory (no spool) and in spool files (a lab daemon)."""
+    if request.param == 'in memory':
+        yield None
+        return
+    yield request.getfixturevalue('spool_dir')
+
+
+def test_a_spooled_store_keeps_bytes_in_files_and_only_their_entry_in_memory(spool_dir):
+    store = jobstore.JobStore(max_documents=2, max_bytes=10_000)
+    first = store.keep(jobstore.document('a', 'scan', b'x' * 100))
+    assert first.data is None and first.kept and open(first.file, 'rb').read() == b'x' * 100
+    assert first.with_content().data == b'x' * 100 and first.to_dict()['kept'] is True
+    again = store.keep(jobstore.document('a', 'scan', b'y' * 100))      # replaced: the old file goes
+    store.keep(jobstore.document('b', 'scan', b'z'))
+    store.keep(jobstore.document('c', 'scan', b'w'))                    # 'a' evicted: its file goes
+    assert sorted(p.name for p in spool_dir.iterdir()) == sorted(
+        p.rsplit('/', 1)[-1] for p in (d.file for d in store.documents()))
+    assert again.file not in {d.file for d in store.documents()} and len(store.documents()) == 2
+    jobstore.drop_spool()
+    assert not spool_dir.exists()
+
+
+def test_a_hop_reads_a_spooled_document_back_to_pass_it_on(spool_dir):
+    holder = hosts('h')['h']
+    options = {'carries': 'scan-s', 'holder': holder}
+    made, _ = jobstore.to_send(options, ('scan',), lambda: b'%PDF-1.4 spooled')
+    assert made.data == b'%PDF-1.4 spooled'          # the probe sends the bytes it just made ...
+    held = jobstore.store_for(holder).find('scan-s')
+    assert held.data is None and held.file          # ... and the store keeps them in a file
+    assert jobstore.need_held(options, ('scan',))[0].data == b'%PDF-1.4 spooled'
+    assert jobstore.to_send(options, ('scan',), lambda: b'not this')[0].data == b'%PDF-1.4 spooled'
+    assert jobstore.need_held(options, ('scan',), bytes_too=False)[0].data is None
+    os.unlink(held.file)                            # gone (evicted) before the hop reads it
+    assert 'its spool file is gone' in jobstore.need_held(options, ('scan',))[1]
+
+
+def test_the_webdav_store_keeps_its_documents_in_spool_files(spool_dir):
+    store = http.DavStore(max_bytes=100, max_docs=2)
+    store.put('a.pdf', b'a' * 40, 'application/pdf', 1.0)
+    store.put('b.pdf', b'b' * 40, 'application/pdf', 2.0)
+    doc = store.docs['a.pdf']
+    assert doc.data is None and doc.content() == b'a' * 40 and doc.size == 40
+    assert doc.etag == '"' + hashlib.sha256(b'a' * 40).hexdigest()[:32] + '"'
+    store.put('c.pdf', b'c' * 40, 'application/pdf', 3.0)             # 'a.pdf' evicted
+    assert store.delete('b.pdf') and not store.delete('b.pdf')
+    assert [p.read_bytes() for p in spool_dir.iterdir()] == [b'c' * 40] and list(store.docs) == ['c.pdf']
+
+
 def test_documents_cross_the_control_channel_without_their_bytes():
     doc = jobstore.document('report-1', 'print-job', b'%!PS', via='lpr', peer='198.18.3.10', owner='alice')
     reply = jobs.parse_reply(jobs.StoreReply((doc,)).to_line())
@@ -109,7 +169,7 @@ def chain(listeners, body):
     return run_on_fresh_reactor(lambda r: Deferred.fromCoroutine(run(r)), limit=30.0)
 
 
-def test_a_print_job_is_accounted_listed_and_released_with_its_own_bytes():
+def test_a_print_job_is_accounted_listed_and_released_with_its_own_bytes(kept_where):
     h = hosts('pc1', 'site1', 'site2', 'mfd')
     site1 = persona(h['site1'], 'flexispooler', 'terminal-server', 'spooler-controller')
 
@@ -137,6 +197,7 @@ def test_a_print_job_is_accounted_listed_and_released_with_its_own_bytes():
     printed = jobstore.store_for(h['mfd']).find('rep-1', ('print-job',))
     assert (printed.sha256, printed.size, printed.via) == (created.sha256, 300_000, 'raw')
     assert "job 'rep-1'" in released.exchange and "job 'rep-1' metadata" in metadata.exchange
+    assert bool(spooled.file) == bool(printed.file) == (kept_where is not None)
 
 
 def test_a_hop_whose_holder_lacks_the_document_fails_and_says_so():
@@ -150,7 +211,7 @@ def test_a_hop_whose_holder_lacks_the_document_fails_and_says_so():
     assert jobstore.store_for(h['site2']).documents() == ()
 
 
-def test_a_scan_reaches_the_mailbox_and_its_reader_with_its_own_bytes():
+def test_a_scan_reaches_the_mailbox_and_its_reader_with_its_own_bytes(kept_where):
     h = hosts('mfd', 'ts', 'wps', 'mail')
 
     async def body(reactor, ports):
@@ -168,8 +229,11 @@ def test_a_scan_reaches_the_mailbox_and_its_reader_with_its_own_bytes():
                      (smtp, 'smtp', mail), (imap, 'imap', mail)], body)
     assert [r.outcome for r in results] == ['ok'] * 4, results
     created = jobstore.store_for(h['mfd']).find('scan-9', ('created',))
-    assert created.size == 300_000 and created.data.startswith(b'%PDF-')
+    assert created.size == 300_000 and created.with_content().data.startswith(b'%PDF-')
+    assert bool(created.file) == (kept_where is not None)
     for host, kind, via in (('ts', 'scan', 'ftp'), ('wps', 'scan', 'webdav'), ('mail', 'mail', 'smtp'),
                             ('ts', 'mail', 'imap')):
         doc = jobstore.store_for(h[host]).find('scan-9', (kind,))
         assert (doc.sha256, doc.size, doc.via) == (created.sha256, created.size, via), (host, kind)
+        if kind == 'scan':   # kept to pass on (a mail's bytes stay in its mailbox)
+            assert bool(doc.file) == (kept_where is not None) and doc.kept, (host, kind)

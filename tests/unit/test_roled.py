@@ -4,12 +4,14 @@ on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,6 +157,24 @@ def test_start_listeners_fails_early_on_unwritable_log(tmp_path):
 
 # --- python -m emulator.roled ------------------------------------------------------------
 
+@contextlib.contextmanager
+def daemon_of(spec_path):
+    """``python -m emulator.roled`` running ``spec_path``; the body ends with the daemon stopped
+    by SIGTERM and checks it exited 0 (it is killed if the body failed first)."""
+    daemon = subprocess.Popen([sys.executable, '-m', 'emulator.roled', str(spec_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        yield daemon
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=5) == 0, daemon.stderr.read()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        daemon.stdout.close()
+        daemon.stderr.close()
+
+
 def test_daemon_serves_logs_and_stops_on_sigterm(tmp_path):
     tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
     log = tmp_path / 'requests.jsonl'
@@ -162,9 +182,7 @@ def test_daemon_serves_logs_and_stops_on_sigterm(tmp_path):
         'host': 'mfd-km', 'roles': ['mfd'], 'log': str(log), 'interface': '127.0.0.1',
         'listeners': [{'transport': 'tcp', 'port': tcp_port, 'protocol': 'safeq'},
                       {'transport': 'udp', 'port': udp_port, 'protocol': 'spm-discovery'}]})
-    daemon = subprocess.Popen([sys.executable, '-m', 'emulator.roled', str(spec_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
+    with daemon_of(spec_path) as daemon:
         assert daemon.stdout.readline() == 'READY 2\n'
         targets = [{'id': 'tcp', 'host': '127.0.0.1', 'transport': 'tcp', 'protocol': 'safeq',
                     'port': tcp_port, 'size': 4096},
@@ -176,20 +194,33 @@ def test_daemon_serves_logs_and_stops_on_sigterm(tmp_path):
         results = [ProbeResult.from_dict(r) for r in json.loads(probe.stdout)]
         assert [(r.id, r.outcome, r.peer_seen) for r in results] == [
             ('tcp', 'ok', '127.0.0.1'), ('udp', 'ok', '127.0.0.1')], results
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=5) == 0, daemon.stderr.read()
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        daemon.stdout.close()
-        daemon.stderr.close()
     records = sorted((json.loads(line) for line in log.read_text().splitlines()),
                      key=lambda r: r['transport'])
     assert [(r['host'], r['transport'], r['port'], r['peer'], r['size']) for r in records] == [
         ('mfd-km', 'tcp', tcp_port, '127.0.0.1', 4096),
         ('mfd-km', 'udp', udp_port, '127.0.0.1', 100)]
     assert all(len(r['nonce']) == 16 and r['time'] > 0 for r in records)
+
+
+def test_a_lab_daemon_keeps_received_documents_in_its_spool_and_removes_it_when_stopped(tmp_path):
+    port = free_port()
+    spec_path = write_spec(tmp_path, {
+        'host': 'spooler-2', 'roles': ['flexispooler'], 'interface': '127.0.0.1', 'control': str(tmp_path / 'h.ctl'),
+        'listeners': [{'transport': 'tcp', 'port': port, 'protocol': 'lpr'}]})
+    spool = tmp_path / 'h.spool'
+    with daemon_of(spec_path) as daemon:
+        assert daemon.stdout.readline() == 'READY 2\n'
+        target = {'id': 'lpr', 'host': '127.0.0.1', 'transport': 'tcp', 'protocol': 'lpr', 'port': port,
+                  'size': 50_000}
+        probe = subprocess.run([sys.executable, '-m', 'emulator.prober'], input=json.dumps([target]),
+                               capture_output=True, text=True, cwd=REPO, timeout=10)
+        assert [r['outcome'] for r in json.loads(probe.stdout)] == ['ok'], probe.stderr
+        for _ in range(50):     # the stub keeps the job once the client has closed
+            if any(spool.iterdir()):
+                break
+            time.sleep(0.05)
+        assert [f.stat().st_size for f in spool.iterdir()] == [50_000]
+    assert not spool.exists()
 
 
 def test_daemon_reports_port_in_use(tmp_path):

@@ -12,7 +12,8 @@ apart the way real servers do:
   A malformed envelope, a DTD, an unknown operation or a missing parameter gets a SOAP
   Fault with HTTP 500 (``soap:Client`` in 1.1, ``env:Sender`` in 1.2).
 * **WebDAV** -- under ``/scan/`` (data: ``webdav.collection``): one flat collection of
-  scanned documents held in memory (bounded), class 1: OPTIONS, PROPFIND (Depth 0/1,
+  scanned documents (bounded; their bytes in the jobstore's spool files in a lab daemon,
+  in memory otherwise), class 1: OPTIONS, PROPFIND (Depth 0/1,
   207 Multi-Status), PUT (201 new / 204 replaced), GET/HEAD, DELETE.
 * **REST** -- everything else: the endpoints of ``http_personas.yaml`` whose ``roles``
   match the persona's roles (job preview PNG on the Spooler Controller, accounting,

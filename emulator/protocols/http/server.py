@@ -466,11 +466,11 @@ class _DavResource(Resource):
         data = request.body()
         if len(data) > self.state.dav.max_bytes:
             return _error(request, 413, f'document exceeds {self.state.dav.max_bytes} B')
-        replaced = self.state.dav.put(name, data, _media_type(request) or 'application/octet-stream',
-                                      self.state.reactor.seconds())
-        note(request, stored=len(data))
-        jobstore.store_for(self.state.persona.host).keep(jobstore.document(
+        kept = jobstore.store_for(self.state.persona.host).keep(jobstore.document(
             jobstore.name_of(name), 'scan', data, via='webdav', peer=getattr(request.getClientAddress(), 'host', '')))
+        replaced = self.state.dav.put(name, data, _media_type(request) or 'application/octet-stream',
+                                      self.state.reactor.seconds(), sha256=kept.sha256)
+        note(request, stored=len(data))
         doc = self.state.dav.docs[name]
         return respond(request, 204 if replaced else 201, b'', 'text/plain',
                         {'etag': doc.etag, 'location': self._href(name)})
@@ -478,15 +478,19 @@ class _DavResource(Resource):
     def _get(self, request: _LabRequest, name: str) -> bytes:
         store = self.state.dav
         if not name:
-            items = ''.join(f'<li><a href="{xml_escape(self._href(n))}">{xml_escape(n)}</a> {len(d.data)} B</li>'
+            items = ''.join(f'<li><a href="{xml_escape(self._href(n))}">{xml_escape(n)}</a> {d.size} B</li>'
                             for n, d in store.docs.items())
             page = f'<!DOCTYPE html><html><body><h1>{self.prefix}/</h1><ul>{items}</ul></body></html>'
             return respond(request, 200, page.encode('utf-8'), 'text/html; charset=utf-8')
         doc = store.docs.get(name)
         if doc is None:
             return _error(request, 404, f'{self._href(name)} not found')
-        note(request, sent=len(doc.data))
-        return respond(request, 200, doc.data, doc.content_type,
+        try:
+            data = doc.content()
+        except OSError as exc:
+            return _error(request, 500, f'{self._href(name)} cannot be read: {exc.strerror or exc}')
+        note(request, sent=len(data))
+        return respond(request, 200, data, doc.content_type,
                         {'etag': doc.etag, 'last-modified': http_date(doc.modified)})
 
     _head = _get
@@ -494,7 +498,7 @@ class _DavResource(Resource):
     def _delete(self, request: _LabRequest, name: str) -> bytes:
         if not name:
             return _error(request, 403, 'cannot delete the collection')
-        if self.state.dav.docs.pop(name, None) is None:
+        if not self.state.dav.delete(name):
             return _error(request, 404, f'{self._href(name)} not found')
         return respond(request, 204, b'', 'text/plain')
 

@@ -1,5 +1,5 @@
-"""WebDAV class 1 codec for one flat collection of scanned documents: the bounded in-memory
-store, PROPFIND request parsing, 207 Multi-Status bodies (server side) and their parsing
+"""WebDAV class 1 codec for one flat collection of scanned documents: the bounded store (its
+documents' bytes in the daemon's jobstore spool files when it has one, else in memory), PROPFIND request parsing, 207 Multi-Status bodies (server side) and their parsing
 (probe side). The resource that serves them is ``server``'s."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import email.utils
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cached_property
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 from xml.sax.saxutils import escape as xml_escape
 
+from .. import jobstore
 from .soap import SoapFault, local_name, parse_xml
 
 DAV_NS = 'DAV:'
@@ -25,14 +26,22 @@ DAV_MAX_DOCS = 1024
 
 @dataclass
 class DavDocument:
-    data: bytes
+    size: int
+    sha256: str             # hashed once at PUT, not at every PROPFIND (a scan is a MiB)
     content_type: str
     created: float
     modified: float
+    data: bytes | None = None   # the content, when no spool file holds it
+    file: str = ''              # the jobstore spool file holding it
+    listed: tuple[str, dict[str, str]] | None = None   # (name, its props): every PROPFIND lists them all
 
-    @cached_property  # a scan is a MiB: hash it once, not at every PROPFIND
+    @property
     def etag(self) -> str:
-        return '"' + hashlib.sha256(self.data).hexdigest()[:32] + '"'
+        return '"' + self.sha256[:32] + '"'
+
+    def content(self) -> bytes:
+        """The document's bytes; OSError when its spool file is unreadable."""
+        return self.data if self.data is not None else Path(self.file).read_bytes()
 
 
 class DavStore:
@@ -46,16 +55,29 @@ class DavStore:
 
     @property
     def size(self) -> int:
-        return sum(len(doc.data) for doc in self.docs.values())
+        return sum(doc.size for doc in self.docs.values())
 
-    def put(self, name: str, data: bytes, content_type: str, now: float) -> bool:
-        """Store; True when it replaced a document."""
+    def put(self, name: str, data: bytes, content_type: str, now: float, sha256: str = '') -> bool:
+        """Store (``sha256``: of ``data``, when the caller has it); True when it replaced a document."""
         old = self.docs.pop(name, None)
+        if old is not None:
+            jobstore.unspool(old.file)
         size = self.size   # once: the loop below would make each PUT quadratic in the count
         while self.docs and (len(self.docs) >= self.max_docs or size + len(data) > self.max_bytes):
-            size -= len(self.docs.popitem(last=False)[1].data)
-        self.docs[name] = DavDocument(data, content_type, old.created if old else now, now)
+            evicted = self.docs.popitem(last=False)[1]
+            size -= evicted.size
+            jobstore.unspool(evicted.file)
+        file = jobstore.spool(data)
+        self.docs[name] = DavDocument(len(data), sha256 or hashlib.sha256(data).hexdigest(), content_type,
+                                      old.created if old else now, now, None if file else data, file)
         return old is not None
+
+    def delete(self, name: str) -> bool:
+        """Remove ``name``; False when there is none."""
+        doc = self.docs.pop(name, None)
+        if doc is not None:
+            jobstore.unspool(doc.file)
+        return doc is not None
 
 
 _DAV_PROPS = ('resourcetype', 'displayname', 'getcontentlength', 'getcontenttype', 'getlastmodified',
@@ -75,9 +97,11 @@ def dav_props(name: str, doc: DavDocument | None, created: float) -> dict[str, s
     if doc is None:
         return {'resourcetype': '<D:collection/>', 'displayname': xml_escape(name),
                 'getlastmodified': http_date(created), 'creationdate': iso_date(created)}
-    return {'resourcetype': '', 'displayname': xml_escape(name), 'getcontentlength': str(len(doc.data)),
-            'getcontenttype': xml_escape(doc.content_type), 'getlastmodified': http_date(doc.modified),
-            'getetag': xml_escape(doc.etag), 'creationdate': iso_date(doc.created)}
+    if doc.listed is None or doc.listed[0] != name:
+        doc.listed = (name, {'resourcetype': '', 'displayname': xml_escape(name), 'getcontentlength': str(doc.size),
+                             'getcontenttype': xml_escape(doc.content_type), 'getlastmodified': http_date(doc.modified),
+                             'getetag': xml_escape(doc.etag), 'creationdate': iso_date(doc.created)})
+    return doc.listed[1]
 
 
 def parse_propfind(data: bytes) -> tuple[str, list[tuple[str, str]]]:
@@ -130,18 +154,23 @@ def parse_multistatus(data: bytes) -> dict[str, dict[str, Any]]:
     if root.tag != f'{{{DAV_NS}}}multistatus':
         raise ValueError(f'root element is {root.tag!r}, not DAV:multistatus')
     out: dict[str, dict[str, Any]] = {}
-    for response in root.findall(f'{{{DAV_NS}}}response'):
-        href = (response.findtext(f'{{{DAV_NS}}}href') or '').strip()
+    # findall of one tag (C), not ElementPath paths (Python): a listing holds a thousand responses.
+    for response in root.findall(_RESPONSE):
+        href = (response.findtext(_HREF) or '').strip()
         props: dict[str, Any] = {'collection': False}
-        for propstat in response.findall(f'{{{DAV_NS}}}propstat'):
-            status = propstat.findtext(f'{{{DAV_NS}}}status') or ''
+        for propstat in response.findall(_PROPSTAT):
+            status = propstat.findtext(_STATUS) or ''
             if ' 200 ' not in status + ' ':
                 continue
-            for prop in propstat.findall(f'{{{DAV_NS}}}prop/*'):
-                name = local_name(prop.tag)[1]
+            for prop in (p for group in propstat.findall(_PROP) for p in group):
+                name = prop.tag.rpartition('}')[2]
                 props[name] = (prop.text or '').strip()
-                if name == 'resourcetype' and prop.find(f'{{{DAV_NS}}}collection') is not None:
+                if name == 'resourcetype' and prop.find(_COLLECTION) is not None:
                     props['collection'] = True
         out[unquote(href)] = props
     return out
+
+
+_RESPONSE, _HREF, _PROPSTAT, _STATUS, _PROP, _COLLECTION = (
+    f'{{{DAV_NS}}}{name}' for name in ('response', 'href', 'propstat', 'status', 'prop', 'collection'))
 
