@@ -32,7 +32,8 @@ module's Site (``http.site_for``), so the same port also answers GET / and the
 persona's HTTP endpoints (an MFD's install page) the way a printer's web server
 does. It answers Get-Printer-Attributes, Print-Job, Validate-Job, Get-Jobs,
 Get-Job-Attributes and Cancel-Job like an idle printer; jobs complete at once
-(the document is counted, not kept). Printer attributes come from the persona
+(the document is counted; an accepted Print-Job's document is also kept in the host's
+``jobstore``, kind ``print-job``, named by its job-name, so a workflow can pass it on). Printer attributes come from the persona
 (``emulator.persona_import`` describes the fields): printer-make-and-model
 (``make_model``), document-format-supported (``document_formats``),
 ipp-versions-supported (``ipp_versions``), color-supported (``color``), the
@@ -64,13 +65,17 @@ PDF-looking document of ``max(target.size, 64 KiB)`` bytes, over one
 keep-alive HTTP/1.1 connection (HTTPS verifying target.ca_file and
 target.server_name for 'tls' targets), like a spooler's IPP backend does.
 Options: ``mode`` ('print' | 'status'), ``path`` (default /ipp/print),
-``user`` (requesting-user-name), ``document_format`` (default application/pdf).
+``user`` (requesting-user-name), ``document_format`` (default application/pdf), and
+``carries``/``holder`` (``jobstore``): the job is named after ``carries`` and its document is
+the job the holder host keeps under that name (a spooler releasing it), or a new one it then
+keeps (a user printing).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import io
 import math
 import re
@@ -87,7 +92,7 @@ from twisted.web.resource import Resource
 
 from emulator import persona_import as persona_data
 
-from . import http
+from . import http, jobstore
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .payloads import print_document
 from .probing import OnRequest, crashed, error_result
@@ -978,7 +983,7 @@ def _print_job(printer: Printer, message: Message, ctx: Context, size: int, reco
               created=printer.reactor.seconds())
     printer.next_job_id += 1
     printer.jobs.append(job)
-    record.update({'document_bytes': size, 'job_id': job.id, 'user': job.user,
+    record.update({'document_bytes': size, 'job_id': job.id, 'user': job.user, 'job': job.name,
                    'document_format': job.document_format})
     response = _response(message, S['successful-ok'])
     wanted = ('job-id', 'job-uri', 'job-state', 'job-state-reasons', 'job-state-message',
@@ -1091,6 +1096,19 @@ class IppResource(Resource):
         return Context(host=host, path=request.path.decode('latin-1'), secure=request.isSecure(),
                        peer=request.getClientAddress().host, port=local.port)
 
+    def _keep_document(self, body, offset: int, record: dict, peer: str) -> None:
+        """An accepted Print-Job's document, into the host's jobstore (a workflow passes it on)."""
+        body.seek(offset)
+        digest, kept, size = hashlib.sha256(), bytearray(), 0
+        while chunk := body.read(1 << 16):
+            digest.update(chunk)
+            size += len(chunk)
+            if len(kept) + len(chunk) <= jobstore.MAX_DOCUMENT_BYTES:
+                kept += chunk
+        jobstore.store_for(self.printer.persona.host).keep(jobstore.Document(
+            record['job'], 'print-job', size, digest.hexdigest(), via='ipp', peer=peer,
+            owner=record['user'], data=bytes(kept) if len(kept) == size else None))
+
     @staticmethod
     def _plain(request, code: int, text: str) -> bytes:
         request.setResponseCode(code)
@@ -1128,6 +1146,8 @@ class IppResource(Resource):
             return self._plain(request, web_http.BAD_REQUEST, reason)
         response, record = handle(self.printer, message, self._context(request),
                                   document_size=total - offset)
+        if record.get('job_id'):
+            self._keep_document(body, offset, record, request.getClientAddress().host)
         try:
             payload = encode(response)
         except IppError:  # a bug in the printer model, not the client's fault
@@ -1316,11 +1336,26 @@ class _PrinterExchange(http.HttpVerdict):
             self.summary = self.state
             self.decide('ok', f'answered by {self.printer}', peer_seen=self.peer_header)
             return
-        label = self.target.id or 'probe'
-        document = print_document(self.document_size, self.document_format)
+        job_name, document = self._job()
+        if document is None:
+            self.decide('error', job_name)   # a workflow hop whose holder does not have the job
+            return
         self._send(print_job_request(self._next_id(), self.printer_uri, self.user,
-                                     f'safeq-lab {label}', document, self.document_format),
+                                     job_name, document, self.document_format),
                    self._after_print_job)
+
+    def _job(self) -> tuple[str, bytes | None]:
+        """(job-name, document): the job the holder keeps under ``carries`` (or a new one it then
+        keeps), else a new document named after the probe; (why, None) when the holder has the job
+        without its bytes."""
+        make = lambda: print_document(self.document_size, self.document_format)  # noqa: E731
+        carried, why = jobstore.to_send(self.target.options or {}, ('print-job',), make)
+        if why:
+            return why, None
+        if carried is not None:
+            self.document_size = carried.size
+            return carried.name, carried.data
+        return f'safeq-lab {self.target.id or "probe"}', make()
 
     def _after_print_job(self, reply: Message) -> None:
         if self.result is not None:

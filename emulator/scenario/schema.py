@@ -58,7 +58,7 @@ FAULTS = LINK_FAULTS + ("stop", "start", "rule", "block", "ftp-helper-off", "res
 RULE_ACTIONS = ("drop", "reject")
 # catalog protocols whose probes pass a named document on (option carries; emulator/protocols/jobstore.py):
 # lpd, raw, framed (safeq: job metadata), http (soap: the job list; webdav), ftp, smtp, imap
-CARRYING_PROTOCOLS = ("lpr", "raw", "safeq", "soap", "webdav", "ftp", "smtp", "imap")
+CARRYING_PROTOCOLS = ("lpr", "ipp", "raw", "safeq", "soap", "webdav", "ftp", "smtp", "imap")
 HELD_KINDS = tuple(k for k in DOCUMENT_KINDS if k != "created")
 FTP_MODES = ("passive", "active")
 

@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 
 import roles as role_data
 from emulator import jobs
-from emulator.protocols import framed, ftp, http, imap, jobstore, lpd, payloads, raw, smtp
+from emulator.protocols import framed, ftp, http, imap, ipp, jobstore, lpd, payloads, raw, smtp
 from emulator.protocols.base import Listener, Persona, ProbeTarget
 from tests.support import free_port_pair, run_on_fresh_reactor
 
@@ -198,6 +198,25 @@ def test_a_print_job_is_accounted_listed_and_released_with_its_own_bytes(kept_wh
     assert (printed.sha256, printed.size, printed.via) == (created.sha256, 300_000, 'raw')
     assert "job 'rep-1'" in released.exchange and "job 'rep-1' metadata" in metadata.exchange
     assert bool(spooled.file) == bool(printed.file) == (kept_where is not None)
+
+
+def test_a_job_printed_over_ipp_is_released_over_ipp_with_its_own_bytes(kept_where):
+    h = hosts('pc1', 'site1', 'mfd')
+
+    async def body(reactor, ports):
+        spool, printer = ports
+        submitted = await ipp.probe(reactor, target('ipp', spool, 'ipp-1', h['pc1'], size=200_000, user='bob'))
+        released = await ipp.probe(reactor, target('ipp', printer, 'ipp-1', h['site1']))
+        return submitted, released
+
+    submitted, released = chain([(ipp, 'ipp', persona(h['site1'], 'flexispooler')),
+                                          (ipp, 'ipp', persona(h['mfd'], 'mfd'))], body)
+    assert (submitted.outcome, released.outcome) == ('ok', 'ok'), (submitted, released)
+    created = jobstore.store_for(h['pc1']).find('ipp-1', ('created',))
+    spooled = jobstore.store_for(h['site1']).find('ipp-1', ('print-job',))
+    printed = jobstore.store_for(h['mfd']).find('ipp-1', ('print-job',))
+    assert created.size >= 200_000 and (spooled.sha256, spooled.owner, spooled.via) == (created.sha256, 'bob', 'ipp')
+    assert (printed.sha256, printed.size, printed.via) == (created.sha256, created.size, 'ipp')
 
 
 def test_a_hop_whose_holder_lacks_the_document_fails_and_says_so():

@@ -696,7 +696,8 @@ def test_carries_becomes_probe_options_and_holds_names_its_origin(tmp_path):
 
 @pytest.mark.parametrize("old,new,key,words", [
     ("carries: job-1, options", "carries: Job 1, options", "steps[0].carries", "named like a step id"),
-    ("protocol: raw, carries", "carries", "steps[1].carries", "ipp cannot carry a document here; pick a port"),
+    ("flow: mfd-23, from: site1, to: mfd-km, protocol: raw, carries", "flow: mfd-03, from: site1, to: mfd-km, carries",
+     "steps[1].carries", "snmp cannot carry a document here; pick a port"),
     ("{holds: job-1, at: mfd-km", "{holds: job-2, at: mfd-km", "steps[2].holds", "not carried by an earlier workflow (carries: job-1)"),
     ("at: mfd-km, in: print-job", "at: mfd-9, in: print-job", "steps[2].at", "no host 'mfd-9'"),
     ("in: print-job", "in: created", "steps[2].in", "unknown kind 'created'; use one of print-job"),
