@@ -1146,7 +1146,7 @@ class IppResource(Resource):
             return self._plain(request, web_http.BAD_REQUEST, reason)
         response, record = handle(self.printer, message, self._context(request),
                                   document_size=total - offset)
-        if record.get('job_id'):
+        if record['op'] == 'Print-Job' and 'job' in record:   # accepted: _print_job named the job
             self._keep_document(body, offset, record, request.getClientAddress().host)
         try:
             payload = encode(response)
