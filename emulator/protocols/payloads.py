@@ -83,6 +83,21 @@ def _pdf_layout(image: bytes, text: str, pad: int) -> bytes:
     return bytes(out)
 
 
+@lru_cache(maxsize=8)
+def _empty_layout(text: str) -> tuple[int, int]:
+    """(bytes, xref offset) of the layout around an empty image."""
+    empty = _pdf_layout(b'', text, 0)
+    return len(empty), int(empty.rsplit(b'startxref\n', 1)[1].split(b'\n', 1)[0])
+
+
+def _pdf_size(image_size: int, text: str) -> int:
+    """len(_pdf_layout(image, text, 0)) for an image of ``image_size`` bytes, without building it
+    (a scan is built once, not once per sizing round): only the /Length and startxref digits vary."""
+    size, xref = _empty_layout(text)
+    grown = image_size + len(str(image_size)) - 1
+    return size + grown + len(str(xref + grown)) - len(str(xref))
+
+
 def pdf_floor(text: str = '') -> int:
     """Bytes of the smallest PDF ``pdf`` makes with this text."""
     return len(_pdf_layout(bytes(_JPEG_FRAME), text, 0))
@@ -100,7 +115,7 @@ def pdf(size: int, *, seed: str | None = None, text: str = '') -> bytes:
     image = _JPEG_FRAME + size - floor
     pad = 0
     for _ in range(4):   # the /Length and startxref digits move with the image size; settles in <= 2 rounds
-        length = len(_pdf_layout(bytes(image), text, 0))
+        length = _pdf_size(image, text)
         if length <= size:
             pad = size - length
             break

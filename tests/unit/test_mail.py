@@ -63,6 +63,15 @@ def test_pdf_document_is_a_pdf_of_exactly_the_size_asked(size):
     assert payloads.pdf_document(size, 'scan', 'seed') == document   # deterministic
 
 
+@pytest.mark.parametrize('text', ['', 'scan (1) \\ done'])
+def test_a_pdf_layout_is_sized_without_building_it(text):
+    """The sizing rounds of payloads.pdf use the arithmetic, not a throwaway document: it must agree
+    at every digit boundary of /Length and startxref."""
+    edges = [n + d for n in (0, 9, 99, 999, 9_999, 99_999, 999_999) for d in (-1, 0, 1, 2) if n + d >= 0]
+    for image in sorted(set(edges) | set(range(200, 1_400))):   # where startxref gains its fourth digit
+        assert payloads._pdf_size(image, text) == len(payloads._pdf_layout(bytes(image), text, 0)), image
+
+
 def test_compose_and_attachments_round_trip():
     pdf = payloads.pdf_document(2000, 'x', 'y')
     message = mailstore.compose('a@safeq.lab', 'b@safeq.lab', 'Scan', 'hello', 'scan.pdf', pdf)
