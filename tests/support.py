@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +17,17 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def client_tool(name: str, package: str) -> str:
+    """The path of a real client program (sbin included), or a test failure naming the Debian
+    package: interop tests never skip."""
+    import pytest
+
+    path = shutil.which(name, path=os.environ.get('PATH', '') + ':/usr/sbin:/sbin')
+    if path is None:
+        pytest.fail(f'{name} is missing: apt-get install {package}')
+    return path
 
 
 def fired(d: Deferred):

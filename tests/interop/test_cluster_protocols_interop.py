@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import socket
 import struct
 import subprocess
@@ -24,7 +23,7 @@ import uuid
 import pytest
 
 from emulator.protocols import etcd, infinispan, jgroups, module_for
-from tests.support import free_port, probe_targets, request_log, run_stub
+from tests.support import client_tool, free_port, probe_targets, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
@@ -39,9 +38,7 @@ def registered():
 
 def curl(*args: str) -> tuple[int, dict[str, str], bytes]:
     """(HTTP status, response headers, body); curl must exit 0."""
-    binary = shutil.which('curl')
-    if binary is None:
-        pytest.fail('curl is not installed: apt-get install curl')
+    binary = client_tool('curl', 'curl')
     proc = subprocess.run([binary, '-sS', '--max-time', '10', '-D', '-', '-o', '/dev/stderr', *args],
                           capture_output=True, timeout=CLIENT_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-500:]

@@ -11,25 +11,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import time
 
 import pytest
 
 from emulator.pki import make_test_pki
-from tests.support import free_port, request_log, run_stub
+from tests.support import client_tool, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
 USER, PASSWORD = 'safeq', 'safeq-lab-pw'
 
-
-def client(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f'{name} not found: apt-get install {package}')
-    return path
 
 
 @pytest.fixture(scope='module')
@@ -59,7 +52,7 @@ def records_for(stub, port: int, op: str, count: int) -> list[dict]:
 def psql(stub, conninfo: str, sql: str, password: str = PASSWORD) -> subprocess.CompletedProcess:
     env = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'HOME': str(stub['home']),   # no ~/.pgpass
            'PGPASSWORD': password, 'PGCONNECT_TIMEOUT': '5'}
-    command = [client('psql', 'postgresql-client'), conninfo, '-X', '-A', '-t', '-c', sql]
+    command = [client_tool('psql', 'postgresql-client'), conninfo, '-X', '-A', '-t', '-c', sql]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
 
 
@@ -113,7 +106,7 @@ def tsql(stub, config: str, sql: str = 'SELECT 1', password: str = PASSWORD) -> 
     conf.write_text('[global]\n' + config)
     env = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'HOME': str(stub['home']),
            'FREETDSCONF': str(conf), 'TDSVER': '7.4'}
-    command = [client('tsql', 'freetds-bin'), '-H', '127.0.0.1', '-p', str(stub['ports']['mssql']),
+    command = [client_tool('tsql', 'freetds-bin'), '-H', '127.0.0.1', '-p', str(stub['ports']['mssql']),
                '-U', USER, '-P', password]
     return subprocess.run(command, input=f'{sql}\ngo\nexit\n', env=env, capture_output=True, text=True,
                           timeout=30)
@@ -166,7 +159,7 @@ def test_tsql_version_names_the_persona(stub):
 @pytest.mark.parametrize('protocol, service', [('pgsql', 'postgresql'), ('mssql', 'ms-sql-s')])
 def test_nmap_names_the_service(stub, protocol, service):
     port = stub['ports'][protocol]
-    out = subprocess.run([client('nmap', 'nmap'), '-sV', '-Pn', '-n', '-p', str(port), '127.0.0.1'],
+    out = subprocess.run([client_tool('nmap', 'nmap'), '-sV', '-Pn', '-n', '-p', str(port), '127.0.0.1'],
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr
     assert re.search(rf'^{port}/tcp\s+open\s+{re.escape(service)}\s', out.stdout, re.M), out.stdout

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,19 +20,13 @@ import pytest
 import roles
 from emulator import persona_import
 from emulator.pki import make_test_pki
-from tests.support import free_port, run_stub
+from tests.support import client_tool, free_port, run_stub
 
 pytestmark = pytest.mark.interop
 
 DATA = Path(__file__).resolve().parents[1] / 'data' / 'personas'
 PRINTER_MIB = '1.3.6.1.2.1.43'
 
-
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f'{name} is missing: apt-get install {package}')
-    return path
 
 
 def run(*command: str, home: Path, stdin: str = '', timeout: float = 60) -> subprocess.CompletedProcess:
@@ -64,7 +57,7 @@ def test_ipptool_with_a_timeout_over_ipps_gets_the_response(printer):
     document = printer['dir'] / 'doc.pdf'
     document.write_bytes(b'%PDF-1.4\n' + b'0' * 4000 + b'\n%%EOF\n')
     url = f'ipps://127.0.0.1:{printer["ports"]["ipps"]}/ipp/print'
-    out = run(tool('ipptool', 'cups-ipp-utils'), '-T', '5', '-tv', '-f', str(document), url,
+    out = run(client_tool('ipptool', 'cups-ipp-utils'), '-T', '5', '-tv', '-f', str(document), url,
               'get-printer-attributes.test', 'print-job.test', home=printer['home'], timeout=60)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr
     assert out.stdout.count('[PASS]') == 2 and 'RECEIVED: 0 bytes' not in out.stdout
@@ -74,7 +67,7 @@ def test_ipptool_with_a_timeout_over_ipps_gets_the_response(printer):
 
 
 def test_gnutls_cli_verifies_and_completes_the_ipps_handshake(printer):
-    out = run(tool('gnutls-cli', 'gnutls-bin'), '--x509cafile', printer['ca'], '-p', str(printer['ports']['ipps']),
+    out = run(client_tool('gnutls-cli', 'gnutls-bin'), '--x509cafile', printer['ca'], '-p', str(printer['ports']['ipps']),
               '127.0.0.1', stdin='GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n',
               home=printer['home'], timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -86,7 +79,7 @@ def test_gnutls_cli_verifies_and_completes_the_ipps_handshake(printer):
     ('framed', 'http/1.0', None),
 ])
 def test_alpn_without_a_shared_protocol_goes_on_without_alpn(printer, port, offered, negotiated):
-    out = run(tool('openssl', 'openssl'), 's_client', '-connect', f'127.0.0.1:{printer["ports"][port]}',
+    out = run(client_tool('openssl', 'openssl'), 's_client', '-connect', f'127.0.0.1:{printer["ports"][port]}',
               '-alpn', offered, '-CAfile', printer['ca'], '-verify_return_error', stdin='Q\n',
               home=printer['home'], timeout=30)
     assert 'alert' not in out.stderr.lower() and out.returncode == 0, out.stderr
@@ -95,7 +88,7 @@ def test_alpn_without_a_shared_protocol_goes_on_without_alpn(printer, port, offe
 
 
 def snmp(command: str, printer, *args: str) -> subprocess.CompletedProcess:
-    return run(tool(command, 'snmp'), '-v2c', '-c', 'public', '-On', '-t', '2', '-r', '1',
+    return run(client_tool(command, 'snmp'), '-v2c', '-c', 'public', '-On', '-t', '2', '-r', '1',
                f'127.0.0.1:{printer["ports"]["snmp"]}', *args, home=printer['home'], timeout=60)
 
 
@@ -157,7 +150,7 @@ def test_imported_snmp_objects_come_back_exactly(imported, tmp_path):
 
 def test_imported_ipp_attributes_come_back_with_their_types(imported):
     url = f'ipp://127.0.0.1:{imported["ports"]["ipp"]}/ipp/print'
-    out = run(tool('ipptool', 'cups-ipp-utils'), '-T', '5', '-tv', url, 'get-printer-attributes.test',
+    out = run(client_tool('ipptool', 'cups-ipp-utils'), '-T', '5', '-tv', url, 'get-printer-attributes.test',
               home=imported['home'], timeout=60)
     assert out.returncode == 0, out.stdout[-3000:]
     for line in ('printer-make-and-model (textWithoutLanguage) = RICOH IM C3000',

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 
 from emulator.protocols import payloads
 from emulator.protocols import ftp
-from tests.support import request_log, run_stub
+from tests.support import client_tool, request_log, run_stub
 from tests.support import free_port_pair as control_port
 
 pytestmark = pytest.mark.interop
@@ -31,11 +30,6 @@ pytestmark = pytest.mark.interop
 PASSIVE = [30000, 30999]
 PERSONA = {"identity": {"vendor": "Y Soft", "passive_ports": PASSIVE}}
 
-
-def need(tool: str, package: str) -> str:
-    path = shutil.which(tool)
-    assert path, f"{tool} is missing: apt-get install {package}"
-    return path
 
 
 @pytest.fixture
@@ -72,7 +66,7 @@ def lftp(port: int, passive: bool, commands: str) -> subprocess.CompletedProcess
     script = (f"set net:max-retries 1; set net:timeout 5; set ftp:ssl-allow no; "
               f"set ftp:passive-mode {'on' if passive else 'off'}; "
               f"open -u scan,scan -p {port} 127.0.0.1; {commands}")
-    return run([need("lftp", "lftp"), "-c", script])
+    return run([client_tool("lftp", "lftp"), "-c", script])
 
 
 @pytest.mark.parametrize("passive", [True, False], ids=["passive", "active"])
@@ -100,7 +94,7 @@ def test_lftp_put_and_get(stub, document, tmp_path, passive):
 def test_curl_upload_and_download(stub, document, tmp_path, passive):
     port, log = stub
     path, sha, size = document
-    curl = need("curl", "curl")
+    curl = client_tool("curl", "curl")
     name = f"curl-{'passive' if passive else 'active'}.pdf"
     url = f"ftp://scan:scan@127.0.0.1:{port}/{name}"
     mode = [] if passive else ["--ftp-port", "-"]
@@ -118,7 +112,7 @@ def test_curl_upload_and_download(stub, document, tmp_path, passive):
 def test_curl_sees_errors_for_bad_commands_and_the_stub_keeps_serving(stub, document):
     port, log = stub
     path, sha, _ = document
-    curl = need("curl", "curl")
+    curl = client_tool("curl", "curl")
     done = run([curl, "-sS", "--max-time", "10", "-Q", "FOO bar", f"ftp://scan:scan@127.0.0.1:{port}/"])
     assert done.returncode != 0 and "500" in done.stderr + done.stdout, done
     done = run([curl, "-sS", "--max-time", "10", "--user", "scan:wrong", f"ftp://127.0.0.1:{port}/"])
@@ -175,8 +169,8 @@ def test_firewall_that_admits_only_the_control_port(tmp_path):
     """On the real ports (21, data port 20) inside a throwaway network namespace, with
     iptables rules that only that namespace sees: open, control port only (data channels
     blocked), control port plus the FTP conntrack helper, and everything closed."""
-    need("unshare", "util-linux")
-    need("iptables", "iptables")
+    client_tool("unshare", "util-linux")
+    client_tool("iptables", "iptables")
     log = tmp_path / "requests.jsonl"
     (tmp_path / "spec.json").write_text(json.dumps({
         "host": "terminal-server-1", "roles": ["terminal_server"], "interface": "127.0.0.1",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 
@@ -18,7 +17,7 @@ import pytest
 
 import roles
 from emulator.pki import make_test_pki
-from tests.support import free_port, request_log, run_stub
+from tests.support import client_tool, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
@@ -29,9 +28,7 @@ NS = 'urn:safeq-lab:terminal'
 
 def curl(*args: str, data_file: str | None = None) -> tuple[int, dict[str, str], bytes, int]:
     """(HTTP status, final response headers, body, curl exit code)."""
-    binary = shutil.which('curl')
-    if binary is None:
-        pytest.fail('curl is not installed: apt-get install curl')
+    binary = client_tool('curl', 'curl')
     proc = subprocess.run([binary, '-sS', '--max-time', '10', '-D', '-', '-o', '/dev/stderr', *args],
                           capture_output=True, timeout=30)
     heads = proc.stdout.decode('latin-1').strip().split('\r\n\r\n')

@@ -18,7 +18,7 @@ import pytest
 from emulator.protocols import payloads
 from emulator import pki
 from emulator.protocols import ipp
-from tests.support import free_port, request_log, run_stub
+from tests.support import client_tool, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
@@ -28,17 +28,11 @@ IDENTITY = {'vendor': 'Konica Minolta', 'make_model': 'KONICA MINOLTA bizhub C30
 DOCUMENT_SIZE = 70_000
 
 
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f'{name} is missing: apt-get install {package}')
-    return path
-
 
 def ipptool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     # -T as CUPS's ipp backend runs it: ipptool 2.4 (GnuTLS) then reads a TLS 1.3 NewSessionTicket
     # as "0 bytes in response" and reconnects in a loop; IPPS serves TLS 1.2 for that reason.
-    command = [tool('ipptool', 'cups-ipp-utils'), '-T', '10', *args]
+    command = [client_tool('ipptool', 'cups-ipp-utils'), '-T', '10', *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
@@ -130,7 +124,7 @@ def curl(stub, name: str, ca_file: str, out: Path) -> subprocess.CompletedProces
     body = out.with_suffix('.req')
     body.write_bytes(ipp.encode(ipp.get_printer_attributes_request(
         7, f'ipps://{name}:{stub["secure"]}/ipp/print', 'curl')))
-    command = [tool('curl', 'curl'), '-sS', '--max-time', '10', '--cacert', ca_file,
+    command = [client_tool('curl', 'curl'), '-sS', '--max-time', '10', '--cacert', ca_file,
                '--resolve', f'{name}:{stub["secure"]}:127.0.0.1', '-H', 'Content-Type: application/ipp',
                '--data-binary', f'@{body}', '-o', str(out), '-w', '%{http_code} %{content_type}',
                f'https://{name}:{stub["secure"]}/ipp/print']

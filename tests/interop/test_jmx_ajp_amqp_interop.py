@@ -17,13 +17,12 @@ amqp plain and amqp over implicit TLS (AMQPS, the catalog's form).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from emulator.pki import make_test_pki
-from tests.support import free_port, request_log, run_stub
+from tests.support import client_tool, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
@@ -32,9 +31,7 @@ NMAP_TIMEOUT = 90          # seconds for the subprocess; nmap itself stops at --
 
 @pytest.fixture(scope='module')
 def nmap():
-    path = shutil.which('nmap')
-    if path is None:
-        pytest.fail('nmap not found: apt-get install nmap')
+    path = client_tool('nmap', 'nmap')
     return path
 
 

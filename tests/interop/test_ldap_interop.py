@@ -9,7 +9,6 @@ IP address, which the test certificate has as a SAN.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -17,7 +16,7 @@ import time
 import pytest
 
 from emulator.pki import make_test_pki
-from tests.support import free_port, request_log, run_stub
+from tests.support import client_tool, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
@@ -28,9 +27,7 @@ GROUPS = f'ou=groups,{BASE}'
 
 @pytest.fixture(scope='module')
 def ldapsearch():
-    path = shutil.which('ldapsearch')
-    if path is None:
-        pytest.fail('ldapsearch not found: apt-get install ldap-utils')
+    path = client_tool('ldapsearch', 'ldap-utils')
     return path
 
 

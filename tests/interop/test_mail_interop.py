@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -21,7 +20,7 @@ import pytest
 from emulator.protocols import payloads
 from emulator.pki import make_test_pki
 from emulator.protocols import imap, mailstore, module_for, pop3, smtp
-from tests.support import request_log, run_stub
+from tests.support import client_tool, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
@@ -31,16 +30,10 @@ LISTENERS = {('smtp', 'plain'), ('smtp', 'optional'), ('smtp', 'tls'), ('pop3', 
              ('pop3', 'tls'), ('imap', 'plain'), ('imap', 'tls')}
 
 
-def need(binary: str, package: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        pytest.fail(f'{binary} not found: apt-get install {package}')
-    return path
-
 
 @pytest.fixture(scope='module')
 def swaks():
-    return need('swaks', 'swaks')
+    return client_tool('swaks', 'swaks')
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +49,7 @@ def swaks_tls(swaks):
 
 @pytest.fixture(scope='module')
 def curl():
-    return need('curl', 'curl')
+    return client_tool('curl', 'curl')
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,19 +28,13 @@ import pytest
 
 from emulator.protocols import module_for, netbios, smb
 from emulator.protocols.payloads import scanned_pdf
-from tests.support import REPO, free_port, request_log, run_stub
+from tests.support import client_tool, REPO, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
 CLIENT_TIMEOUT = 60
 PERSONA = {'address': '127.0.0.1', 'identity': {'workgroup': 'SAFEQLAB'}}
 
-
-def need(binary: str, package: str) -> str:
-    path = shutil.which(binary, path=os.environ.get('PATH', '') + ':/usr/sbin:/sbin')
-    if path is None:
-        pytest.fail(f'{binary} not found: apt-get install {package}')
-    return path
 
 
 def run(args: list[str], timeout: float = CLIENT_TIMEOUT) -> subprocess.CompletedProcess:
@@ -79,8 +72,8 @@ print(json.dumps(answers))
 
 
 def test_nmblookup_node_status_and_name_query(tmp_path):
-    nmblookup = need('nmblookup', 'samba-common-bin')
-    unshare = need('unshare', 'util-linux')
+    nmblookup = client_tool('nmblookup', 'samba-common-bin')
+    unshare = client_tool('unshare', 'util-linux')
     done = subprocess.run([unshare, '--net', sys.executable, '-c', NMBLOOKUP_IN_NAMESPACE, str(tmp_path),
                            json.dumps(PERSONA), nmblookup], capture_output=True, text=True,
                           timeout=4 * CLIENT_TIMEOUT, cwd=REPO, env={**os.environ, 'PYTHONPATH': str(REPO)})
@@ -99,7 +92,7 @@ def test_nmblookup_node_status_and_name_query(tmp_path):
 
 
 def test_nmap_version_scan_names_the_name_service(tmp_path):
-    nmap = need('nmap', 'nmap')
+    nmap = client_tool('nmap', 'nmap')
     port = free_port(socket.SOCK_DGRAM)
     listeners = [{'transport': 'udp', 'port': port, 'protocol': 'netbios-ns', 'security': 'optional'}]
     with run_stub(tmp_path, listeners, persona=PERSONA, host='shared-folder') as log:
@@ -119,7 +112,7 @@ def smbclient(binary: str, port: int, commands: str, *extra: str) -> subprocess.
 
 @pytest.mark.parametrize('max_protocol, dialect', [(None, '3.1.1'), ('SMB2_02', '2.0.2')])
 def test_smbclient_puts_lists_and_gets_a_file(tmp_path, max_protocol, dialect):
-    binary = need('smbclient', 'smbclient')
+    binary = client_tool('smbclient', 'smbclient')
     port = free_port()
     scan = tmp_path / 'scan.pdf'
     scan.write_bytes(scanned_pdf(300_000))
@@ -140,7 +133,7 @@ def test_smbclient_puts_lists_and_gets_a_file(tmp_path, max_protocol, dialect):
 
 
 def test_smbclient_sees_a_missing_share_and_file(tmp_path):
-    binary = need('smbclient', 'smbclient')
+    binary = client_tool('smbclient', 'smbclient')
     port = free_port()
     persona = {**PERSONA, 'identity': {'smb_shares': ['scans']}}
     with run_stub(tmp_path, [{'transport': 'tcp', 'port': port, 'protocol': 'smb'}], persona=persona) as log:
@@ -154,7 +147,7 @@ def test_smbclient_sees_a_missing_share_and_file(tmp_path):
 
 
 def test_nmap_identifies_microsoft_ds_and_smb2_dialects(tmp_path):
-    nmap = need('nmap', 'nmap')
+    nmap = client_tool('nmap', 'nmap')
     port = free_port()
     with run_stub(tmp_path, [{'transport': 'tcp', 'port': port, 'protocol': 'smb'}], persona=PERSONA,
                   host='shared-folder'):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -30,18 +29,12 @@ import pytest
 from emulator.protocols import payloads
 from emulator import pki
 from emulator.protocols import lpd, module_for, raw, terminal, timesync
-from tests.support import free_port, request_log, run_stub
+from tests.support import client_tool, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
 CLIENT_TIMEOUT = 15
 
-
-def need(binary: str, package: str) -> str:
-    path = shutil.which(binary, path=os.environ.get('PATH', '') + ':/usr/sbin:/sbin')
-    if path is None:
-        pytest.fail(f'{binary} not found: apt-get install {package}')
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +61,7 @@ def rdate_time(rdate: str, port: int, udp: bool) -> float:
 
 @pytest.mark.parametrize('transport', ['udp', 'tcp'])
 def test_rdate_reads_the_time_stub(tmp_path, transport):
-    rdate = need('rdate', 'rdate')
+    rdate = client_tool('rdate', 'rdate')
     port = free_port(socket.SOCK_DGRAM if transport == 'udp' else socket.SOCK_STREAM)
     with run_stub(tmp_path, [{'transport': transport, 'port': port, 'protocol': 'time'}]) as log:
         before = time.time()
@@ -84,7 +77,7 @@ def test_rdate_reads_the_time_stub(tmp_path, transport):
 # --- raw: nc -N ---------------------------------------------------------------------------
 
 def test_netcat_pjl_job_is_counted(tmp_path):
-    nc = need('nc', 'netcat-openbsd')
+    nc = client_tool('nc', 'netcat-openbsd')
     size = 256 << 10
     job, data, _ = raw.build_job(size, 'netcat job')
     job_file = tmp_path / 'job.pcl'
@@ -152,7 +145,7 @@ def s_client(openssl: str, port: int, *extra: str) -> subprocess.CompletedProces
 
 
 def test_openssl_verifies_the_terminal_tls_listener(tmp_path):
-    openssl = need('openssl', 'openssl')
+    openssl = client_tool('openssl', 'openssl')
     material = pki.make_test_pki(tmp_path / 'pki', host='stub.lab', address='127.0.0.1')
     port = free_port()
     listener = {'transport': 'tcp', 'port': port, 'protocol': 'terminal', 'security': 'tls'}

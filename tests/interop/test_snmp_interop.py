@@ -8,7 +8,6 @@ to them on free high ports.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, probe_targets, request_log, run_stub
+from tests.support import client_tool, free_port, probe_targets, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
@@ -30,12 +29,6 @@ COLD_START = '1.3.6.1.6.3.1.1.5.1'
 LAB_STATE_CHANGE = '1.3.6.1.4.1.32473.6.0.1'
 
 
-
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name) or (f'/usr/sbin/{name}' if os.path.exists(f'/usr/sbin/{name}') else None)
-    if path is None:
-        pytest.fail(f'{name} is missing: apt-get install {package}')
-    return path
 
 
 def stub(tmp_path: Path, listeners: list[dict], persona: dict | None = None):
@@ -69,7 +62,7 @@ def run(argv: list[str], env, timeout: float = 15) -> subprocess.CompletedProces
 # --- agent ---------------------------------------------------------------------
 
 def test_snmpget_udp_and_tcp_read_the_persona(tmp_path, net_snmp_env):
-    snmpget = tool('snmpget', 'snmp')
+    snmpget = client_tool('snmpget', 'snmp')
     port = free_udp_tcp_port()
     listeners = [{'transport': t, 'port': port, 'protocol': 'snmp'} for t in ('udp', 'tcp')]
     with stub(tmp_path, listeners) as log:
@@ -90,8 +83,8 @@ def test_snmpget_udp_and_tcp_read_the_persona(tmp_path, net_snmp_env):
 
 
 def test_snmpwalk_and_snmpbulkwalk(tmp_path, net_snmp_env):
-    snmpwalk = tool('snmpwalk', 'snmp')
-    snmpbulkwalk = tool('snmpbulkwalk', 'snmp')
+    snmpwalk = client_tool('snmpwalk', 'snmp')
+    snmpbulkwalk = client_tool('snmpbulkwalk', 'snmp')
     port = free_udp_tcp_port()
     listeners = [{'transport': t, 'port': port, 'protocol': 'snmp'} for t in ('udp', 'tcp')]
     with stub(tmp_path, listeners):
@@ -109,7 +102,7 @@ def test_snmpwalk_and_snmpbulkwalk(tmp_path, net_snmp_env):
 
 
 def test_snmpget_with_wrong_community_gets_no_answer(tmp_path, net_snmp_env):
-    snmpget = tool('snmpget', 'snmp')
+    snmpget = client_tool('snmpget', 'snmp')
     port = free_port(socket.SOCK_DGRAM)
     with stub(tmp_path, [{'transport': 'udp', 'port': port, 'protocol': 'snmp'}]) as log:
         done = run([snmpget, '-v2c', '-c', 'private', '-t', '1', '-r', '0',
@@ -126,8 +119,8 @@ def test_snmpget_with_wrong_community_gets_no_answer(tmp_path, net_snmp_env):
 # --- notifications --------------------------------------------------------------
 
 def test_snmptrap_and_snmpinform_reach_our_receiver(tmp_path, net_snmp_env):
-    snmptrap = tool('snmptrap', 'snmp')
-    snmpinform = tool('snmpinform', 'snmp')
+    snmptrap = client_tool('snmptrap', 'snmp')
+    snmpinform = client_tool('snmpinform', 'snmp')
     port = free_port(socket.SOCK_DGRAM)
     with stub(tmp_path, [{'transport': 'udp', 'port': port, 'protocol': 'snmp-trap'}],
               persona={}) as log:
@@ -148,7 +141,7 @@ def test_snmptrap_and_snmpinform_reach_our_receiver(tmp_path, net_snmp_env):
 
 
 def test_snmptrapd_acknowledges_our_probe(tmp_path, net_snmp_env):
-    snmptrapd = tool('snmptrapd', 'snmptrapd')
+    snmptrapd = client_tool('snmptrapd', 'snmptrapd')
     port = free_port(socket.SOCK_DGRAM)
     conf = tmp_path / 'snmptrapd.conf'
     conf.write_text('authCommunity log public\n')

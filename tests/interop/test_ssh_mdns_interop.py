@@ -11,7 +11,6 @@ tests.support.run_stub, with lab PKI material from emulator.pki.make_test_pki).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -20,19 +19,13 @@ import pytest
 
 from emulator import pki
 from emulator.protocols import mdns, module_for, ssh
-from tests.support import free_port, request_log, run_stub
+from tests.support import client_tool, free_port, request_log, run_stub
 
 pytestmark = pytest.mark.interop
 
 CLIENT_TIMEOUT = 20
 NMAP_TIMEOUT = 90
 
-
-def need(binary: str, package: str) -> str:
-    path = shutil.which(binary, path=os.environ.get('PATH', '') + ':/usr/sbin:/sbin')
-    if path is None:
-        pytest.fail(f'{binary} not found: apt-get install {package}')
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -63,14 +56,14 @@ def run(args: list[str], timeout: float = CLIENT_TIMEOUT) -> subprocess.Complete
 
 def ssh_command(material: dict, port: int, command: str) -> subprocess.CompletedProcess:
     key = Path(material['ca_file']).parent / pki.SSH_CLIENT_KEY_FILE
-    return run([need('ssh', 'openssh-client'), '-p', str(port), '-i', str(key), '-F', '/dev/null',
+    return run([client_tool('ssh', 'openssh-client'), '-p', str(port), '-i', str(key), '-F', '/dev/null',
                 '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'BatchMode=yes',
                 '-o', 'IdentitiesOnly=yes', '-o', 'ConnectTimeout=10', f'{ssh.LAB_USER}@127.0.0.1', command])
 
 
 def test_ssh_keyscan_gets_the_published_host_key(ssh_stub, material):
     port, log = ssh_stub
-    done = run([need('ssh-keyscan', 'openssh-client'), '-T', '10', '-t', 'ed25519', '-p', str(port), '127.0.0.1'])
+    done = run([client_tool('ssh-keyscan', 'openssh-client'), '-T', '10', '-t', 'ed25519', '-p', str(port), '127.0.0.1'])
     assert done.returncode == 0, done.stderr
     scanned = done.stdout.split()
     published = pki.ssh_host_key_file(Path(material['ca_file']).parent, 'stub').read_text().split()
@@ -100,7 +93,7 @@ def test_openssh_client_gets_127_for_anything_outside_the_table(ssh_stub, materi
 
 def test_nmap_identifies_ssh(ssh_stub):
     port, _log = ssh_stub
-    done = run([need('nmap', 'nmap'), '-sV', '-Pn', '-n', '--host-timeout', '60s', '-p', str(port), '127.0.0.1'],
+    done = run([client_tool('nmap', 'nmap'), '-sV', '-Pn', '-n', '--host-timeout', '60s', '-p', str(port), '127.0.0.1'],
                timeout=NMAP_TIMEOUT)
     assert done.returncode == 0, done.stderr
     line = next(l for l in done.stdout.splitlines() if l.startswith(f'{port}/tcp'))
@@ -112,7 +105,7 @@ def test_dig_gets_the_ipp_ptr_with_srv_txt_and_a(tmp_path, material):
     persona = {**material, 'address': '127.0.0.1',
                'identity': {'make_model': 'RICOH IM C3000', 'ipp_port': port + 1}}
     with run_stub(tmp_path, [{'transport': 'udp', 'port': port, 'protocol': 'mdns'}], persona=persona) as log:
-        done = run([need('dig', 'dnsutils'), '+time=3', '+tries=2', '+noall', '+answer', '+additional',
+        done = run([client_tool('dig', 'dnsutils'), '+time=3', '+tries=2', '+noall', '+answer', '+additional',
                     '-p', str(port), '@127.0.0.1', '_ipp._tcp.local', 'PTR'])
         records = request_log(log)
     assert done.returncode == 0, done.stderr
