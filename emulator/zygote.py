@@ -120,6 +120,109 @@ def _child(job: dict) -> None:
         os._exit(status)
 
 
+# Names the interpreter itself defines (in the python binary's data, a page every child writes anyway)
+# and every class has: looked up last, they fill the method cache.
+_PARKED_NAMES = ("__init__", "__new__", "__eq__", "__hash__")
+
+
+def park_method_cache() -> None:
+    """Leave the interpreter's method cache (4096 entries, each holding a reference to the attribute
+    name it cached) holding only the interpreter's own names.
+
+    A child replacing an entry drops the reference to the old name: were it one of the zygote's
+    strings, that write would copy the string's shared page, for thousands of names per daemon.
+    Looking the names up on every class fills the cache with them (`sys._clear_type_cache` would
+    too, but it also invalidates every class's version tag, so each child would re-tag, and copy,
+    the classes it uses)."""
+    classes, todo = {object}, [object]
+    while todo:
+        for subclass in type.__subclasses__(todo.pop()):
+            if subclass not in classes:
+                classes.add(subclass)
+                todo.append(subclass)
+    for cls in classes:
+        for name in _PARKED_NAMES:
+            try:
+                getattr(cls, name, None)
+            except Exception:  # noqa: BLE001 - a metaclass's own lookup failing costs one cache entry, nothing more
+                pass
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def fill_allocator_holes() -> int:
+    """Take every free block the zygote's allocators hold between live objects, for good; the bytes taken.
+
+    A child reuses such a hole for its first allocations of that size, and its write copies the whole
+    shared page around it: a few thousand scattered holes (pymalloc pools, glibc heap chunks) cost each
+    daemon MiB of copied pages. Taken here once (under 1 MiB, shared), children allocate into pages
+    of their own, densely."""
+    return _fill_pymalloc_holes() + _fill_glibc_holes()
+
+
+def _fill_pymalloc_holes() -> int:
+    # pymalloc says how many blocks each size class has free only through its debug statistics
+    # (printed on fd 2): used pools' free blocks, one line per size class.
+    taken = 0
+    malloc = ctypes.pythonapi.PyObject_Malloc
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    for _pass in range(2):  # the first pass's own objects (ints, the text parsed) leave a few
+        free = [(size, count) for size, count in _pymalloc_free_blocks() if count]
+        for size, count in free:
+            for _ in range(count):
+                malloc(size)
+            taken += size * count
+    return taken
+
+
+def _pymalloc_free_blocks() -> list[tuple[int, int]]:
+    """(block size, free blocks in used pools) per size class, from sys._debugmallocstats()."""
+    import tempfile
+    with tempfile.TemporaryFile() as out:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    rows = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 5 and all(f.isdigit() for f in fields):  # class size pools in-use available
+            rows.append((int(fields[1]), int(fields[4])))
+    return rows
+
+
+def _fill_glibc_holes() -> int:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _MallInfo2
+    except (AttributeError, OSError):  # not glibc (or older than 2.33): nothing to fill this way
+        return 0
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    free = libc.mallinfo2().fordblks  # nothing can be taken beyond what is free now
+    taken, size = 0, 64 * 1024
+    while size >= 16:
+        while taken < free:  # take chunks of `size` until malloc has to cut one from the heap's top
+            before = libc.mallinfo2()
+            block = libc.malloc(size)
+            after = libc.mallinfo2()
+            if (after.keepcost, after.arena, after.hblks) != (before.keepcost, before.arena, before.hblks):
+                libc.free(block)
+                break
+            taken += size
+        size //= 2
+    return taken
+
+
 def _status(wait_status: int) -> int:
     return -os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else os.WEXITSTATUS(wait_status)
 
@@ -146,6 +249,8 @@ def serve() -> int:
     signal.signal(signal.SIGCHLD, reap)
     gc.collect()
     gc.freeze()
+    park_method_cache()
+    fill_allocator_holes()
     _write(f"READY - {ZYGOTE}")
     for line in sys.stdin:
         try:

@@ -3,8 +3,10 @@ stdin/stdout contract of ``python -m emulator.prober`` in a subprocess."""
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
+import weakref
 
 import pytest
 from twisted.internet.defer import succeed
@@ -59,6 +61,30 @@ def test_results_keep_input_order_not_completion_order():
     assert not d.called
     clock.advance(2.0)
     assert [(r.id, r.elapsed) for r in fired(d)] == [('slow', 3.0), ('fast', 1.0)]
+
+
+def test_the_end_of_a_run_frees_the_probes_reference_cycles(monkeypatch):
+    # a probe's client, factory and connector form cycles holding the document it sent
+    class Client:
+        pass
+
+    left = []
+
+    def probe_in_a_cycle(reactor, target):
+        client = Client()
+        client.me = client
+        left.append(weakref.ref(client))
+        return succeed(ProbeResult(id=target.id, outcome='open', elapsed=0.0))
+
+    monkeypatch.setattr(framed, 'probe', probe_in_a_cycle)
+    collecting = gc.isenabled()
+    gc.disable()   # the collector's own pace: it may not have run for a long while
+    try:
+        fired(prober.run_probes(MemoryReactorClock(), blackholed(3)))
+    finally:
+        if collecting:
+            gc.enable()
+    assert len(left) == 3 and [ref() for ref in left] == [None] * 3
 
 
 def test_a_crashing_probe_still_yields_its_result(monkeypatch):
