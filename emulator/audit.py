@@ -12,6 +12,7 @@ Verdicts come from `evidence.judge`, a pure function; formatting lives in emulat
 """
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from collections import Counter, defaultdict
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import roles
 from emulator import attribution, trace, witness
-from emulator.evidence import FIREWALL_FINDINGS, LAB_FAULTS, PASSED, Evidence, HopRecord, Judgement, Verdict, judge
+from emulator.evidence import (FIREWALL_FINDINGS, LAB_FAULTS, PASSED, Evidence, HopRecord, Judgement, Verdict, judge,
+                               knock_dropped)
 from emulator.pki import LAB_CA_NAME, server_name
 from emulator.plan import Check, CheckKind
 from emulator.protocols.base import ProbeResult, ProbeTarget
@@ -216,6 +218,29 @@ def evidence_for(check: Check, topology: Topology, result: ProbeResult | None,
                     path_loss=path_loss(check, topology, lossy or {}))
 
 
+def exposure_verdict(check: Check, topology: Topology, sweep: dict[str, witness.FirewallRecord], saw,
+                     dead: dict[str, str], complete: dict[str, bool], lossy: dict[str, float],
+                     catalog) -> FlowVerdict:
+    """An exposure knock's verdict. Nearly all of tens of thousands are dropped by the first node of
+    their path, which its record says at once: that case is read straight off it, exactly as `judge`
+    would decide from the whole evidence (tests/unit/test_audit.py compares both), and only the rest
+    get their evidence built."""
+    first = check.enforcers[0].node if check.enforcers else None
+    record = sweep.get(first)
+    if record is not None and check.client_host not in dead and complete.get(first, False):
+        ep = check.endpoint
+        key = (topology.host(check.client_host).address, topology.host(check.server_host).address, ep.transport, ep.port)
+        if key not in record.passed:
+            return _verdict(check, _knock_dropped(first), None)
+    return _verdict(check, judge(check, evidence_for(check, topology, None, sweep, saw, dead, complete, lossy), catalog),
+                    None)
+
+
+@functools.cache
+def _knock_dropped(node: str) -> Judgement:
+    return knock_dropped(node)  # one for each node, not one for each of its tens of thousands of knocks
+
+
 def _read_records(lab, nodes) -> dict[str, witness.FirewallRecord]:
     records = {node: witness.parse_record(node, lab.nft(node, ["list", "table", "inet", witness.TABLE], json=True))
                for node in nodes}
@@ -250,7 +275,8 @@ def _knock(lab, exposures: list[Check], topology: Topology) -> list[str]:
         if all(counted[node] >= total for node, total in first.items()):
             break
         time.sleep(0.05)
-    time.sleep(KNOCK_SETTLE)  # the later nodes of multi-firewall paths
+    if any(len(c.enforcers) > 1 for c in exposures):
+        time.sleep(KNOCK_SETTLE)  # the later nodes of multi-firewall paths
     return errors
 
 
@@ -260,11 +286,11 @@ def _sweep(lab, nodes, exposures: list[Check], topology: Topology, dead: dict[st
     errors = _knock(lab, [c for c in exposures if c.client_host not in dead], topology)
     records = _read_records(lab, nodes)
     due: Counter = Counter()
+    address = {host.name: host.address for host in topology.hosts}
     for check in exposures:
         if check.client_host in dead or check.endpoint.transport == "icmp":
             continue  # never sent, or a ping: listed, never counted
-        key = (topology.host(check.client_host).address, topology.host(check.server_host).address,
-               check.endpoint.transport, check.endpoint.port)
+        key = (address[check.client_host], address[check.server_host], check.endpoint.transport, check.endpoint.port)
         for enforcer in check.enforcers:
             due[enforcer.node] += 1
             if key not in records[enforcer.node].passed:
@@ -315,11 +341,12 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
         with _collector_paused():
             for index in indexes:
                 check, result = checks[index], results.get(str(index))
+                if check.kind == CheckKind.EXPOSURE:
+                    out[index] = exposure_verdict(check, topology, sweep, saw, dead, complete, lossy, catalog)
+                    continue
                 evidence = None
                 if check.kind == CheckKind.REQUIRED:
                     evidence = evidence_for(check, topology, result, records, saw, dead, lossy=lossy)
-                elif check.kind == CheckKind.EXPOSURE:
-                    evidence = evidence_for(check, topology, None, sweep, saw, dead, complete, lossy)
                 out[index] = _verdict(check, judge(check, evidence, catalog), result)
         return out
 
@@ -359,7 +386,10 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
         finally:
             traces = _merge(traces, lab.stop_trace())
     timings["attribute"] = time.monotonic() - started
-    verdicts = attribute(verdicts, topology, explainer(lab, nodes, rulesets, traces), rulesets, explain_all)
+    # the rule maps (every node's ruleset listed and matched to its file) only when something is explained
+    why = (explainer(lab, nodes, rulesets, traces) if any(_explained(v, explain_all) for v in verdicts)
+           else Explainer({}, {}, traces))
+    verdicts = attribute(verdicts, topology, why, rulesets, explain_all)
     if knock_errors:
         verdicts.append(FlowVerdict(Check(CheckKind.EXPOSURE, None, None, None, None), Verdict.LAB_ERROR,
                                     detail=f"{len(knock_errors)} knocks could not be sent: {knock_errors[0]}"))
@@ -468,8 +498,7 @@ def attribute(verdicts: list[FlowVerdict], topology: Topology, why: Explainer,
     out = []
     for v in verdicts:
         c = v.check
-        wanted = v.verdict in (Verdict.BLOCKED, Verdict.EXPOSED) or (explain_all and v.verdict in PASSED)
-        if not wanted or not c.enforcers:
+        if not _explained(v, explain_all):
             out.append(v)
             continue
         ep = c.endpoint
@@ -489,6 +518,12 @@ def attribute(verdicts: list[FlowVerdict], topology: Topology, why: Explainer,
             fix = ""
         out.append(replace(v, rule=rule, fix=fix))
     return out
+
+
+def _explained(v: FlowVerdict, explain_all: bool) -> bool:
+    """Whether `attribute` names the rule behind a verdict: findings, and passing checks with explain_all."""
+    wanted = v.verdict in (Verdict.BLOCKED, Verdict.EXPOSED) or (explain_all and v.verdict in PASSED)
+    return wanted and bool(v.check.enforcers)
 
 
 _REPLY_HOOK = {"input": "output", "output": "input", "forward": "forward"}  # the hook a reply crosses

@@ -12,16 +12,19 @@ def _interrupted_while_starting(_signum, _frame):
     sys.exit(130)
 
 
-if __name__ == "__main__" or sys.argv[0].rsplit("/", 1)[-1] == "safeq-lab":  # run as the command, not imported
+_AS_COMMAND = __name__ == "__main__" or sys.argv[0].rsplit("/", 1)[-1] == "safeq-lab"  # run as the command, not imported
+if _AS_COMMAND:
     _signal.signal(_signal.SIGINT, _interrupted_while_starting)
 
 import argparse
+import gc
 import json
 import math
 import os
 import re
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from emulator.errors import LabError
@@ -277,15 +280,22 @@ def _flow_dict(flow) -> dict:
 
 
 def _plan(topology_name: str, host_rules: dict[str, str] | None = None):
-    from emulator.catalog import load_catalog
     from emulator.plan import audit_plan
+
+    catalog, topology = _lab_of(topology_name, host_rules)
+    return catalog, topology, audit_plan(catalog, topology)
+
+
+def _lab_of(topology, host_rules: dict[str, str] | None = None):
+    """(catalog, topology with its host firewalls): `topology` is a name or an already loaded one."""
+    from emulator.catalog import load_catalog
     from emulator.topology import load_topology
 
     catalog = load_catalog()
-    topology = load_topology(topology_name)
+    topology = load_topology(topology) if isinstance(topology, str) else topology
     if host_rules:
         topology = topology.with_host_rules(host_rules)
-    return catalog, topology, audit_plan(catalog, topology)
+    return catalog, topology
 
 
 def _rules_entries(entries: list[str]) -> dict[str | None, str]:
@@ -348,6 +358,23 @@ def _cmd_rules(args) -> int:
 def _rulesets(entries: list[str], topology, checks, certs: str | None = None) -> dict:
     """node -> Ruleset for every filtering node: given on the command line, else the topology's
     rules file, else (firewall nodes) the generated least-privilege rules."""
+    return _with_generated(_given_rulesets(entries, topology, certs), topology, checks)
+
+
+def _with_generated(chosen: dict, topology, checks) -> dict:
+    """`chosen` (node -> Ruleset), with the generated least-privilege rules of each firewall node it lacks."""
+    from emulator import rules
+
+    chosen = dict(chosen)
+    for fw in topology.firewalls:
+        if fw.name not in chosen:
+            chosen[fw.name] = rules.generate(topology, checks, node=fw.name)
+    return chosen
+
+
+def _given_rulesets(entries: list[str], topology, certs: str | None = None) -> dict:
+    """node -> Ruleset given on the command line, else in the topology's rules file: every file
+    loaded and checked (as is --certs), so a bad one fails before anything is built."""
     from emulator import pki, rules
 
     if certs:  # checked before anything is built
@@ -363,17 +390,15 @@ def _rulesets(entries: list[str], topology, checks, certs: str | None = None) ->
     for node, path in [*topology.rules_files.items(), *given.items()]:
         owner = f"{'firewall node' if topology.is_firewall(node) else 'host'} {node} of topology {topology.name}"
         chosen[node] = rules.load_rules_file(str(path), rules.node_interfaces(topology, node), owner)
-    for fw in topology.firewalls:
-        if fw.name not in chosen:
-            chosen[fw.name] = rules.generate(topology, checks, node=fw.name)
     return chosen
 
 
-def _host_rules(entries: list[str], topology_name: str) -> dict[str, str]:
-    """Host firewalls given on the command line: they change the plan (the host filters its traffic)."""
+def _host_rules(entries: list[str], topology) -> dict[str, str]:
+    """Host firewalls given on the command line: they change the plan (the host filters its traffic).
+    `topology`: a name or an already loaded one."""
     from emulator.topology import load_topology
 
-    topology = load_topology(topology_name)
+    topology = load_topology(topology) if isinstance(topology, str) else topology
     firewalls = {fw.name for fw in topology.firewalls}
     return {node: path for node, path in _rules_entries(entries).items() if node and node not in firewalls}
 
@@ -397,18 +422,23 @@ def _cmd_audit(args) -> int:
         pcap.require_tcpdump()
     json_path = _writable(args.json, "--json") if args.json else None  # before the lab: the report must not be lost
     report_dir = report_files.prepare(args.report, pcap=args.pcap) if args.report else None
-    host_rules = {**_host_rules(args.rules, args.topology), **_host_rules(args.against, args.topology)}
-    catalog, topology, checks = _plan(args.topology, host_rules)
-    rulesets = _rulesets(args.rules, topology, checks, args.certs)
-    against = _rulesets(args.against, topology, checks) if args.against else None
+    from emulator.topology import load_topology
+
+    named = load_topology(args.topology)
+    catalog, topology = _lab_of(named, {**_host_rules(args.rules, named), **_host_rules(args.against, named)})
+    given = _given_rulesets(args.rules, topology, args.certs)  # bad rules files fail here, before any lab
+    given_against = _given_rulesets(args.against, topology) if args.against else None
     zones = Zones.of(topology)
-    audits = 2 if against is not None else 1
+    audits = 2 if given_against is not None else 1
     steps = 1 + audits * (len(AUDIT_PHASES) + args.pcap) + (report_dir is not None)
     pcaps: list[dict] = []
     started = time.monotonic()
     with AuditConsole(quiet=args.quiet) as console:
         console.begin(steps, f"building the {topology.name} lab ({len(topology.hosts)} hosts) and starting its daemons")
+        # the plan and the generated rules need no network: made meanwhile (Mininet mostly waits on its commands)
+        planning = _meanwhile(_planned, catalog, topology, given, given_against)
         with Lab(topology, catalog, certs_dir=args.certs) as lab:
+            checks, rulesets, against = planning.result()
             lab.apply_rules(rulesets)
             console.note(f"safeq-lab: {topology.name} up in {time.monotonic() - started:.1f}s ({len(topology.hosts)} "
                          f"hosts); probing {sum(c.kind == 'required' for c in checks)} required flow checks and "
@@ -442,7 +472,27 @@ def _cmd_audit(args) -> int:
             _write(json_path, json.dumps({"before": report.to_dict(), "after": second.to_dict()}, indent=1), "--json")
         else:
             _write(json_path, json.dumps(report.to_dict(include_closed=args.all), indent=1), "--json")
+    if _AS_COMMAND:  # the interpreter's last collection would walk every object of the audit for nothing (~0.1 s)
+        gc.freeze()
     return final.exit_status
+
+
+def _planned(catalog, topology, given: dict, given_against: dict | None):
+    """An audit's checks, and its rulesets (and the --against ones) completed with the generated rules."""
+    from emulator.plan import audit_plan
+
+    checks = audit_plan(catalog, topology)
+    against = _with_generated(given_against, topology, checks) if given_against is not None else None
+    return checks, _with_generated(given, topology, checks), against
+
+
+def _meanwhile(fn, *args) -> Future:
+    """fn(*args) in a thread of its own; its result (or exception) from `.result()`."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _audited(args, lab, checks, rulesets, console, pcaps: list, prefix: str, report_dir, explain_all: bool):

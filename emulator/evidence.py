@@ -104,10 +104,16 @@ def _unseen(evidence: Evidence) -> HopRecord | None:
     return None
 
 
+def knock_dropped(node: str) -> Judgement:
+    """An exposure knock dropped by `node`: the verdict of nearly every exposure check, which
+    emulator.audit hands out without building evidence for each of tens of thousands."""
+    return Judgement(Verdict.CLOSED, f"dropped by {node}", node, "request")
+
+
 def _judge_exposure(check: Check, evidence: Evidence) -> Judgement:
     drop = _first_drop(evidence)
     if drop is not None:
-        return Judgement(Verdict.CLOSED, f"dropped by {drop.node}", drop.node, "request")
+        return knock_dropped(drop.node)
     missing = _unseen(evidence)
     if missing is not None and not evidence.client_up:
         return Judgement(Verdict.LAB_ERROR, f"the daemon on {check.client_host} is down: its knock was not sent")

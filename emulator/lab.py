@@ -315,7 +315,7 @@ class Lab:
         """
         started = time.monotonic()
         with deferred_signals():
-            stopped = False
+            stopped, stopping = False, None
             try:
                 for proc in [*self._monitors.values(), *self._helpers]:
                     _terminate(proc)
@@ -326,18 +326,25 @@ class Lab:
                         _terminate(shaper.delayer)
                         shaper.delayer = None
                 if self.zygote is not None:
-                    self.zygote.close()
-                    self.zygote = None
+                    # the daemons stop while the network goes down (their namespaces go once both are done)
+                    daemons = ThreadPoolExecutor(max_workers=1)
+                    stopping = daemons.submit(self.zygote.close)
+                    daemons.shutdown(wait=False)
             finally:
                 try:
                     self._stop_network()
                     stopped = True
                 finally:
-                    if self.run_dir is not None:  # specs, logs, sockets, traces, private keys
-                        shutil.rmtree(self.run_dir, ignore_errors=True)
-                    if stopped and self._claimed:
-                        state.release(self.topology, self.run_id)
-                        self._claimed = False
+                    try:
+                        if stopping is not None:
+                            stopping.result()  # its error, if any, once the network is down
+                            self.zygote = None
+                    finally:
+                        if self.run_dir is not None:  # specs, logs, sockets, traces, private keys
+                            shutil.rmtree(self.run_dir, ignore_errors=True)
+                        if stopped and self._claimed:
+                            state.release(self.topology, self.run_id)
+                            self._claimed = False
         self.timings["teardown"] = time.monotonic() - started
 
     def _stop_network(self) -> None:
@@ -345,10 +352,11 @@ class Lab:
 
         Every node's shell is killed at once, which frees the namespaces: the kernel removes their
         interfaces in one batch, and a veth end takes its root-side peer with it (measured on the
-        default lab: 0.1 s, where deleting the links one by one took 1.2 s). Then one `ip -batch`
-        deletes what is left of this run's links (the bridges, and any port still there after
-        PORTS_GONE_WAIT). A shell is never asked to run anything: an interrupted command can leave it
-        busy, and Mininet then refuses (an assertion) every later command, its own teardown included.
+        default lab: 0.1 s, where deleting the links one by one took 1.2 s). Meanwhile one `ip -batch`
+        deletes the bridges (0.3 s of the kernel's own, overlapping the daemons' stop), and another
+        any port still there after PORTS_GONE_WAIT. A shell is never asked to run anything: an
+        interrupted command can leave it busy, and Mininet then refuses (an assertion) every later
+        command, its own teardown included.
         """
         net, self.net = self.net, None
         nodes = [node for node in net.hosts + net.switches if node.shell is not None] if net is not None else []
@@ -366,17 +374,21 @@ class Lab:
         if not self._claimed:
             return
         bridges = set(self.topology.run_bridges(self.run_id))
+        existing = set(state.lab_links())
+        # the bridges go now, while the kernel cleans up the namespaces (and the daemons stop, see close)
+        deleting = _delete_links([n for n in self.interfaces if n in bridges and n in existing])
         deadline = time.monotonic() + (PORTS_GONE_WAIT if nodes else 0)
         while True:  # the namespaces' cleanup runs in the kernel's own time
-            existing = set(state.lab_links())
-            ours = [n for n in self.interfaces if n in existing]
-            if all(n in bridges for n in ours) or time.monotonic() >= deadline:
+            ports = [n for n in self.interfaces if n in existing and n not in bridges]
+            if not ports or time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
-        batch = "".join(f"link del {name}\n" for name in sorted(ours, key=lambda n: n in bridges))
-        if batch:
-            subprocess.run(["ip", "-force", "-batch", "-"], input=batch, capture_output=True, text=True)
-        left = sorted(set(ours) & set(state.lab_links()))
+            existing = set(state.lab_links())
+        if deleting is not None:
+            deleting.communicate()
+        if ports:
+            _delete_links(ports).communicate()
+        left = sorted(set(self.interfaces) & set(state.lab_links()))
         if left:
             raise LabError(f"could not delete {', '.join(left[:5])}: run `safeq-lab clean`")
 
@@ -955,6 +967,17 @@ class Lab:
                     LabCLI(self.net, stdin=nothing, script=script)
         finally:
             setLogLevel("error")
+
+
+def _delete_links(names: list[str]) -> subprocess.Popen | None:
+    """`ip link del` of each link in the host's namespace, in one `ip -batch` started now (None: no link)."""
+    if not names:
+        return None
+    proc = subprocess.Popen(["ip", "-force", "-batch", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True)
+    proc.stdin.write("".join(f"link del {name}\n" for name in names))
+    proc.stdin.close()
+    return proc
 
 
 def _each(fn: Callable, items: list) -> list:

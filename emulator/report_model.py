@@ -106,7 +106,11 @@ def matrix(report: AuditReport, zones: Zones) -> dict[tuple[str, str], Cell]:
     forbid = forbids_clear_text(report)
     cells = {(a, b): Cell(forbid_clear_text=forbid) for a in zones.names for b in zones.names}
     for v in report.verdicts:
-        cells.setdefault(zones.pair(v), Cell(forbid_clear_text=forbid)).counts[v.verdict] += 1
+        pair = zones.pair(v)
+        cell = cells.get(pair)
+        if cell is None:  # not setdefault: that would build a Cell for each of tens of thousands of checks
+            cell = cells[pair] = Cell(forbid_clear_text=forbid)
+        cell.counts[v.verdict] += 1
     return cells
 
 

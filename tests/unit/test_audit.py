@@ -228,3 +228,39 @@ def test_the_explainer_parses_a_trace_only_when_asked_and_finds_what_a_scan_woul
         assert why.decision("fw", src, dst, transport, port, (fate,)) == scan
     assert why.decision("fw", "198.18.99.1", "198.18.99.2", "tcp", 1, tuple(Fate)) is None
     assert why.decision("other-node", *next(iter(asked))[:4], tuple(Fate)) is None
+
+
+def test_the_exposure_shortcut_gives_the_verdict_the_whole_evidence_gives(catalog):
+    """`exposure_verdict` reads the common case (dropped by the path's first node) straight off the
+    record: on random records of a two-firewall lab it must agree with `judge` over `evidence_for`."""
+    import random
+
+    from emulator import witness
+    from emulator.audit import _verdict, evidence_for, exposure_verdict
+    from emulator.plan import audit_plan
+    from emulator.topology import load_topology
+
+    topology = load_topology("branch-office")
+    exposures = [c for c in audit_plan(catalog, topology) if c.kind == CheckKind.EXPOSURE]
+    assert any(len(c.enforcers) > 1 for c in exposures)
+    nodes = sorted({e.node for c in exposures for e in c.enforcers})
+    hosts = sorted({c.client_host for c in exposures})
+    rng = random.Random(7)
+    shortcuts = 0
+    for _round in range(6):
+        sweep = {node: witness.FirewallRecord(node) for node in nodes[1:] if rng.random() < 0.9}  # a node unread
+        for check in rng.sample(exposures, len(exposures) // 3):
+            ep = check.endpoint
+            key = (topology.host(check.client_host).address, topology.host(check.server_host).address, ep.transport, ep.port)
+            for enforcer in check.enforcers:
+                if enforcer.node in sweep and rng.random() < 0.7:
+                    sweep[enforcer.node].passed.add(key)
+        complete = {node: rng.random() < 0.8 for node in nodes}
+        dead = {host: "exited" for host in rng.sample(hosts, 2)}
+        lossy = {topology.host(hosts[0]).zone: 5.0} if _round % 2 else {}
+        for check in rng.sample(exposures, 1500):
+            whole = _verdict(check, judge(check, evidence_for(check, topology, None, sweep, {}, dead, complete, lossy),
+                                          catalog), None)
+            assert exposure_verdict(check, topology, sweep, {}, dead, complete, lossy, catalog) == whole
+            shortcuts += whole.verdict == Verdict.CLOSED and whole.node == check.enforcers[0].node
+    assert shortcuts > 1000  # the common case was exercised, not only the fallback
