@@ -73,7 +73,6 @@ stay plaintext, as framed has no in-band upgrade. Protocol modules with TLS repl
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import statistics
 from dataclasses import replace
@@ -90,7 +89,7 @@ from OpenSSL import SSL
 from . import jobstore, tls
 from .serving import LISTEN_BACKLOG, StubConnection, listen_udp, loads_json
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .payloads import job_metadata
+from .payloads import job_metadata, noise
 from .probing import (DatagramVerdict, OnRequest, ProbeClientFactory, StreamVerdict, Verdict,
                       connect_timeout, crashed, error_result, no_connection_detail, report)
 
@@ -328,7 +327,7 @@ class _Exchange(Verdict):
             self.body = job_metadata(self.job.name, self.job.owner, self.job.size, self.job.sha256)
         else:
             # Random bytes: a realistic, incompressible stand-in for job data.
-            self.body = os.urandom(target.size)
+            self.body = noise(target.size)
         self.request = encode_request(self.nonce, self.body, None if self.job is None else job_header(self.job))
         self.rounds = target.options.get('rounds', 0)
         self.round_trips: list[float] = []   # seconds, one per completed extra round trip
@@ -413,7 +412,7 @@ class _Exchange(Verdict):
     def _next_round(self) -> None:
         if self.result is not None:
             return
-        nonce, body = secrets.token_hex(8), os.urandom(ROUND_BYTES)
+        nonce, body = secrets.token_hex(8), noise(ROUND_BYTES)
         self._round = nonce, body, self.reactor.seconds()
         self.send_round(encode_request(nonce, body))
 

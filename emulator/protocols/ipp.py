@@ -103,6 +103,7 @@ MIN_DOCUMENT = 64 << 10        # smallest document a probe prints: a realistic j
 MAX_ATTRIBUTES = 1 << 20       # largest attribute section the stub accepts (the document may be larger)
 MAX_JOBS = 500                 # jobs a stub remembers for Get-Jobs / Get-Job-Attributes
 MAX_DEPTH = 8                  # nesting of collections the decoder accepts
+MAX_ATTRIBUTE_SETS = 8         # printer attribute sets a stub keeps built (one per URI a client used)
 DEFAULT_PATH = '/ipp/print'
 PRINTER_PATHS = (b'print', b'printer')   # children of /ipp
 IPPS_TLS_MAX = '1.2'           # see ipps_persona
@@ -226,6 +227,9 @@ class Attribute:
     LangString (text/nameWithLanguage), datetime (dateTime), dict of
     Attribute (collection), None (out-of-band: no-value, unknown,
     unsupported), bytes (octetString and tags we do not interpret).
+
+    An attribute served unchanged to many requests (a printer's) carries its encoding in
+    ``packed`` (set by ``Printer.printer_attributes``), which ``encode`` then copies.
     """
 
     name: str
@@ -246,6 +250,7 @@ class Attribute:
     def add(self, tag: int, value) -> None:
         self.values.append(value)
         self.tags.append(tag)
+        self.__dict__.pop('packed', None)   # its encoding, if kept (see Printer.printer_attributes), is stale now
 
 
 @dataclass
@@ -417,6 +422,10 @@ def encode(message: Message) -> bytes:
             raise IppError(f'0x{group.tag:02x} is not a group delimiter tag')
         out.append(bytes([group.tag]))
         for attribute in group.attributes:
+            packed = attribute.__dict__.get('packed')
+            if packed is not None:
+                out.append(packed)
+                continue
             if not attribute.name:
                 raise IppError('attribute without a name')
             _pack_values(attribute.name, attribute.tags, attribute.values, out)
@@ -661,6 +670,8 @@ class Printer:
         formats = self.imported.get('document-format-supported')
         self.formats = tuple(formats.values if formats is not None
                              else persona_data.words(identity, 'document_formats') or DOCUMENT_FORMATS)
+        # (printer URI, more-info URI, TLS) -> (the built attribute set, positions of the live ones)
+        self._attribute_sets: dict[tuple[str, str, bool], tuple[list[tuple[str, Attribute]], list[int]]] = {}
 
     def up_time(self, at: float | None = None) -> int:
         at = self.reactor.seconds() if at is None else at
@@ -680,7 +691,37 @@ class Printer:
     # --- attribute sets ---
 
     def printer_attributes(self, ctx: Context) -> list[tuple[str, Attribute]]:
-        """(group, attribute) pairs; group is 'description' or 'template'."""
+        """(group, attribute) pairs; group is 'description' or 'template'.
+
+        Every Get-Printer-Attributes asks for the same set but its clock values: the set is built
+        and encoded once per address a client uses (a printer URI), the clock values each time."""
+        key = (ctx.printer_uri, ctx.more_info, ctx.secure)
+        built = self._attribute_sets.get(key)
+        if built is None:
+            pairs = self._build_printer_attributes(ctx)
+            live = [index for index, (_, attribute) in enumerate(pairs)
+                    if attribute.name in _CLOCK_ATTRIBUTES and attribute.name not in self.imported]
+            for index, (_, attribute) in enumerate(pairs):
+                if index not in live:
+                    out: list[bytes] = []
+                    _pack_values(attribute.name, attribute.tags, attribute.values, out)
+                    attribute.packed = b''.join(out)
+            if len(self._attribute_sets) >= MAX_ATTRIBUTE_SETS:   # a client varying its Host header
+                self._attribute_sets.pop(next(iter(self._attribute_sets)))
+            built = self._attribute_sets[key] = (pairs, live)
+        pairs, live = built
+        if not live:
+            return list(pairs)
+        now = self.reactor.seconds()
+        clock = {'printer-up-time': (INTEGER, self.up_time(now)), 'printer-current-time': (DATE_TIME, self.now(now))}
+        fresh = list(pairs)
+        for index in live:
+            group, attribute = fresh[index]
+            tag, value = clock[attribute.name]
+            fresh[index] = (group, Attribute(attribute.name, tag, [value]))
+        return fresh
+
+    def _build_printer_attributes(self, ctx: Context) -> list[tuple[str, Attribute]]:
         a4 = MEDIA[0]
 
         def size(entry):
@@ -818,6 +859,7 @@ class Printer:
         return None
 
 
+_CLOCK_ATTRIBUTES = ('printer-up-time', 'printer-current-time')   # what changes between requests
 MARKER_COLOURS = {'black': '#000000', 'cyan': '#00FFFF', 'magenta': '#FF00FF', 'yellow': '#FFFF00'}
 _SYNTAX_TAGS = {
     'textWithoutLanguage': TEXT, 'nameWithoutLanguage': NAME, 'textWithLanguage': TEXT,

@@ -177,6 +177,7 @@ class JobStore:
     def __init__(self, max_documents: int = MAX_DOCUMENTS, max_bytes: int = MAX_KEPT_BYTES) -> None:
         self.max_documents, self.max_bytes = max_documents, max_bytes
         self._docs: OrderedDict[tuple[str, str], Document] = OrderedDict()
+        self._kept_bytes = 0   # sum of the kept documents' sizes, kept up to date by keep (not summed per keep)
         self._lock = threading.Lock()
 
     def keep(self, doc: Document) -> Document:
@@ -188,15 +189,22 @@ class JobStore:
         with self._lock:
             gone = [self._docs.pop((doc.name, doc.kind), None)]
             self._docs[(doc.name, doc.kind)] = doc
-            while len(self._docs) > self.max_documents or (self._kept() > self.max_bytes and len(self._docs) > 1):
+            self._kept_bytes += self._bytes(doc) - self._bytes(gone[0])
+            while len(self._docs) > self.max_documents or (self._kept_bytes > self.max_bytes and len(self._docs) > 1):
                 gone.append(self._docs.popitem(last=False)[1])
+                self._kept_bytes -= self._bytes(gone[-1])
         for old in gone:
             if old is not None:
                 unspool(old.file)
         return doc
 
     def _kept(self) -> int:
+        """The kept bytes summed afresh (what ``_kept_bytes`` must equal)."""
         return sum(d.size for d in self._docs.values() if d.kept)
+
+    @staticmethod
+    def _bytes(doc: Document | None) -> int:
+        return doc.size if doc is not None and doc.kept else 0
 
     def find(self, name: str, kinds: tuple[str, ...] = KINDS) -> Document | None:
         """The newest document ``name`` of one of ``kinds``."""

@@ -446,6 +446,24 @@ def test_webdav_put_propfind_get_delete():
     assert [r['stored'] for r in put] == [3000, 3000] and put[0]['bytes'] == 3000
 
 
+def test_webdav_listing_built_from_kept_responses_is_what_each_document_says_now():
+    site, reactor, _ = make_site(TS)
+    conn = Conn(site, reactor)
+    allprop = b'<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>'
+    for name, size in (('a.pdf', 10), ('b%20c.pdf', 20), ('a.pdf', 30)):   # the last replaces a.pdf
+        conn.send(request('PUT', f'/scan/{name}', b'x' * size, {'Content-Type': 'application/pdf'}))
+        [(status, _, body)] = conn.send(request('PROPFIND', '/scan/', allprop, {'Depth': '1'}))
+        assert status == 207
+    listing = multistatus(body)
+    assert {k: v.get('getcontentlength') for k, v in listing.items()} == {
+        '/scan/': None, '/scan/b c.pdf': '20', '/scan/a.pdf': '30'}
+    assert listing['/scan/a.pdf']['getetag'] and listing['/scan/b c.pdf']['getcontenttype'] == 'application/pdf'
+    wanted = b'<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:prop><D:getcontentlength/></D:prop></D:propfind>'
+    [(_, _, by_prop)] = conn.send(request('PROPFIND', '/scan/', wanted, {'Depth': '1'}))   # rendered afresh
+    assert {k: v.get('getcontentlength') for k, v in multistatus(by_prop).items()} == {
+        '/scan/': None, '/scan/b c.pdf': '20', '/scan/a.pdf': '30'}
+
+
 @pytest.mark.parametrize('raw, status', [
     (request('PROPFIND', '/scan/', b'', {'Depth': '2'}), 400),
     (request('PROPFIND', '/scan/', b'<D:propfind xmlns:D="DAV:"', {'Depth': '1'}), 400),

@@ -323,6 +323,25 @@ def test_get_printer_attributes_says_who_the_printer_is():
     ipp.encode(response)  # every value fits its tag
 
 
+def test_printer_attributes_are_built_once_but_their_clock_values_are_live():
+    clock, p = printer()
+    first = ipp.encode(ipp.handle(p, request('Get-Printer-Attributes'), CTX)[0])
+    clock.advance(90)
+    later, _ = ipp.handle(p, request('Get-Printer-Attributes'), CTX)
+    assert later.value('printer-up-time', PRINTER) == 91
+    assert later.value('printer-current-time', PRINTER) == datetime.datetime.fromtimestamp(
+        1_700_000_090, datetime.timezone.utc)
+    # What encode copies from the kept encodings is what it would pack afresh.
+    fresh = Message(later.code, later.request_id, [Group(g.tag, [Attribute(a.name, a.tag, list(a.values),
+                                                                        list(a.tags)) for a in g.attributes])
+                                                   for g in later.groups], version=later.version)
+    assert ipp.encode(later) == ipp.encode(fresh) != first
+    assert len(ipp.encode(later)) == len(first)
+    other = Context(host='mfd-km.lab:631', path='/ipp/print', secure=True, peer='198.18.0.9', port=631)
+    assert ipp.handle(p, request('Get-Printer-Attributes'), other)[0].value(
+        'printer-uri-supported', PRINTER) == 'ipps://mfd-km.lab:631/ipp/print'
+
+
 def test_get_printer_attributes_honours_requested_attributes_and_tls():
     _, p = printer()
     secure = Context(host='mfd-km.lab', path='/', secure=True, peer='198.18.0.9', port=443)

@@ -53,6 +53,7 @@ def test_the_store_keeps_the_newest_per_name_and_kind_within_its_bounds():
     store.keep(jobstore.document('big', 'scan', b'w' * 9_000))
     store.keep(jobstore.document('bigger', 'scan', b'w' * 9_000))
     assert [d.name for d in store.documents()][-1:] == ['bigger'] and store._kept() <= 10_000
+    assert store._kept_bytes == store._kept()   # the running total the bound is checked against
 
 
 def test_a_document_too_large_to_pass_on_is_kept_without_its_bytes(monkeypatch):

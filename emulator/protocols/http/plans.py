@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import secrets
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred
 
 from .. import jobstore
 from ..base import ProbeResult, ProbeTarget
-from ..payloads import check_png, print_job, scanned_pdf
+from ..payloads import check_png, noise, print_job, scanned_pdf
 from ..probing import error_result
 from .client import HttpClient, HttpVerdict, Reject, Reply, classify_failure, expect, json_object
 from .soap import SOAP_CONTENT_TYPE, SOAP_ENV, SoapFault, fault_text, local_name, parse_soap, soap_envelope, soap_params
@@ -36,7 +35,7 @@ def make_document(kind: str, size: int) -> bytes:
         return scanned_pdf(size)
     if kind == 'pjl':
         return print_job(size)
-    return os.urandom(size)
+    return noise(size)
 
 
 class HttpExchange(HttpVerdict):

@@ -29,7 +29,8 @@ from ..probing import OnRequest, report
 from ..serving import IDLE_TIMEOUT, LISTEN_BACKLOG, loads_json
 from .soap import SOAP_CONTENT_TYPE, SoapFault, local_name, parse_soap, soap_envelope, soap_fault, soap_params
 from .surface import MAX_PREVIEW_SIDE, Endpoint, Surface, load_surface, mounted_endpoints, render
-from .webdav import DavStore, dav_props, http_date, iso_date, multistatus, parse_propfind
+from .webdav import (DavStore, allprop_response, dav_props, http_date, iso_date, multistatus, multistatus_of,
+                     parse_propfind, response_xml)
 
 MAX_BODY = 64 << 20          # any request body; larger: 413 and close, unread
 MAX_XML_BODY = 1 << 20       # SOAP envelopes and PROPFIND bodies
@@ -451,6 +452,11 @@ class _DavResource(Resource):
             entries = [(self._href(name), dav_props(name, doc, doc.created))]
         else:
             entries = [(self.prefix + '/', dav_props(self.prefix[1:], None, store.created))]
+            if depth != '0' and mode == 'allprop':   # what a listing usually asks: each document's, built once
+                responses = [response_xml(*entries[0], mode, wanted)]
+                responses += [allprop_response(n, d, self._href) for n, d in store.docs.items()]
+                note(request, depth=depth, entries=len(responses))
+                return respond(request, 207, multistatus_of(responses), 'application/xml; charset=utf-8')
             if depth != '0':  # 'infinity' is the same as 1 here: the collection is flat
                 entries += [(self._href(n), dav_props(n, d, d.created)) for n, d in store.docs.items()]
         note(request, depth=depth, entries=len(entries))

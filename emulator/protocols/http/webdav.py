@@ -8,6 +8,7 @@ import datetime
 import email.utils
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class DavDocument:
     data: bytes | None = None   # the content, when no spool file holds it
     file: str = ''              # the jobstore spool file holding it
     listed: tuple[str, dict[str, str]] | None = None   # (name, its props): every PROPFIND lists them all
+    listed_xml: tuple[str, str] | None = None          # (name, its allprop <D:response>): likewise
 
     @property
     def etag(self) -> str:
@@ -124,25 +126,41 @@ def parse_propfind(data: bytes) -> tuple[str, list[tuple[str, str]]]:
 def multistatus(entries: list[tuple[str, dict[str, str]]], mode: str,
                 wanted: list[tuple[str, str]]) -> bytes:
     """A 207 body: one response per (href, props)."""
-    out = ['<?xml version="1.0" encoding="utf-8"?><D:multistatus xmlns:D="DAV:">']
-    for href, props in entries:
-        out.append(f'<D:response><D:href>{xml_escape(href)}</D:href>')
-        if mode == 'prop':
-            found = [(ns, n) for ns, n in wanted if ns == DAV_NS and n in props]
-            missing = [(ns, n) for ns, n in wanted if (ns, n) not in found]
-        else:
-            found, missing = [(DAV_NS, n) for n in props], []
-        if found or not missing:
-            inner = ''.join(f'<D:{n}/>' if mode == 'propname' or props[n] == '' else f'<D:{n}>{props[n]}</D:{n}>'
-                            for _ns, n in found)
-            out.append(f'<D:propstat><D:prop>{inner}</D:prop><D:status>HTTP/1.1 200 OK</D:status></D:propstat>')
-        if missing:
-            inner = ''.join(f'<x:{n} xmlns:x="{xml_escape(ns)}"/>' for ns, n in missing)
-            out.append(f'<D:propstat><D:prop>{inner}</D:prop>'
-                       '<D:status>HTTP/1.1 404 Not Found</D:status></D:propstat>')
-        out.append('</D:response>')
-    out.append('</D:multistatus>')
-    return ''.join(out).encode('utf-8')
+    return multistatus_of([response_xml(href, props, mode, wanted) for href, props in entries])
+
+
+def multistatus_of(responses: list[str]) -> bytes:
+    """A 207 body around ready <D:response> elements."""
+    return ('<?xml version="1.0" encoding="utf-8"?><D:multistatus xmlns:D="DAV:">' + ''.join(responses)
+            + '</D:multistatus>').encode('utf-8')
+
+
+def allprop_response(name: str, doc: DavDocument, href: Callable[[str], str]) -> str:
+    """The allprop <D:response> of ``doc`` (stored as ``name``, at ``href(name)``), built once: a listing
+    of the collection repeats every document's, and the collection holds up to DAV_MAX_DOCS."""
+    if doc.listed_xml is None or doc.listed_xml[0] != name:
+        doc.listed_xml = (name, response_xml(href(name), dav_props(name, doc, doc.created), 'allprop', []))
+    return doc.listed_xml[1]
+
+
+def response_xml(href: str, props: dict[str, str], mode: str, wanted: list[tuple[str, str]]) -> str:
+    """One <D:response> of a 207 body: ``props`` of ``href`` as ``mode`` asks."""
+    out = [f'<D:response><D:href>{xml_escape(href)}</D:href>']
+    if mode == 'prop':
+        found = [(ns, n) for ns, n in wanted if ns == DAV_NS and n in props]
+        missing = [(ns, n) for ns, n in wanted if (ns, n) not in found]
+    else:
+        found, missing = [(DAV_NS, n) for n in props], []
+    if found or not missing:
+        inner = ''.join(f'<D:{n}/>' if mode == 'propname' or props[n] == '' else f'<D:{n}>{props[n]}</D:{n}>'
+                        for _ns, n in found)
+        out.append(f'<D:propstat><D:prop>{inner}</D:prop><D:status>HTTP/1.1 200 OK</D:status></D:propstat>')
+    if missing:
+        inner = ''.join(f'<x:{n} xmlns:x="{xml_escape(ns)}"/>' for ns, n in missing)
+        out.append(f'<D:propstat><D:prop>{inner}</D:prop>'
+                   '<D:status>HTTP/1.1 404 Not Found</D:status></D:propstat>')
+    out.append('</D:response>')
+    return ''.join(out)
 
 
 def parse_multistatus(data: bytes) -> dict[str, dict[str, Any]]:
@@ -162,12 +180,13 @@ def parse_multistatus(data: bytes) -> dict[str, dict[str, Any]]:
             status = propstat.findtext(_STATUS) or ''
             if ' 200 ' not in status + ' ':
                 continue
-            for prop in (p for group in propstat.findall(_PROP) for p in group):
-                name = prop.tag.rpartition('}')[2]
-                props[name] = (prop.text or '').strip()
-                if name == 'resourcetype' and prop.find(_COLLECTION) is not None:
-                    props['collection'] = True
-        out[unquote(href)] = props
+            for group in propstat.findall(_PROP):
+                for prop in group:
+                    name = prop.tag.rpartition('}')[2]
+                    props[name] = (prop.text or '').strip()
+                    if name == 'resourcetype' and prop.find(_COLLECTION) is not None:
+                        props['collection'] = True
+        out[unquote(href) if '%' in href else href] = props
     return out
 
 
