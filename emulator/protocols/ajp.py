@@ -53,6 +53,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .codec import ByteReader
 from .probing import OnRequest, StreamClient, StreamProbe, crashed, error_result
 from .serving import StubConnection, StubFactory, listen_plain_tcp
 
@@ -121,23 +122,15 @@ def _coded_name(name: str, table: tuple[str, ...], case_insensitive: bool) -> by
     return ajp_string(name)
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, count: int) -> bytes:
-        if self.pos + count > len(self.data):
-            raise AjpError('payload ends inside a field')
-        chunk = self.data[self.pos:self.pos + count]
-        self.pos += count
-        return chunk
+class _Reader(ByteReader):
+    def short(self, count: int) -> Exception:
+        return AjpError('payload ends inside a field')   # a packet is read whole: short is malformed
 
     def u8(self) -> int:
         return self.take(1)[0]
 
     def u16(self) -> int:
-        return struct.unpack('>H', self.take(2))[0]
+        return self.unpack('>H')
 
     def string(self) -> str | None:
         length = self.u16()
@@ -290,10 +283,8 @@ class _ContainerServer(StubConnection, Protocol):
         self.body_bytes = 0
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if not self.buffered(data):
             return
-        self.resetTimeout()
-        self.buffer += data
         while not self.closing and self.buffer:
             try:
                 payload, self.buffer = split_packet(self.buffer, SERVER_MAGIC)

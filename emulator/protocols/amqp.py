@@ -167,10 +167,8 @@ class _BrokerServer(StubConnection, Protocol):
         self.frame_max = FRAME_MAX
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if not self.buffered(data):
             return
-        self.resetTimeout()
-        self.buffer += data
         try:
             if self.state == 'header':
                 self._header()

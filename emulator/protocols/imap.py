@@ -53,10 +53,10 @@ from twisted.mail.interfaces import (IAccountIMAP, IMailboxIMAP, IMessageIMAP, I
                                      IMessageIMAPPart)
 from zope.interface import implementer
 
-from . import jobstore, mailstore, tls
+from . import jobstore, mailstore
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .mailstore import LabAccountChecker, LineClient, MailStore, StoredMessage
-from .probing import OnRequest, StreamProbe, crashed, error_result
+from .mailstore import LabAccountChecker, MailboxClient, MailStore, StoredMessage
+from .probing import OnRequest, tcp_client_probe
 from .serving import IDLE_TIMEOUT, StubConnection, StubFactory
 
 PROTOCOL_IDS = ('imap',)
@@ -514,12 +514,8 @@ class IMAPStubFactory(StubFactory):
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = '') -> IListeningPort:
     """Serve IMAP on ``listener``; bind errors (CannotListenError) propagate."""
-    if listener.transport != 'tcp':
-        raise ValueError(f'imap cannot listen on {listener.transport!r} (IMAP runs over TCP)')
-    if listener.security not in ('plain', 'tls'):
-        raise ValueError(f'imap serves plain or implicit TLS, not {listener.security!r} (no STARTTLS)')
-    factory = IMAPStubFactory(reactor, persona, on_request, listener.security, mailstore.store_for(persona))
-    return tls.listen_stream(reactor, listener, factory, persona, interface=interface)
+    return mailstore.listen_mailbox(reactor, listener, persona, on_request, interface,
+                                    factory_class=IMAPStubFactory, name='imap', upgrade='STARTTLS')
 
 
 # --- client probe ---------------------------------------------------------------------
@@ -533,22 +529,14 @@ def _quoted(value: str) -> str:
     return '"' + value.replace('\\', '\\\\').replace('"', '\\"') + '"'
 
 
-class _IMAPClient(LineClient):
+class _IMAPClient(MailboxClient):
     """LOGIN, SELECT, FETCH n (BODY[]), LOGOUT; each tagged reply judged by its stage."""
 
     def __init__(self, target: ProbeTarget) -> None:
-        super().__init__()
-        self.target = target
-        self.user = str(target.options.get('user') or mailstore.LAB_USER)
-        self.password = str(target.options.get('password') or mailstore.LAB_PASSWORD)
+        super().__init__(target)
         self.mailbox = str(target.options.get('mailbox') or INBOX)
-        number = target.options.get('message', 1)
-        self.number = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 1
-        self.stage = 'greeting'
         self.tag = ''
         self.tags = 0
-        self.server_host = ''
-        self.peer_seen: str | None = None
         self.exists = 0
         self.body: bytes | None = None
         self.carried, self.holder = jobstore.carried(target.options)
@@ -593,9 +581,7 @@ class _IMAPClient(LineClient):
             self.probe.decide('protocol_error', f'greeting {mailstore.text(line)!r}')
             return
         greeting = mailstore.text(line.split(b']', 1)[-1] if b']' in line else line[4:])
-        self.server_host = (greeting.split() or ['?'])[0]
-        peer = re.search(r'\(peer (\S+?)\)', greeting)
-        self.peer_seen = peer.group(1) if peer else None
+        self.greeted((greeting.split() or ['?'])[0], greeting)
         self._command('login', f'LOGIN {_quoted(self.user)} {_quoted(self.password)}', 'LOGIN')
 
     def _on_login(self) -> None:
@@ -641,14 +627,10 @@ class _IMAPClient(LineClient):
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Log in to ``target``'s mailbox and read a print-by-mail job; always fires with a ProbeResult."""
     exchange = 'IMAPS' if target.security == 'tls' else 'IMAP'
-    if target.transport != 'tcp':
-        return error_result(target, exchange, f'imap runs over TCP, not {target.transport}')
-    try:
-        client = _IMAPClient(target)
-        exchange += f' LOGIN + SELECT {client.mailbox} + FETCH {"the newest" if client.carried else client.number}'
-        return StreamProbe(reactor, target, exchange).start(client, tls=target.security == 'tls')
-    except Exception as exc:
-        return crashed(target, exchange, exc)
+    return tcp_client_probe(
+        reactor, target, exchange, _IMAPClient, tls=target.security == 'tls',
+        renamed=lambda client: (f'{exchange} LOGIN + SELECT {client.mailbox} + '
+                                f'FETCH {"the newest" if client.carried else client.number}'))
 
 
 __all__ = ['PROTOCOL_IDS', 'listen', 'probe', 'SessionMailbox', 'MessagePart', 'LabIMAP']

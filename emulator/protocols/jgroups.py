@@ -86,6 +86,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .codec import ByteReader
 from .probing import DatagramProbe, OnRequest, StreamClient, StreamProbe, crashed, report
 from .serving import LISTEN_BACKLOG, StubConnection, StubFactory, listen_udp
 
@@ -227,21 +228,9 @@ class Incomplete(ValueError):
     """More bytes are needed (a TCP stream only: in a datagram this is a truncated message)."""
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = bytes(data)
-        self.pos = 0
-
-    def take(self, count: int) -> bytes:
-        if count < 0 or self.pos + count > len(self.data):
-            raise Incomplete(f'message ends before byte {self.pos + count}')
-        chunk = self.data[self.pos:self.pos + count]
-        self.pos += count
-        return chunk
-
-    def unpack(self, fmt: str):
-        values = struct.unpack(fmt, self.take(struct.calcsize(fmt)))
-        return values[0] if len(values) == 1 else values
+class _Reader(ByteReader):
+    def short(self, count: int) -> Exception:
+        return Incomplete(f'message ends before byte {self.pos + count}')
 
     def string(self) -> str | None:
         present = self.unpack('>B')
@@ -388,10 +377,8 @@ class _JGroupsConnection(StubConnection, Protocol):
         self.hang_up()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if not self.buffered(data):
             return
-        self.resetTimeout()
-        self.buffer += data
         if self.peer_address is None and not self._preamble():
             return
         while not self.closing and len(self.buffer) >= 4:

@@ -59,6 +59,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from .base import Listener, Persona, ProbeResult, ProbeTarget
+from .codec import ByteReader
 from .probing import OnRequest, StreamClient, StreamProbe, crashed, error_result
 from .serving import StubConnection, StubFactory, listen_plain_tcp
 
@@ -221,23 +222,11 @@ def remote_stub(host: str, port: int, target: ObjID, interfaces=STUB_INTERFACES)
 
 # --- codec: reading ------------------------------------------------------------------------
 
-class _Reader:
+class _Reader(ByteReader):
     """Reads big-endian values from a buffer; _Incomplete when it runs out."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, count: int) -> bytes:
-        if self.pos + count > len(self.data):
-            raise _Incomplete()
-        chunk = self.data[self.pos:self.pos + count]
-        self.pos += count
-        return chunk
-
-    def unpack(self, fmt: str):
-        values = struct.unpack(fmt, self.take(struct.calcsize(fmt)))
-        return values[0] if len(values) == 1 else values
+    def short(self, count: int) -> Exception:
+        return _Incomplete()   # a stream: the rest of the message is still to come
 
     def byte(self) -> int:
         return self.take(1)[0]
@@ -368,10 +357,8 @@ class _RegistryServer(StubConnection, Protocol):
         self.client_endpoint = ''
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if not self.buffered(data):
             return
-        self.resetTimeout()
-        self.buffer += data
         try:
             while not self.closing and self.buffer:
                 reader = _Reader(self.buffer)

@@ -1,6 +1,6 @@
 """``mailstore``: what the ``smtp``, ``pop3`` and ``imap`` modules share: the mail server's
-in-memory mailbox, the lab mail account, the MIME messages the probes send and check, and the
-line-reading probe client. No sockets here.
+in-memory mailbox, the lab mail account, the MIME messages the probes send and check, the
+line-reading probe clients and how POP3 and IMAP (no in-band TLS upgrade) open their port.
 
 Mailbox (invented: a lab stand-in for the customer's mail server)
     One mailbox per role daemon (``store_for(persona)``, keyed by the persona's host: the
@@ -38,8 +38,9 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
 
-from .base import Persona
-from .probing import StreamClient
+from . import tls
+from .base import Listener, Persona, ProbeTarget
+from .probing import OnRequest, StreamClient
 from .payloads import pdf_document
 
 LAB_USER = 'safeq'
@@ -53,6 +54,7 @@ SEED_ATTACHMENT = 'print-by-mail.pdf'
 SEED_PDF_BYTES = 4096
 
 _CRLF = re.compile(rb'\r?\n')
+_GREETING_PEER = re.compile(r'\(peer (\S+?)\)')   # the stubs' greetings name whom they saw (invented)
 
 
 # --- the account ----------------------------------------------------------------
@@ -269,6 +271,41 @@ class LineClient(StreamClient):
 
     def literal(self, data: bytes) -> None:
         raise NotImplementedError
+
+
+class MailboxClient(LineClient):
+    """What the POP3 and IMAP probes share: the account they log in with (options ``user``,
+    ``password``), the message they read (option ``message``: a positive integer, else 1) and
+    what the greeting told them (``server_host``, ``peer_seen``)."""
+
+    def __init__(self, target: ProbeTarget) -> None:
+        super().__init__()
+        self.target = target
+        self.user = str(target.options.get('user') or LAB_USER)
+        self.password = str(target.options.get('password') or LAB_PASSWORD)
+        number = target.options.get('message', 1)
+        self.number = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 1
+        self.stage = 'greeting'
+        self.server_host = ''
+        self.peer_seen: str | None = None
+
+    def greeted(self, server_host: str, greeting: str) -> None:
+        """Keep who answered and the client address the greeting names, if any."""
+        self.server_host = server_host
+        peer = _GREETING_PEER.search(greeting)
+        self.peer_seen = peer.group(1) if peer else None
+
+
+def listen_mailbox(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None, interface: str,
+                   *, factory_class: type, name: str, upgrade: str):
+    """Serve a mailbox protocol (POP3, IMAP) on plain or implicit TLS ports: the stubs offer no
+    in-band upgrade (``upgrade`` names the one they lack). Every listener of one persona shares its store."""
+    if listener.transport != 'tcp':
+        raise ValueError(f'{name} cannot listen on {listener.transport!r} ({name.upper()} runs over TCP)')
+    if listener.security not in ('plain', 'tls'):
+        raise ValueError(f'{name} serves plain or implicit TLS, not {listener.security!r} (no {upgrade})')
+    factory = factory_class(reactor, persona, on_request, listener.security, store_for(persona))
+    return tls.listen_stream(reactor, listener, factory, persona, interface=interface)
 
 
 def text(data: bytes, limit: int = 200) -> str:

@@ -64,10 +64,11 @@ from OpenSSL import crypto
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
-from . import tls
+from . import labsql, tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import OnRequest, StreamClient, StreamProbe, crashed
-from .serving import LISTEN_BACKLOG, StubConnection, StubFactory
+from .labsql import LAB_PASSWORD, LAB_USER, LabQueries, QueryError, Session
+from .probing import OnRequest, StreamClient, StreamProbe, tcp_client_probe
+from .serving import StubConnection, StubFactory
 
 PROTOCOL_IDS = ('mssql',)
 
@@ -100,9 +101,6 @@ COLLATION = bytes.fromhex('0904d00034')   # SQL_Latin1_General_CP1_CI_AS
 SELECT_COMMAND = 0xC1
 
 SERVER_VERSION = '15.0.2000.5'   # SQL Server 2019 RTM (invented default for the lab)
-LAB_USER = 'safeq'
-LAB_PASSWORD = 'safeq-lab-pw'
-LAB_DATABASE = 'safeq'
 
 
 class TdsWireError(ValueError):
@@ -468,57 +466,35 @@ def client_context(target: ProbeTarget) -> ssl.SSLContext:
 
 # --- lab queries -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Session:
-    user: str
-    database: str
-    peer: str
-    host: str
-    version: str
-    spid: int
-
-    def version_text(self) -> str:
-        return (f'Microsoft SQL Server 2019 (RTM) - {self.version} (X64)\n\tDeveloper Edition (64-bit) '
-                f'on Linux (safeq-lab {self.host})')
+def version_text(session: Session) -> str:
+    return (f'Microsoft SQL Server 2019 (RTM) - {session.version} (X64)\n\tDeveloper Edition (64-bit) '
+            f'on Linux (safeq-lab {session.host})')
 
 
-class QueryError(Exception):
-    def __init__(self, number: int, text: str) -> None:
-        super().__init__(text)
-        self.number = number
-        self.text = text
-
-
-_SELECT_INTEGER = re.compile(r'^select (-?\d{1,9})$')
-_LAB_QUERIES = {
-    'select @@version': lambda s: s.version_text(),
-    'select @@servername': lambda s: s.host,
-    'select suser_name()': lambda s: s.user,
-    'select suser_sname()': lambda s: s.user,
-    'select system_user': lambda s: s.user,
-    'select current_user': lambda s: s.user,
-    'select db_name()': lambda s: s.database,
-    'select @@spid': lambda s: s.spid,
-    "select connectionproperty('client_net_address')": lambda s: s.peer,
-}
+# statement -> the value of its one-row, one-column result
+_LAB_QUERIES = LabQueries(
+    {'select @@version': version_text,
+     'select @@servername': lambda s: s.host,
+     'select suser_name()': lambda s: s.user,
+     'select suser_sname()': lambda s: s.user,
+     'select system_user': lambda s: s.user,
+     'select current_user': lambda s: s.user,
+     'select db_name()': lambda s: s.database,
+     'select @@spid': lambda s: s.spid,
+     "select connectionproperty('client_net_address')": lambda s: s.peer},
+    integer=lambda number: lambda s: number,
+    syntax_error=(102, "Incorrect syntax near '{near}'."),
+    unsupported=(50000, 'safeq-lab stub answers only its lab queries (SELECT 1, SELECT @@VERSION, '
+                        "SELECT SUSER_NAME(), SELECT DB_NAME(), SELECT CONNECTIONPROPERTY('client_net_address'))"))
 
 
 def answer_statement(statement: str, session: Session) -> int | str:
-    text = ' '.join(statement.split()).lower()
-    number = _SELECT_INTEGER.match(text)
-    if number:
-        return int(number.group(1))
-    if text in _LAB_QUERIES:
-        return _LAB_QUERIES[text](session)
-    if not re.match(r'^[a-z]+\b', text):
-        raise QueryError(102, f"Incorrect syntax near '{statement.strip()[:20]}'.")
-    raise QueryError(50000, 'safeq-lab stub answers only its lab queries (SELECT 1, SELECT @@VERSION, '
-                            "SELECT SUSER_NAME(), SELECT DB_NAME(), SELECT CONNECTIONPROPERTY('client_net_address'))")
+    return _LAB_QUERIES.find(statement)(session)
 
 
 def answer_batch(sql: str, session: Session, wide: bool = True) -> tuple[bytes, str]:
     """The tokens answering a SQL batch and a one-word result."""
-    statements = [s for s in sql.split(';') if s.strip()]
+    statements = labsql.split_statements(sql)
     if not statements:
         return done(0, wide=wide), 'empty'
     reply = b''
@@ -526,8 +502,8 @@ def answer_batch(sql: str, session: Session, wide: bool = True) -> tuple[bytes, 
         try:
             value = answer_statement(statement, session)
         except QueryError as exc:
-            return (reply + message_token(TOKEN_ERROR, exc.number, 16, exc.text, session.host, wide)
-                    + done(DONE_ERROR, wide=wide)), f'error {exc.number}'
+            return (reply + message_token(TOKEN_ERROR, exc.code, 16, exc.text, session.host, wide)
+                    + done(DONE_ERROR, wide=wide)), f'error {exc.code}'
         more = DONE_MORE if index < len(statements) - 1 else 0
         reply += single_value('', value, wide) + done(DONE_COUNT | more, 1, SELECT_COMMAND, wide)
     return reply, 'ok'
@@ -674,24 +650,18 @@ class _TdsFactory(StubFactory):
         super().__init__(reactor, persona, on_request, security)
         identity = persona.identity
         self.forced = security == 'starttls'
-        offers_tls = self.forced or (security == 'optional' and bool(persona.cert_file and persona.key_file))
+        offers_tls = labsql.offers_encryption(persona, security)
         self.tls_context = server_context(persona) if offers_tls else None   # TLSMaterialMissing
         self.has_certificate = self.tls_context is not None
-        accounts = identity.get('db_accounts')
-        self.accounts = ({str(k): str(v) for k, v in accounts.items()} if isinstance(accounts, dict)
-                         else {LAB_USER: LAB_PASSWORD})
+        self.accounts = labsql.accounts(identity)
         self.version = str(identity.get('mssql_version') or SERVER_VERSION)
 
 
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = ''):
     """Serve TDS on ``listener`` (TLS only as negotiated in PRELOGIN)."""
-    if listener.transport != 'tcp':
-        raise ValueError(f'mssql is a TCP protocol, not {listener.transport}')
-    if listener.security == 'tls':
-        raise ValueError('TDS 7.x has no implicit TLS port: use security optional or starttls (forced encryption)')
-    factory = _TdsFactory(reactor, persona, on_request, listener.security)
-    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
+    return labsql.listen(reactor, listener, persona, on_request, interface, factory_class=_TdsFactory,
+                         name='mssql', upgrade='forced encryption')
 
 
 # --- client probe ------------------------------------------------------------------------------
@@ -719,12 +689,9 @@ class _TdsProbe(StreamProbe):
 
 class _TdsClient(StreamClient):
     def __init__(self, target: ProbeTarget, encrypt: int) -> None:
-        options = target.options
         self.target = target
         self.encrypt = encrypt
-        self.user = str(options.get('user') or LAB_USER)
-        self.password = str(options.get('password', LAB_PASSWORD if self.user == LAB_USER else ''))
-        self.database = str(options.get('database') or LAB_DATABASE)
+        self.user, self.password, self.database = labsql.login(target.options)
         self.reader = MessageReader()
         self.phase = 'prelogin'
         self.mode = 'none'
@@ -845,20 +812,14 @@ def _encryption_request(target: ProbeTarget) -> int:
         return _ENCRYPT_OPTIONS[choice]
     if choice is not None:
         raise ValueError(f"options.encrypt must be 'on', 'off' or 'none', got {choice!r}")
-    wants = target.security == 'starttls' or (target.security == 'optional' and bool(target.ca_file))
-    return ENCRYPT_ON if wants else ENCRYPT_NOT_SUP
+    return ENCRYPT_ON if labsql.wants_encryption(target) else ENCRYPT_NOT_SUP
 
 
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """PRELOGIN (+ TLS), LOGIN7 and ``SELECT 1`` against ``target``'s SQL Server."""
-    exchange = 'TDS'
-    try:
-        if target.transport != 'tcp':
-            raise ValueError(f'mssql is a TCP protocol, not {target.transport}')
-        client = _TdsClient(target, _encryption_request(target))
-        return _TdsProbe(reactor, target, exchange).start(client)
-    except Exception as exc:
-        return crashed(target, exchange, exc)
+    # a bad options.encrypt is the target's problem: tcp_client_probe makes it one 'error' row
+    return tcp_client_probe(reactor, target, 'TDS', lambda target: _TdsClient(target, _encryption_request(target)),
+                            probe_class=_TdsProbe)
 
 
 __all__ = ['PROTOCOL_IDS', 'listen', 'probe', 'packets', 'MessageReader', 'encode_prelogin', 'decode_prelogin',

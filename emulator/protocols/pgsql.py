@@ -45,19 +45,18 @@ Probe
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
-from . import tls
+from . import labsql, tls
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .probing import OnRequest, StreamClient, StreamProbe, crashed
-from .serving import LISTEN_BACKLOG, StubConnection, StubFactory
+from .labsql import LAB_PASSWORD, LAB_USER, LabQueries, QueryError, Session
+from .probing import OnRequest, StreamClient, tcp_client_probe
+from .serving import StubConnection, StubFactory
 
 PROTOCOL_IDS = ('pgsql',)
 
@@ -68,10 +67,6 @@ CANCEL_REQUEST_CODE = 80877102
 MAX_STARTUP = 10000            # PostgreSQL's MAX_STARTUP_PACKET_LENGTH
 MAX_MESSAGE = 1 << 20          # largest typed message either side accepts
 SERVER_VERSION = '15.6'        # invented default: a version SafeQ 6 supports (identity 'pgsql_version')
-
-LAB_USER = 'safeq'
-LAB_PASSWORD = 'safeq-lab-pw'
-LAB_DATABASE = 'safeq'
 
 # type OIDs (pg_type.dat)
 INT4_OID, TEXT_OID, NAME_OID, INET_OID = 23, 25, 19, 869
@@ -199,58 +194,35 @@ def parse_data_row(body: bytes) -> list[str | None]:
 
 # --- lab queries ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Session:
-    """What a lab query may answer from: who asked, where, and who answers."""
-
-    user: str
-    database: str
-    peer: str
-    host: str
-    version: str
-
-    def version_text(self) -> str:
-        return (f'PostgreSQL {self.version} on x86_64-pc-linux-gnu, compiled by gcc (Debian 12.2.0-14) '
-                f'12.2.0, 64-bit (safeq-lab {self.host})')
+def version_text(session: Session) -> str:
+    return (f'PostgreSQL {session.version} on x86_64-pc-linux-gnu, compiled by gcc (Debian 12.2.0-14) '
+            f'12.2.0, 64-bit (safeq-lab {session.host})')
 
 
-class QueryError(Exception):
-    def __init__(self, sqlstate: str, text: str) -> None:
-        super().__init__(text)
-        self.sqlstate = sqlstate
-        self.text = text
-
-
-_SELECT_INTEGER = re.compile(r'^select (-?\d{1,9})$')
-_LAB_QUERIES = {
-    'select version()': ('version', TEXT_OID, lambda s: s.version_text()),
-    'select current_user': ('current_user', NAME_OID, lambda s: s.user),
-    'select session_user': ('session_user', NAME_OID, lambda s: s.user),
-    'select user': ('user', NAME_OID, lambda s: s.user),
-    'select current_database()': ('current_database', NAME_OID, lambda s: s.database),
-    'select inet_client_addr()': ('inet_client_addr', INET_OID, lambda s: s.peer),
-    'show server_version': ('server_version', TEXT_OID, lambda s: s.version),
-}
+# statement -> (column name, type OID, value)
+_LAB_QUERIES = LabQueries(
+    {'select version()': ('version', TEXT_OID, version_text),
+     'select current_user': ('current_user', NAME_OID, lambda s: s.user),
+     'select session_user': ('session_user', NAME_OID, lambda s: s.user),
+     'select user': ('user', NAME_OID, lambda s: s.user),
+     'select current_database()': ('current_database', NAME_OID, lambda s: s.database),
+     'select inet_client_addr()': ('inet_client_addr', INET_OID, lambda s: s.peer),
+     'show server_version': ('server_version', TEXT_OID, lambda s: s.version)},
+    integer=lambda number: ('?column?', INT4_OID, lambda s: str(number)),
+    syntax_error=('42601', 'syntax error at or near "{near}"'),
+    unsupported=('0A000', 'safeq-lab stub answers only its lab queries (SELECT 1, SELECT version(), '
+                          'SELECT current_user, SELECT current_database(), SELECT inet_client_addr())'))
 
 
 def answer_statement(statement: str, session: Session) -> tuple[str, int, str]:
     """(column name, type OID, value) of one lab statement; QueryError for anything else."""
-    text = ' '.join(statement.split()).lower()
-    number = _SELECT_INTEGER.match(text)
-    if number:
-        return '?column?', INT4_OID, str(int(number.group(1)))
-    if text in _LAB_QUERIES:
-        name, type_oid, value = _LAB_QUERIES[text]
-        return name, type_oid, value(session)
-    if not re.match(r'^[a-z]+\b', text):
-        raise QueryError('42601', f'syntax error at or near "{statement.strip()[:20]}"')
-    raise QueryError('0A000', 'safeq-lab stub answers only its lab queries (SELECT 1, SELECT version(), '
-                              'SELECT current_user, SELECT current_database(), SELECT inet_client_addr())')
+    name, type_oid, value = _LAB_QUERIES.find(statement)
+    return name, type_oid, value(session)
 
 
 def answer_query(sql: str, session: Session) -> tuple[bytes, str]:
     """The reply to a simple Query (up to, not including, ReadyForQuery) and a one-word result."""
-    statements = [s for s in sql.split(';') if s.strip()]
+    statements = labsql.split_statements(sql)
     if not statements:
         return message(b'I'), 'empty'
     reply = b''
@@ -258,7 +230,7 @@ def answer_query(sql: str, session: Session) -> tuple[bytes, str]:
         try:
             name, type_oid, value = answer_statement(statement, session)
         except QueryError as exc:
-            return reply + error_response('ERROR', exc.sqlstate, exc.text), exc.sqlstate
+            return reply + error_response('ERROR', exc.code, exc.text), exc.code
         reply += row_description(name, type_oid) + data_row([value]) + message(b'C', cstring('SELECT 1'))
     return reply, 'ok'
 
@@ -281,10 +253,8 @@ class _PgServer(StubConnection, Protocol):
     # framing ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if not self.buffered(data):
             return
-        self.resetTimeout()
-        self.buffer += data
         try:
             while not self.closing and self.buffer:
                 if not self._next():
@@ -414,7 +384,7 @@ class _PgServer(StubConnection, Protocol):
     def _query(self, sql: str) -> None:
         session = Session(self.user, self.database, self.peer, self.factory.persona.host, self.factory.version)
         reply, result = answer_query(sql, session)
-        self.report_request('query', sql=sql[:200], statements=len([s for s in sql.split(';') if s.strip()]),
+        self.report_request('query', sql=sql[:200], statements=len(labsql.split_statements(sql)),
                      result=result)
         self.transport.write(reply + message(b'Z', b'I'))
 
@@ -438,26 +408,19 @@ class _PgFactory(StubFactory):
     def __init__(self, reactor, persona: Persona, on_request: OnRequest | None, security: str) -> None:
         super().__init__(reactor, persona, on_request, security)
         identity = persona.identity
-        has_cert = bool(persona.cert_file and persona.key_file)
-        offers_tls = security == 'starttls' or (security == 'optional' and has_cert)
+        offers_tls = labsql.offers_encryption(persona, security)
         self.tls_options = tls.server_options(persona) if offers_tls else None  # TLSMaterialMissing
         self.require_tls = security == 'starttls'
         self.auth = 'password' if identity.get('pgsql_auth') == 'password' else 'md5'
-        accounts = identity.get('db_accounts')
-        self.accounts = ({str(k): str(v) for k, v in accounts.items()} if isinstance(accounts, dict)
-                         else {LAB_USER: LAB_PASSWORD})
+        self.accounts = labsql.accounts(identity)
         self.version = str(identity.get('pgsql_version') or SERVER_VERSION)
 
 
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = ''):
     """Serve PostgreSQL on ``listener`` (TLS only in band, through SSLRequest)."""
-    if listener.transport != 'tcp':
-        raise ValueError(f'pgsql is a TCP protocol, not {listener.transport}')
-    if listener.security == 'tls':
-        raise ValueError('pgsql has no implicit TLS port: use security optional or starttls (SSLRequest)')
-    factory = _PgFactory(reactor, persona, on_request, listener.security)
-    return reactor.listenTCP(listener.port, factory, backlog=LISTEN_BACKLOG, interface=interface)
+    return labsql.listen(reactor, listener, persona, on_request, interface,
+                         factory_class=_PgFactory, name='pgsql', upgrade='SSLRequest')
 
 
 # --- client probe --------------------------------------------------------------------------------
@@ -467,12 +430,9 @@ PROBE_QUERY = 'SELECT 1; SELECT inet_client_addr(); SELECT version()'
 
 class _PgClient(StreamClient):
     def __init__(self, target: ProbeTarget, use_tls: bool) -> None:
-        options = target.options
         self.target = target
         self.use_tls = use_tls
-        self.user = str(options.get('user') or LAB_USER)
-        self.password = str(options.get('password', LAB_PASSWORD if self.user == LAB_USER else ''))
-        self.database = str(options.get('database') or LAB_DATABASE)
+        self.user, self.password, self.database = labsql.login(target.options)
         self.buffer = b''
         self.phase = 'ssl' if use_tls else 'startup'
         self.parameters: dict[str, str] = {}
@@ -586,19 +546,12 @@ def _wants_tls(target: ProbeTarget) -> bool:
     choice = target.options.get('tls')
     if isinstance(choice, bool):
         return choice
-    return target.security == 'starttls' or (target.security == 'optional' and bool(target.ca_file))
+    return labsql.wants_encryption(target)
 
 
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Log in and run ``SELECT 1`` (plus the peer and version) on ``target``'s PostgreSQL."""
-    exchange = 'PostgreSQL'
-    try:
-        if target.transport != 'tcp':
-            raise ValueError(f'pgsql is a TCP protocol, not {target.transport}')
-        use_tls = _wants_tls(target)
-        return StreamProbe(reactor, target, exchange).start(_PgClient(target, use_tls))
-    except Exception as exc:
-        return crashed(target, exchange, exc)
+    return tcp_client_probe(reactor, target, 'PostgreSQL', lambda target: _PgClient(target, _wants_tls(target)))
 
 
 __all__ = ['PROTOCOL_IDS', 'listen', 'probe', 'answer_query', 'md5_password', 'startup_message',

@@ -42,10 +42,10 @@ from twisted.mail._except import POP3Error
 from twisted.mail.interfaces import IMailboxPOP3, IServerFactoryPOP3
 from zope.interface import implementer
 
-from . import mailstore, tls
+from . import mailstore
 from .base import Listener, Persona, ProbeResult, ProbeTarget
-from .mailstore import LabAccountChecker, LineClient, MailStore
-from .probing import OnRequest, StreamProbe, crashed, error_result
+from .mailstore import LabAccountChecker, MailboxClient, MailStore
+from .probing import OnRequest, tcp_client_probe
 from .serving import IDLE_TIMEOUT, StubConnection, StubFactory
 
 PROTOCOL_IDS = ('pop3',)
@@ -248,12 +248,8 @@ class POP3StubFactory(StubFactory):
 def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest | None = None,
            interface: str = '') -> IListeningPort:
     """Serve POP3 on ``listener``; bind errors (CannotListenError) propagate."""
-    if listener.transport != 'tcp':
-        raise ValueError(f'pop3 cannot listen on {listener.transport!r} (POP3 runs over TCP)')
-    if listener.security not in ('plain', 'tls'):
-        raise ValueError(f'pop3 serves plain or implicit TLS, not {listener.security!r} (no STLS)')
-    factory = POP3StubFactory(reactor, persona, on_request, listener.security, mailstore.store_for(persona))
-    return tls.listen_stream(reactor, listener, factory, persona, interface=interface)
+    return mailstore.listen_mailbox(reactor, listener, persona, on_request, interface,
+                                    factory_class=POP3StubFactory, name='pop3', upgrade='STLS')
 
 
 # --- client probe ---------------------------------------------------------------------
@@ -261,19 +257,11 @@ def listen(reactor, listener: Listener, persona: Persona, on_request: OnRequest 
 _STAT = re.compile(rb'^\+OK (\d+) (\d+)')
 
 
-class _POP3Client(LineClient):
+class _POP3Client(MailboxClient):
     """USER, PASS, STAT, RETR n, QUIT: each reply judged by the handler of the current stage."""
 
     def __init__(self, target: ProbeTarget) -> None:
-        super().__init__()
-        self.target = target
-        self.user = str(target.options.get('user') or mailstore.LAB_USER)
-        self.password = str(target.options.get('password') or mailstore.LAB_PASSWORD)
-        number = target.options.get('message', 1)
-        self.number = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 1
-        self.stage = 'greeting'
-        self.server_host = ''
-        self.peer_seen: str | None = None
+        super().__init__(target)
         self.count = 0
         self.body: list[bytes] = []
         self.body_size = 0
@@ -298,9 +286,7 @@ class _POP3Client(LineClient):
 
     def _on_greeting(self, line: bytes) -> None:
         words = mailstore.text(line).split()
-        self.server_host = words[1] if len(words) > 1 else '?'
-        peer = re.search(r'\(peer (\S+?)\)', mailstore.text(line))
-        self.peer_seen = peer.group(1) if peer else None
+        self.greeted(words[1] if len(words) > 1 else '?', mailstore.text(line))
         self._command('user', f'USER {self.user}')
 
     def _on_user(self, line: bytes) -> None:
@@ -351,14 +337,8 @@ class _POP3Client(LineClient):
 def probe(reactor, target: ProbeTarget) -> Deferred[ProbeResult]:
     """Log in to ``target``'s mailbox and read a print-by-mail job; always fires with a ProbeResult."""
     exchange = 'POP3S' if target.security == 'tls' else 'POP3'
-    if target.transport != 'tcp':
-        return error_result(target, exchange, f'pop3 runs over TCP, not {target.transport}')
-    try:
-        client = _POP3Client(target)
-        exchange += f' USER/PASS + STAT + RETR {client.number}'
-        return StreamProbe(reactor, target, exchange).start(client, tls=target.security == 'tls')
-    except Exception as exc:
-        return crashed(target, exchange, exc)
+    return tcp_client_probe(reactor, target, exchange, _POP3Client, tls=target.security == 'tls',
+                            renamed=lambda client: f'{exchange} USER/PASS + STAT + RETR {client.number}')
 
 
 __all__ = ['PROTOCOL_IDS', 'listen', 'probe', 'SessionMailbox', 'server_protocol']

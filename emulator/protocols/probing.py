@@ -500,17 +500,19 @@ class DatagramProbe(DatagramVerdict):
 
 
 def tcp_client_probe(reactor, target: ProbeTarget, exchange: str, make_client: Callable,
-                     renamed: Callable[[Any], str] | None = None) -> Deferred[ProbeResult]:
-    """Run ``make_client(target)`` (a StreamClient) as a TCP StreamProbe. A ValueError from it is the
-    target's own problem (a bad option, a document the host holds none of to pass on): one 'error'
-    row saying so. ``renamed(client)`` names the exchange once the client knows what it sends."""
+                     renamed: Callable[[Any], str] | None = None, *, tls: bool = False,
+                     probe_class: type[StreamProbe] = StreamProbe) -> Deferred[ProbeResult]:
+    """Run ``make_client(target)`` (a StreamClient) as a TCP ``probe_class`` (over implicit TLS when
+    ``tls``). A target on another transport, or a ValueError from ``make_client``, is the target's
+    own problem (a bad option, a document the host holds none of to pass on): one 'error' row
+    saying so. ``renamed(client)`` names the exchange once the client knows what it sends."""
+    if target.transport != 'tcp':
+        return error_result(target, exchange, f'{target.protocol} runs over TCP, not {target.transport}')
     try:
-        if target.transport != 'tcp':
-            raise ValueError(f'{target.protocol} is a TCP protocol, not {target.transport}')
         try:
             client = make_client(target)
         except ValueError as exc:
             return error_result(target, exchange, str(exc))
-        return StreamProbe(reactor, target, renamed(client) if renamed else exchange).start(client)
+        return probe_class(reactor, target, renamed(client) if renamed else exchange).start(client, tls=tls)
     except Exception as exc:
         return crashed(target, exchange, exc)

@@ -78,6 +78,15 @@ class StubConnection(TimeoutMixin):
         """The connection runs over TLS now (implicit, or after an in-band upgrade)."""
         return ISSLTransport.providedBy(self.transport)
 
+    def buffered(self, data: bytes) -> bool:
+        """Add the peer's bytes to ``self.buffer`` (a stub that frames its own stream keeps one) and
+        restart the idle timer; False, and the bytes dropped, once the connection is closing."""
+        if self.closing:
+            return False
+        self.resetTimeout()
+        self.buffer += data
+        return True
+
     def hang_up(self) -> None:
         """Close once what was written is sent."""
         self.closing = True

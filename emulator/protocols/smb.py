@@ -601,10 +601,8 @@ class _SmbServer(StubConnection, Protocol):
     # --- framing -------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if not self.buffered(data):
             return
-        self.resetTimeout()
-        self.buffer += data
         try:
             messages = take_frames(self.buffer)
         except ValueError:

@@ -395,3 +395,16 @@ def test_listen_refuses_implicit_tls_and_udp(pki):
             module.listen(MemoryReactorClock(), Listener('tcp', 0, 'x', 'tls'), persona(pki))
         with pytest.raises(ValueError):
             module.listen(MemoryReactorClock(), Listener('udp', 0, 'x', 'plain'), persona(pki))
+
+
+@pytest.mark.parametrize('protocol, transport, options, says', [
+    ('pgsql', 'udp', {}, 'pgsql runs over TCP, not udp'),
+    ('mssql', 'udp', {}, 'mssql runs over TCP, not udp'),
+    ('mssql', 'tcp', {'encrypt': 'maybe'}, "options.encrypt must be 'on', 'off' or 'none'"),
+])
+def test_bad_target_is_one_clear_error_row(protocol, transport, options, says):
+    target = ProbeTarget(id='t', host='127.0.0.1', transport=transport, protocol=protocol, port=1,
+                         options=options)
+    results = []
+    protocols.probe(MemoryReactorClock(), target).addCallback(results.append)
+    assert [(r.outcome, r.detail[:len(says)]) for r in results] == [('error', says)]
