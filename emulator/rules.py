@@ -5,6 +5,7 @@ network namespace (`unshare --net`), so the host's own rules are never touched.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -139,18 +140,26 @@ def _generate_iptables(topology: Topology, checks: list[Check], node: str, what:
         for address, port in helpers:
             lines.append(f"-A {hook} -d {address}/32 -p tcp -m tcp --dport {port} "
                          f"-m comment --comment \"ftp data channels via conntrack helper\" -j CT --helper ftp")
+    base, chains = _layout(topology, checks, node)
     lines += ["COMMIT", "*filter", ":INPUT DROP [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT ACCEPT [0:0]",
+              *(f":{name} - [0:0]" for name in chains),
               "-A INPUT -i lo -j ACCEPT",
               "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
     if chain == "FORWARD":
         lines.append("-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
-    for (src, dst, transport, port), flow_ids in grouped(topology, checks, node):
-        match = ("-p icmp -m icmp --icmp-type 8" if transport == "icmp"
-                 else f"-p {transport} -m {transport} --dport {port}")
-        lines.append(f"-A {chain} -s {src}/32 -d {dst}/32 {match} -m conntrack --ctstate NEW "
-                     f"-m comment --comment \"{_comment(flow_ids)}\" -j ACCEPT")
+    for name, rules in ((chain, base), *chains.items()):
+        lines += [f"-A {name} {_iptables_rule(rule)}" for rule in rules]
     lines += ["COMMIT", ""]
     return "\n".join(lines)
+
+
+def _iptables_rule(rule: _Accept | _Jump) -> str:
+    if isinstance(rule, _Jump):
+        return f"{'-s' if rule.field == 'src' else '-d'} {rule.block} -j {rule.chain}"
+    match = ("-p icmp -m icmp --icmp-type 8" if rule.transport == "icmp"
+             else f"-p {rule.transport} -m {rule.transport} --dport {rule.port}")
+    return (f"-s {rule.src}/32 -d {rule.dst}/32 {match} -m conntrack --ctstate NEW "
+            f"-m comment --comment \"{_comment(rule.flow_ids)}\" -j ACCEPT")
 
 
 def _generate_nft(topology: Topology, checks: list[Check], node: str, what: str) -> str:
@@ -167,18 +176,167 @@ def _generate_nft(topology: Topology, checks: list[Check], node: str, what: str)
             lines += [f"    ip daddr {a} tcp dport {p} ct helper set \"ftp_helper\" comment \"ftp data channels via conntrack helper\""
                       for a, p in helpers]
             lines.append("  }")
-    accepts = []
-    for (src, dst, transport, port), flow_ids in grouped(topology, checks, node):
-        match = "icmp type echo-request" if transport == "icmp" else f"{transport} dport {port}"
-        accepts.append(f"    ip saddr {src} ip daddr {dst} {match} ct state new accept comment \"{_comment(flow_ids)}\"")
+    base, chains = _layout(topology, checks, node)
+    accepts = [f"    {_nft_rule(rule)}" for rule in base]
     lines += ["  chain input {", "    type filter hook input priority filter; policy drop;",
               "    iif lo accept", "    ct state established,related accept"]
     lines += accepts if chain == "input" else []
     lines += ["  }", "  chain forward {", "    type filter hook forward priority filter; policy drop;"]
     if chain == "forward":
         lines += ["    ct state established,related accept"] + accepts
-    lines += ["  }", "}", ""]
+    lines.append("  }")
+    for name, rules in chains.items():
+        lines += [f"  chain {name} {{", *(f"    {_nft_rule(rule)}" for rule in rules), "  }"]
+    lines += ["}", ""]
     return "\n".join(lines)
+
+
+def _nft_rule(rule: _Accept | _Jump) -> str:
+    if isinstance(rule, _Jump):
+        return f"ip {'saddr' if rule.field == 'src' else 'daddr'} {rule.block.removesuffix('/32')} jump {rule.chain}"
+    match = "icmp type echo-request" if rule.transport == "icmp" else f"{rule.transport} dport {rule.port}"
+    return f"ip saddr {rule.src} ip daddr {rule.dst} {match} ct state new accept comment \"{_comment(rule.flow_ids)}\""
+
+
+# The kernel matches a packet against a chain's rules one by one. A flat FORWARD chain with one
+# accept per flow makes every new connection (and every exposure knock) walk hundreds to tens of
+# thousands of rules; structured as an administrator would, a packet walks a few dozen: FORWARD
+# jumps on the source (an address block when there are many sources, down to one chain per
+# source host), and a source host with many accepts jumps on the destination the same way.
+CHAIN_FANOUT = 8  # jumps (or single accepts) a dispatching chain lists before it splits into address blocks
+HOST_ACCEPTS = 16  # accepts a source host's chain lists before it dispatches on the destination
+CHAIN_NAME_MAX = 28  # iptables' limit for a chain name
+
+
+@dataclass(frozen=True)
+class _Accept:
+    src: str
+    dst: str
+    transport: str
+    port: int | None
+    flow_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Jump:
+    field: str  # 'src' | 'dst': the address the jump matches
+    block: str  # CIDR
+    chain: str
+
+
+class _Chains(dict):
+    """User chain name -> rules, in the order they are made; names are valid and unique."""
+
+    def add(self, wanted: str, rules: list) -> str:
+        """Add a chain named after `wanted` (host names' `-` as `_`, which nft needs unquoted)."""
+        plain = re.sub(r"[^A-Za-z0-9_]", "_", wanted)
+        name, number = plain[:CHAIN_NAME_MAX], 1
+        while name in self:  # a long name cut short, or a host named like a zone
+            number += 1
+            name = plain[:CHAIN_NAME_MAX - len(f"_{number}")] + f"_{number}"
+        self[name] = rules
+        return name
+
+
+def _block_name(network: ipaddress.IPv4Network, zones: dict) -> str:
+    return zones.get(network) or f"{network.network_address}_{network.prefixlen}".replace(".", "_")
+
+
+def _dispatch(entries: list[tuple[ipaddress.IPv4Address, list]], field: str, name: str, zones: dict,
+              chains: _Chains) -> list:
+    """The rules that send a packet to its entry's rules (one rule each) by its `field` address.
+
+    Up to CHAIN_FANOUT entries are listed as they are; more are split by zone (when they are in
+    several), else into the longest address blocks that make at most CHAIN_FANOUT of them; each
+    zone or block with more than one entry is a chain of its own (`name` plus the zone or block),
+    split again the same way.
+    """
+    if len(entries) <= CHAIN_FANOUT:
+        return [rule for _address, rules in entries for rule in rules]
+    dispatched = []
+    for network, members in _blocks(entries, zones).items():
+        if len(members) == 1:
+            dispatched += members[0][1]
+        else:
+            chain = chains.add(f"{name}_{_block_name(network, zones)}", [])
+            chains[chain] = _dispatch(members, field, name, zones, chains)
+            dispatched.append(_Jump(field, str(network), chain))
+    return dispatched
+
+
+def _blocks(entries: list[tuple[ipaddress.IPv4Address, list]], zones: dict) -> dict:
+    """Address block -> its entries: the zones when the entries are in several, else the longest
+    blocks that make at most CHAIN_FANOUT (entries sorted by address)."""
+    by_zone = defaultdict(list)
+    for entry in entries:
+        zone = next((subnet for subnet in zones if entry[0] in subnet), None)
+        by_zone[zone].append(entry)
+    if None not in by_zone and 1 < len(by_zone) <= CHAIN_FANOUT:
+        return by_zone
+    low, high = int(entries[0][0]), int(entries[-1][0])
+    length = 32 - (low ^ high).bit_length()
+    blocks: dict = {}
+    while True:  # the members of a longer block are never more than those of a shorter one
+        longer = defaultdict(list)
+        for entry in entries:
+            longer[ipaddress.ip_network(f"{entry[0]}/{length + 1}", strict=False)].append(entry)
+        if len(longer) > CHAIN_FANOUT:
+            break
+        blocks, length = longer, length + 1
+    return blocks
+
+
+def _layout(topology: Topology, checks: list[Check], node: str) -> tuple[list, _Chains]:
+    """(the rules of the node's base chain, its user chains): the accepts `node` needs, structured.
+
+    A host firewall's few accepts stay in its INPUT chain as they are.
+    """
+    accepts = [_Accept(src, dst, transport, port, tuple(flow_ids))
+               for (src, dst, transport, port), flow_ids in grouped(topology, checks, node)]
+    chains = _Chains()
+    if not topology.is_firewall(node):
+        return accepts, chains
+    names = {h.address: h.name for h in topology.hosts}
+    zones = {zone.subnet: zone.name for zone in topology.zones}
+    by_source: dict[str, list[_Accept]] = defaultdict(list)
+    for accept in accepts:
+        by_source[accept.src].append(accept)
+    sources = []
+    for src, own in by_source.items():
+        host = names.get(src, src)
+        chain = chains.add(f"from_{host}", [])
+        chains[chain] = own if len(own) <= HOST_ACCEPTS else _by_destination(host, own, names, zones, chains)
+        sources.append((ipaddress.ip_address(src), [_Jump("src", f"{src}/32", chain)]))
+    return _dispatch(sorted(sources, key=lambda e: e[0]), "src", "from", zones, chains), chains
+
+
+def _by_destination(host: str, accepts: list[_Accept], names: dict, zones: dict, chains: _Chains) -> list:
+    """A source host's many accepts, dispatched on the destination (one chain per destination host)."""
+    by_destination: dict[str, list[_Accept]] = defaultdict(list)
+    for accept in accepts:
+        by_destination[accept.dst].append(accept)
+    entries = []
+    for dst, own in by_destination.items():
+        if len(own) > 1:
+            chain = chains.add(f"{host}_to_{names.get(dst, dst)}", own)
+            own = [_Jump("dst", f"{dst}/32", chain)]
+        entries.append((ipaddress.ip_address(dst), own))
+    return _dispatch(sorted(entries, key=lambda e: e[0]), "dst", f"{host}_to", zones, chains)
+
+
+def walked_at_most(topology: Topology, checks: list[Check], node: str | None = None) -> tuple[int, int]:
+    """(accepts, the most rules a new packet is matched against) in `node`'s generated filter chain.
+
+    A packet no accept admits walks every rule of each chain it enters; it enters at most one
+    chain per dispatching chain (the jumps match disjoint addresses). The stateful accept first counts.
+    """
+    node = _node(topology, node)
+    base, chains = _layout(topology, checks, node)
+    accepts = sum(isinstance(rule, _Accept) for rules in (base, *chains.values()) for rule in rules)
+
+    def walk(rules: list) -> int:
+        return len(rules) + max((walk(chains[r.chain]) for r in rules if isinstance(r, _Jump)), default=0)
+    return accepts, 1 + walk(base)
 
 
 def detect_format(text: str) -> str:

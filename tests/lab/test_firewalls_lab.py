@@ -62,6 +62,15 @@ def flow_key(lab, check):
     return t.host(check.client_host).address, t.host(check.server_host).address, check.endpoint.transport, check.endpoint.port
 
 
+def accept_match(src: str, dst: str, transport: str, port: int) -> str:
+    return f" -s {src}/32 -d {dst}/32 -p {transport} -m {transport} --dport {port} "
+
+
+def accept_chain(text: str, src: str, dst: str, transport: str, port: int) -> str:
+    """The chain of a generated iptables ruleset that holds the flow's accept."""
+    return next(l.split()[1] for l in text.splitlines() if l.startswith("-A ") and accept_match(src, dst, transport, port) in l)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -112,8 +121,13 @@ class TestTwoFirewallNodes:
             for node in ("bfw", "fw"):
                 packets = traced(traces[node], *flow_key(lab, check))
                 assert packets, (node, check.key)
-                assert all(any(" ip filter FORWARD rule " in l and "(verdict accept)" in l for l in lines)
-                           for lines in packets.values()), (node, check.key)
+                # a new connection is accepted in the chain FORWARD jumped to for its source, the rest
+                # of it by FORWARD's stateful accept
+                chain = accept_chain(generated[node].text, *flow_key(lab, check))
+                accepted = [{l.split()[5] for l in lines if " ip filter " in l and " rule " in l and "(verdict accept)" in l}
+                            for lines in packets.values()]
+                assert all(a and a <= {"FORWARD", chain} for a in accepted) and any(chain in a for a in accepted), \
+                    (node, check.key, chain, accepted)
 
 
     def test_a_missing_accept_on_the_branch_firewall_shows_as_its_drop(self, branch_lab):
@@ -121,10 +135,10 @@ class TestTwoFirewallNodes:
         flows = branch_to_site(lab, checks)
         victim = flows[0]
         src, dst, transport, port = flow_key(lab, victim)
-        accept = f"-A FORWARD -s {src}/32 -d {dst}/32 -p {transport} -m {transport} --dport {port} "
+        accept = accept_match(src, dst, transport, port)
         text = generated["bfw"].text
-        assert text.count(accept) == 1
-        lab.apply_rules({"bfw": rules.Ruleset("iptables", "\n".join(l for l in text.splitlines() if not l.startswith(accept)) + "\n",
+        assert text.count(accept) == 1 and accept_chain(text, src, dst, transport, port) != "FORWARD"
+        lab.apply_rules({"bfw": rules.Ruleset("iptables", "\n".join(l for l in text.splitlines() if accept not in l) + "\n",
                                               f"bfw without {port}/{transport}")})
         try:
             lab.start_trace()

@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from emulator import rules
 from emulator.attribution import (RuleMap, RuleRef, SourceIndex, allow_rule, attribute, ftp_helper_rule, index_source,
                                   reply_rule)
+from emulator.catalog import load_catalog
 from emulator.errors import LabError
+from emulator.plan import audit_plan
 from emulator.rules import Ruleset
+from emulator.topology import load_topology
 from emulator.trace import TRACE_TABLE, TRACE_TABLE_NAME, Decision, DecisionKind, Fate, Verdict, parse_trace
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "trace"
@@ -320,3 +324,26 @@ def test_the_proposed_fixes_load_into_the_users_own_ruleset(netns_tools, tmp_pat
     proc = subprocess.run(["unshare", "--net", "sh", "-c", f'{load} "$1" && {apply}', "sh", str(source)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, (apply, proc.stderr)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("fmt, load, apply", [("iptables", "iptables-restore", "iptables {fix}"),
+                                              ("nft", "nft -f", "nft '{fix}'")])
+def test_a_generated_ruleset_maps_the_rules_of_its_jump_chains_and_takes_the_appended_fix(netns_tools, tmp_path,
+                                                                                         fmt, load, apply):
+    topology = load_topology("single-site")
+    generated = rules.generate(topology, audit_plan(load_catalog(), topology), fmt)
+    rules_file = tmp_path / f"generated.{fmt}"
+    rules_file.write_text(generated.text)
+    idx = index_source(generated)
+    assert sum(c.hook is None for c in idx.chains) > 10  # the chains per source, reached by jumps
+    rule_map = attribute(load_and_list(tmp_path, load, rules_file), idx)
+    assert rule_map.unmatched == ()
+    assert sorted(ref.line for ref in rule_map.rules.values()) == sorted(r.line for c in idx.chains for r in c.rules)
+    # a blocked flow falls through its source's chains back to FORWARD: the fix is appended there
+    forward = idx.base_chain("forward")
+    fix = allow_rule(fmt, "198.18.3.10", "198.18.1.10", "tcp", 9100, forward)
+    assert fix.startswith(("-A FORWARD ", "add rule inet safeq_lab forward ")), fix
+    proc = subprocess.run(["unshare", "--net", "sh", "-c", f'{load} "$1" && {apply.format(fix=fix)}', "sh",
+                           str(rules_file)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (fix, proc.stderr)

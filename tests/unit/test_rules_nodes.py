@@ -1,5 +1,7 @@
 """Rulesets per filtering node: each firewall node admits what it forwards, each host firewall what it serves."""
+import ipaddress
 import re
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ from emulator.plan import Check, flow_checks
 from emulator.topology import load_topology
 
 HOST_FIREWALL = str(Path(__file__).resolve().parents[1] / "data" / "host-firewall.yaml")
-ACCEPT = re.compile(r"-A (FORWARD|INPUT) -s (\S+)/32 -d (\S+)/32 -p (\w+)(?: -m \w+ --dport (\d+))?")
+RULE = re.compile(r"-A (\S+) (.*)$")
+ACCEPT = re.compile(r"-s (\S+)/32 -d (\S+)/32 -p (\w+)(?: -m \w+ --dport (\d+))?.* -j ACCEPT$")
+JUMP = re.compile(r"(-[sd]) (\S+) -j (\S+)$")
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +35,43 @@ def host_fw(catalog):
     return topology, flow_checks(catalog, topology)
 
 
-def accepts(text: str) -> set[tuple]:
-    """(chain, src, dst, transport, port) of every accept of an iptables-restore ruleset."""
-    found = set()
+def filter_chains(text: str) -> dict[str, list[str]]:
+    """Chain -> its rules (after `-A CHAIN `) in the *filter table of an iptables-restore ruleset."""
+    chains, table = defaultdict(list), None
     for line in text.splitlines():
-        m = ACCEPT.match(line)
-        if m:
-            found.add((m.group(1), m.group(2), m.group(3), m.group(4), int(m.group(5)) if m.group(5) else None))
+        if line.startswith("*"):
+            table = line[1:]
+        elif table == "filter" and (m := RULE.match(line)):
+            chains[m.group(1)].append(m.group(2))
+    return chains
+
+
+def accepts(text: str) -> set[tuple]:
+    """(base chain, src, dst, transport, port) of every accept a new packet can reach in an
+    iptables-restore ruleset: from INPUT or FORWARD through jumps whose -s/-d blocks hold its addresses."""
+    chains, found = filter_chains(text), set()
+
+    def walk(base: str, chain: str, blocks: tuple) -> None:
+        for rule in chains[chain]:
+            if m := ACCEPT.match(rule):
+                src, dst, transport, port = m.groups()
+                if all(ipaddress.ip_address(src if flag == "-s" else dst) in block for flag, block in blocks):
+                    found.add((base, src, dst, transport, int(port) if port else None))
+            elif m := JUMP.match(rule):
+                walk(base, m.group(3), blocks + ((m.group(1), ipaddress.ip_network(m.group(2))),))
+
+    for base in ("INPUT", "FORWARD"):
+        walk(base, base, ())
     return found
+
+
+def most_walked(text: str, base: str = "FORWARD") -> int:
+    """The most rules a new packet meets in `base` and the chains it jumps to (one per dispatching chain)."""
+    chains = filter_chains(text)
+
+    def walk(chain: str) -> int:
+        return len(chains[chain]) + max((walk(m.group(3)) for r in chains[chain] if (m := JUMP.match(r))), default=0)
+    return walk(base)
 
 
 def expected(topology, checks, node, hook, chain):
@@ -154,3 +187,26 @@ def test_rules_for_a_node_that_filters_nothing_are_refused(branch):
     topology, checks = branch
     with pytest.raises(LabError, match="'pcb1' holds no ruleset in topology branch-office"):
         rules.generate(topology, checks, node="pcb1")
+
+
+@pytest.mark.parametrize("name, walked", [("single-site", 40), ("fleet-200", 50)])
+def test_a_firewall_node_ruleset_is_structured_so_a_packet_walks_a_few_dozen_rules(catalog, name, walked):
+    topology = load_topology(name)
+    checks = flow_checks(catalog, topology)
+    text = rules.generate(topology, checks, "iptables").text
+    want = expected(topology, checks, topology.firewall, "forward", "FORWARD")
+    assert accepts(text) == want and len(want) > 10 * walked
+    assert most_walked(text) == rules.walked_at_most(topology, checks)[1] <= walked
+    chains = filter_chains(text)
+    assert chains["FORWARD"][0] == "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    assert all(len(chain) <= 28 and f":{chain} - [0:0]" in text for chain in chains if chain not in ("INPUT", "FORWARD"))
+    jumps = {r for chain in chains.values() for r in chain if JUMP.match(r)}
+    names = {h.address: h.name.replace("-", "_") for h in topology.hosts}
+    assert {f"-s {src}/32 -j from_{names[src]}" for _c, src, _d, _t, _p in want} <= jumps  # a chain per source host
+    # a jump on the wrong block strands the accepts behind it: the walk above sees it
+    jump = next(r for r in chains["FORWARD"] if JUMP.match(r))
+    block = JUMP.match(jump).group(2)
+    moved = text.replace(f"-A FORWARD {jump}", f"-A FORWARD {jump.replace(block, '198.19.255.255/32')}")
+    assert accepts(moved) < want
+    nft = rules.generate(topology, checks, "nft").text
+    assert nft.count(" accept comment ") == len(want) and nft.count(" jump ") == text.count(" -j ") - text.count(" -j ACCEPT") - text.count(" -j CT ")
