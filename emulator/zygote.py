@@ -72,6 +72,20 @@ def _enter_network_namespace(pid: int) -> None:
         os.close(fd)
 
 
+OOM_SCORE_ADJ = 1000  # the most a process may ask: the kernel's OOM killer takes it before any other
+
+
+def _first_to_go_when_memory_runs_out() -> None:
+    """Make this daemon the OOM killer's first choice. A lab too big for the machine then loses a
+    daemon (its host's checks become lab faults) instead of the lab's own process, which alone can
+    tear the lab down; a process may always raise its own score."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as score:
+            score.write(str(OOM_SCORE_ADJ))
+    except OSError:  # no procfs: the kernel's own choice stands
+        pass
+
+
 def _parse_job(line: str) -> dict:
     job = json.loads(line)
     if not isinstance(job, dict) or not isinstance(job.get("host"), str) or not job["host"].isprintable() \
@@ -95,6 +109,7 @@ def _child(job: dict) -> None:
         for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
         os.setsid()  # the terminal's Ctrl-C is the lab's to handle, not its daemons'
+        _first_to_go_when_memory_runs_out()
         stderr = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(stderr, 2)
         os.close(stderr)

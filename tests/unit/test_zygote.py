@@ -44,6 +44,9 @@ def test_forked_daemons_serve_report_and_stop(zygote, tmp_path):
     assert {h: d.said for h, d in zygote.daemons.items()} == {h: "READY 1" for h in ports}
     pids = zygote.pids()
     assert len(set(pids)) == 3 and os.getpid() not in pids
+    # when memory runs out, the kernel kills a daemon, never the lab process that tears the lab down
+    assert {int(open(f"/proc/{pid}/oom_score_adj").read()) for pid in pids} == {1000}
+    assert int(open("/proc/self/oom_score_adj").read()) < 1000
     for port in ports.values():  # each child serves its own listener
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
