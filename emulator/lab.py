@@ -31,6 +31,7 @@ import functools
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -41,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import roles
@@ -51,7 +52,7 @@ from emulator.errors import LabError
 from emulator.protocols.base import ProbeResult, ProbeTarget
 from emulator.rules import Ruleset, apply_commands, load_rules_file
 from emulator.impair import Impairment
-from emulator.topology import BRIDGE_PREFIX, INTERFACE_MAX, LinkShape, Topology, bridge_name, port_name
+from emulator.topology import INTERFACE_MAX, LinkShape, Topology, bridge_name, port_name
 from emulator.trace import MONITOR_COMMAND, TRACE_TABLE, TRACE_TABLE_NAME
 from emulator.zygote import Zygote
 
@@ -162,49 +163,90 @@ def _disable_ipv6(ifname: str) -> None:
         pass  # IPv6 is off in this kernel: nothing to disable
 
 
+SHELL_SETTINGS = "unset HISTFILE; stty -echo; set +m"  # what Mininet's Node.startShell runs once its shell is up
+IPV6_OFF = ("echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
+            "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6")  # a lab namespace's own sysctls
+
+
 @functools.cache
 def _mininet_classes():
-    """Mininet's bridge and links, bringing nothing up in the host's namespace with IPv6 on.
+    """Mininet's nodes, bridge and links as the lab uses them: shells that start all at once, links
+    the lab creates itself (`Lab._create_links`).
 
     Mininet is imported here only: it is a root-only dependency (preflight says how to install it).
     """
+    import pty
+
     from mininet.link import Link, TCLink
+    from mininet.node import Host, Node
     from mininet.nodelib import LinuxBridge
 
-    class QuietBridge(LinuxBridge):
-        """LinuxBridge.start with IPv6 disabled on the bridge between `brctl addbr` and `ifconfig up`."""
+    class ParallelShell:
+        """Node.startShell without its wait for the prompt: every node's shell starts at once.
 
-        def start(self, _controllers):
-            self.cmd("brctl addbr", self)
-            _disable_ipv6(self.name)
-            if self.stp:
-                self.cmd("brctl setbridgeprio", self.prio)
-                self.cmd("brctl stp", self, "on")
-            for intf in self.intfList():
-                if intf.name.startswith(BRIDGE_PREFIX):  # its ports (sqlab<N>p<M><run>), never lo
-                    self.cmd("brctl addif", self, intf)
-            self.cmd("ifconfig", self, "up")
+        `send_settings` waits for the prompt and sends the shell's settings (and, in a lab namespace,
+        IPv6 off), `waitOutput` collects them; a command sent before that does both first.
+        """
+        settings = SHELL_SETTINGS
 
-    class RootQuiet:
-        """The end of a veth pair that stays in the host's namespace gets IPv6 disabled before it is up
-        (the pair is created down; Intf.config brings it up just after)."""
+        def startShell(self, mnopts=None):
+            # Node.startShell's own steps, up to its wait for the prompt; the shell's other descriptors
+            # are closed by Python (close_range), not by `mnexec -c` (a close() for each of 20,000)
+            opts = "-d" + ("n" if self.inNamespace else "")
+            argv = ["mnexec", opts, "env", "PS1=" + chr(127), "bash", "--norc", "--noediting", "-is",
+                    "mininet:" + self.name]
+            self.master, self.slave = pty.openpty()
+            self.shell = self._popen(argv, stdin=self.slave, stdout=self.slave, stderr=self.slave, close_fds=True)
+            self.stdin = self.stdout = os.fdopen(self.master, "r")
+            self.pid = self.shell.pid
+            self.pollOut = select.poll()
+            self.pollOut.register(self.stdout)
+            self.outToNode[self.stdout.fileno()] = self
+            self.inToNode[self.stdin.fileno()] = self
+            self.execed, self.lastCmd, self.lastPid, self.readbuf = False, None, None, ""
+            self.waiting = True  # for the prompt: the first one ends it, as a command's sentinel does
+            self.settings_due = True
+
+        def send_settings(self) -> None:
+            self.waitOutput()  # the shell's first prompt (a namespace node's namespace exists from then on)
+            self.settings_due = False
+            super().sendCmd(self.settings)
+
+        def sendCmd(self, *args, **kwargs):
+            if self.settings_due:
+                self.send_settings()
+                self.waitOutput()
+            super().sendCmd(*args, **kwargs)
+
+    class LabHost(ParallelShell, Host):
+        """A host, firewall node or shaper: its namespace has IPv6 off before its first link exists."""
+        settings = f"{SHELL_SETTINGS}; {IPV6_OFF}"
+
+    class LabBridge(ParallelShell, LinuxBridge):
+        """A bridge of the host's namespace: the lab creates it, its ports and brings them up itself
+        (`Lab._create_links`); Mininet keeps the node (its shell runs shaped ports' tc commands)."""
+
+        def __init__(self, name, dpid=None, stp=False, prio=None, opts="", listenPort=None, **params):
+            # LinuxBridge's and Switch's __init__ without Switch's control interface: `ifconfig lo up`
+            # in the host's namespace, a command that would wait for this shell (a lab bridge needs none)
+            self.stp, self.prio = stp, prio
+            Node.__init__(self, name, **params)
+            self.dpid, self.opts, self.listenPort = self.defaultDpid(dpid), opts, listenPort
+
+    class Premade:
+        """A link whose veth pair the lab created already (`Lab._create_links`): Mininet only records it."""
 
         @classmethod
-        def makeIntfPair(cls, intfname1, intfname2, addr1=None, addr2=None, node1=None, node2=None,
-                         deleteIntfs=True):
-            result = super().makeIntfPair(intfname1, intfname2, addr1, addr2, node1, node2, deleteIntfs=deleteIntfs)
-            for name, node in ((intfname1, node1), (intfname2, node2)):
-                if node is not None and not node.inNamespace:
-                    _disable_ipv6(name)
-            return result
+        def makeIntfPair(cls, *_args, **_kwargs):
+            pass
 
-    class QuietLink(RootQuiet, Link):
+    class PremadeLink(Premade, Link):
         pass
 
-    class QuietTCLink(RootQuiet, TCLink):
+    class PremadeTCLink(Premade, TCLink):
         pass
 
-    return QuietBridge, QuietLink, QuietTCLink
+    return LabHost, LabBridge, PremadeLink, PremadeTCLink
 
 
 def _check_host_forwarding() -> None:
@@ -221,6 +263,19 @@ def _check_host_forwarding() -> None:
     raise LabError("this host's FORWARD policy drops bridged traffic (net.bridge.bridge-nf-call-iptables=1), "
                    "so lab frames would be dropped; allow the lab range first: "
                    "`iptables -I FORWARD -s 198.18.0.0/15 -d 198.18.0.0/15 -j ACCEPT` (safeq-lab never changes host rules)")
+
+
+@dataclass
+class Veth:
+    """A veth pair the lab creates itself (`_create_links`), then shows Mininet."""
+
+    node1: object  # a Mininet node: end 1 is in its namespace
+    name1: str
+    node2: object  # a namespace node too, or a bridge: end 2 is then its port
+    name2: str
+    address1: str = ""  # end 1's address/prefix, if it has one
+    shape: dict = field(default_factory=dict)  # a shaped host link's TCLink parameters (`_link_params`)
+    macs: tuple[str, str] = ("", "")
 
 
 @dataclass
@@ -421,39 +476,43 @@ class Lab:
 
     # -- build ----------------------------------------------------------------------------------
     def _build(self) -> None:
+        """The network in a few bulk steps, not Mininet's command per interface (each a round trip to a
+        node's shell, ~2 ms, one after another): every shell starts at once; one `ip -batch` in the
+        host's namespace creates all links, another attaches the bridges' ports; each node sets its
+        addresses, links and routes in one command, sent to every node before any answer is read."""
         from mininet.log import setLogLevel  # root-only dependency, see _mininet_classes
         from mininet.net import Mininet
-        from mininet.node import Node
 
-        bridge_cls, link_cls, tclink_cls = _mininet_classes()
+        host_cls, bridge_cls, link_cls, tclink_cls = _mininet_classes()
         setLogLevel("error")
         topo = self.topology
-        net = Mininet(topo=None, controller=None, switch=bridge_cls, build=False, autoSetMacs=False)
+        net = Mininet(topo=None, controller=None, host=host_cls, switch=bridge_cls, build=False, autoSetMacs=False)
         self.net = net
         ports: dict[int, int] = {}  # bridge index -> ports so far
+        veths: list[Veth] = []
+        routes: dict[str, list[str]] = {}  # node -> its routes (`ip -batch` lines), once its links are up
 
         def port(index: int) -> str:  # bridge index's next root-side end, as root_interfaces() recorded it
             ports[index] = ports.get(index, 0) + 1
             return port_name(index, ports[index], self.run_id)
 
-        def add_node(name, **params):
-            node = net.addHost(name, **params)
-            self._quiet_namespace(node)  # before its first link: no IPv6 on any of its interfaces
+        def add_node(name):
+            node = net.addHost(name, ip=None)  # its address is the lab's to set (_configure_nodes)
+            if not node.inNamespace:  # IPv6 goes off in its namespace: the host's own sysctls are never ours
+                raise LabError(f"lab node {node.name} is not in a network namespace of its own")
             return node
 
         with self._marked_environment():
-            firewalls = {fw.name: add_node(fw.name, cls=Node, ip=None) for fw in topo.firewalls}
+            firewalls = {fw.name: add_node(fw.name) for fw in topo.firewalls}
             def attach(firewall, interface: str, address: str, bridge, index: int, link: str) -> None:
                 """The firewall node's interface to a bridge, through the link's shaper if it has one."""
                 shaper = self._shapers.get(link)
                 if shaper is None:
-                    net.addLink(firewall, bridge, cls=link_cls, intfName1=interface, intfName2=port(index),
-                                params1={"ip": address})
+                    veths.append(Veth(firewall, interface, bridge, port(index), address))
                     return
-                node = add_node(shaper.node, cls=Node, ip=None)
-                net.addLink(firewall, node, cls=link_cls, intfName1=interface, intfName2=impair.FW_PORT,
-                            params1={"ip": address})
-                net.addLink(node, bridge, cls=link_cls, intfName1=impair.NET_PORT, intfName2=port(index))
+                node = add_node(shaper.node)
+                veths.append(Veth(firewall, interface, node, impair.FW_PORT, address))
+                veths.append(Veth(node, impair.NET_PORT, bridge, port(index)))
 
             for index, zone in enumerate(topo.zones, start=1):
                 bridge = net.addSwitch(topo.bridge(zone, self.run_id), dpid=f"{index:x}", stp=False)
@@ -461,9 +520,9 @@ class Lab:
                 attach(firewalls[topo.zone_firewall(zone).name], topo.firewall_interface(zone),
                        f"{zone.gateway}/{prefix}", bridge, index, zone.name)
                 for spec in zone.hosts:
-                    host = add_node(spec.name, ip=f"{spec.address}/{prefix}", defaultRoute=f"via {zone.gateway}")
-                    net.addLink(host, bridge, cls=_link_class(spec.link, tclink_cls, link_cls), intfName2=port(index),
-                                **_link_params(spec.link, spec.name, zone.name))
+                    veths.append(Veth(add_node(spec.name), f"{spec.name}-eth0", bridge, port(index),
+                                      f"{spec.address}/{prefix}", _link_params(spec.link, spec.name, zone.name)))
+                    routes[spec.name] = [f"route add default via {zone.gateway}"]
             if topo.transit is not None:
                 transit_index = len(topo.zones) + 1
                 transit = net.addSwitch(topo.run_transit_bridge(self.run_id), dpid=f"{transit_index:x}", stp=False)
@@ -471,27 +530,47 @@ class Lab:
                     attach(firewalls[fw.name], fw.transit_interface, f"{fw.transit_address}/{topo.transit.prefixlen}",
                            transit, transit_index, fw.wan_link)
             self._record_state("building")
-            net.build()
-            net.start()
         for fw in topo.firewalls:
-            node = firewalls[fw.name]
-            node.cmd("echo 1 > /proc/sys/net/ipv4/ip_forward")  # per-namespace; no procps needed
-            for other in topo.firewalls:
-                for zone_name in (other.zones if other.name != fw.name else ()):
-                    self._node_cmd(node, ["ip", "route", "add", str(topo.zone(zone_name).subnet),
-                                          "via", other.transit_address], what="a route to " + zone_name)
+            routes[fw.name] = [f"route add {topo.zone(zone_name).subnet} via {other.transit_address}"
+                               for other in topo.firewalls if other.name != fw.name for zone_name in other.zones]
+        _each_shell(net.hosts + net.switches, lambda node: node.send_settings())  # IPv6 off before any link
+        attaching = _create_links(net, veths)
+        self._configure_nodes(veths, routes, forwarding=set(firewalls))
+        _batch_done(attaching, "attaching the bridges' ports")
+        for veth in veths:  # Mininet's own view of each link (a shaped one's tc commands run now)
+            link = net.addLink(veth.node1, veth.node2, cls=tclink_cls if veth.shape else link_cls,
+                               intfName1=veth.name1, intfName2=veth.name2, addr1=veth.macs[0], addr2=veth.macs[1],
+                               up=None, **veth.shape)
+            if veth.address1:
+                link.intf1.ip, link.intf1.prefixLen = veth.address1.split("/")
         self._record_state()
         for shaper in self._shapers.values():
             self._start_shaper(shaper)
-        # one `nft -f` per node, all at once: sequentially they were a third of the build
-        _each(lambda name: self.nft_load(name, EGRESS_TABLE), list(self.egress_nodes))
 
-    def _quiet_namespace(self, node) -> None:
-        """IPv6 off in a lab namespace (its own sysctls, set from inside it): no link-local chatter."""
-        if not node.inNamespace:  # the host's own sysctls are never ours to change
-            raise LabError(f"lab node {node.name} is not in a network namespace of its own")
-        node.cmd("echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
-                 "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6")
+    def _configure_nodes(self, veths: list[Veth], routes: dict[str, list[str]], forwarding: set[str]) -> None:
+        """Each lab namespace's addresses, links (up), lo, routes and, in hosts and firewall nodes, the
+        egress table: one command per node, run by its shell, every node at once. Its `ip -batch` and
+        nft input are files: a shell's command line is cut at 4 KiB."""
+        egress = self.run_dir / "egress.nft"
+        egress.write_text(EGRESS_TABLE)
+        egress_nodes = set(self.egress_nodes)
+        batches: dict[str, list[str]] = {node.name: [] for node in self.net.hosts}
+        for veth in veths:
+            if veth.address1:
+                batches[veth.node1.name].append(f"addr add {veth.address1} brd + dev {veth.name1}")
+            batches[veth.node1.name].append(f"link set dev {veth.name1} up")
+            if veth.node2.inNamespace:
+                batches[veth.node2.name].append(f"link set dev {veth.name2} up")
+        commands = {}
+        for node in self.net.hosts:
+            path = self.run_dir / f"{node.name}.links"
+            path.write_text("".join(f"{line}\n" for line in [*batches[node.name], "link set dev lo up",
+                                                              *routes.get(node.name, [])]))
+            steps = (["echo 1 > /proc/sys/net/ipv4/ip_forward"] if node.name in forwarding else [])  # no procps needed
+            steps.append(f"ip -batch {shlex.quote(str(path))}")
+            steps += [f"nft -f {shlex.quote(str(egress))}"] if node.name in egress_nodes else []
+            commands[node] = " && ".join(steps)
+        _each_shell(list(commands), lambda node: node.sendCmd(commands[node]), "setting up its links")
 
     @property
     def egress_nodes(self) -> tuple[str, ...]:
@@ -980,6 +1059,60 @@ def _delete_links(names: list[str]) -> subprocess.Popen | None:
     return proc
 
 
+def _each_shell(nodes: list, send: Callable, what: str = "") -> None:
+    """`send` a command to each node's shell, then read every answer: the shells work at once. With
+    `what`, a node that answered anything failed (the lab's commands print nothing when they succeed)."""
+    for node in nodes:
+        send(node)
+    answers = [(node, node.waitOutput().strip()) for node in nodes]
+    failed = [(node, answer) for node, answer in answers if answer]
+    if what and failed:
+        node, answer = failed[0]
+        raise LabError(f"{what} failed on node {node.name}: {answer.splitlines()[0]}")
+
+
+def _create_links(net, veths: list[Veth]) -> subprocess.Popen:
+    """Every bridge and veth pair in one `ip -batch` of the host's namespace, IPv6 disabled on those
+    ending there before any is up; then another batch, started and returned, attaches each port to its
+    bridge and brings both up. A pair is created with each end in its node's namespace (Mininet's own
+    MAC addresses: its view stays right)."""
+    bridges = [node.name for node in net.switches]
+    lines = [f"link add name {bridge} type bridge" for bridge in bridges]
+    for veth in veths:
+        veth.macs = (net.randMac(), net.randMac())
+        lines.append(f"link add name {veth.name1} address {veth.macs[0]}{_netns(veth.node1)} "
+                     f"type veth peer name {veth.name2} address {veth.macs[1]}{_netns(veth.node2)}")
+    _batch_done(_ip_batch(lines), "creating the lab's links")
+    ports = [veth for veth in veths if not veth.node2.inNamespace]
+    for name in bridges + [veth.name2 for veth in ports]:
+        _disable_ipv6(name)
+    return _ip_batch([f"link set dev {veth.name2} master {veth.node2.name} up" for veth in ports]
+                     + [f"link set dev {bridge} up" for bridge in bridges])
+
+
+def _netns(node) -> str:
+    return f" netns {node.pid}" if node.inNamespace else ""
+
+
+def _ip_batch(lines: list[str]) -> subprocess.Popen:
+    """`ip -batch -` of `lines` in the host's namespace, started now: `_batch_done` waits for it."""
+    proc = subprocess.Popen(["ip", "-batch", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write("".join(f"{line}\n" for line in lines))
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it stopped at a failing line (and says which on stderr)
+    return proc
+
+
+def _batch_done(proc: subprocess.Popen, what: str) -> None:
+    err = proc.stderr.read()  # a line or two at most: without -force, ip stops at the first failure
+    proc.stderr.close()
+    if proc.wait() != 0:
+        raise LabError(f"{what} failed: {next((l for l in err.splitlines() if l.strip()), 'ip -batch failed')}")
+
+
 def _each(fn: Callable, items: list) -> list:
     """fn over items, one thread each; an interrupt does not wait for the threads (teardown ends
     their daemons, which ends their jobs)."""
@@ -1065,10 +1198,6 @@ def _sleeping(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
     except (OSError, IndexError):
         return False
-
-
-def _link_class(shape: LinkShape, shaped_cls, plain_cls):
-    return shaped_cls if shape.bw is not None else plain_cls
 
 
 def _link_params(shape: LinkShape, host: str = "", zone: str = "") -> dict:
