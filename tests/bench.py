@@ -112,15 +112,16 @@ def bench(topology_name: str, run: int, catalog) -> tuple:
     good, closed = audits
     hosts = len(topology.hosts)
     return (topology.name, run, hosts, listeners, sum(c.kind == "required" for c in checks),
-            sum(c.kind == "exposure" for c in checks), lab.timings["build"], lab.timings["start"],
-            1000 * lab.timings["start"] / hosts, good.timings["probe"], good.timings["sweep"],
+            sum(c.kind == "exposure" for c in checks), lab.timings["build"], lab.timings["zygote wait"],
+            lab.timings["start"], 1000 * lab.timings["start"] / hosts, good.timings["probe"], good.timings["sweep"],
             good.timings["attribute"], closed.timings["probe"], closed.timings["sweep"],
             closed.timings["attribute"], lab.timings["teardown"], total,
             sampler.peak_used / 1024, sampler.peak_pss / 1024, sampler.peak_pss / 1024 / hosts,
             pairs, nmap, good.timings["probe"] / nmap if nmap else 0.0, f"{good.exit_status}/{closed.exit_status}")
 
 
-HEADER = ("topology", "run", "hosts", "listeners", "required", "knocks", "build s", "start s", "start ms/host",
+HEADER = ("topology", "run", "hosts", "listeners", "required", "knocks", "build s", "zygote wait s", "start s",
+          "start ms/host",
           "probe s (generated)", "sweep s (generated)", "attribute s (generated)", "probe s (default drop)",
           "sweep s (default drop)", "attribute s (default drop)",
           "teardown s", "total s", "peak used MiB", "peak lab PSS MiB", "PSS MiB/host", "nmap tcp pairs",
