@@ -33,7 +33,7 @@ from emulator.topology import Topology
 PROBE_TIMEOUT = 5.0
 DROPPED_TIMEOUT = 0.5  # seconds a probe waits when a knock already showed its first packet dropped
 KNOCK_WAIT = 3.0     # seconds the first firewall of each path may take to count every knock
-KNOCK_SETTLE = 0.05  # then for the knocks to cross the later firewalls of a path
+KNOCK_SETTLE = 0.05  # then for the knocks to cross the later firewalls of a path (and reach a capture)
 ATTRIBUTE_TIMEOUT = 2.0  # seconds a flow whose reply or data channel was dropped is probed again under tracing
 RETRIED = ("silent", "timeout")  # unanswered probes the firewalls passed: probed once more, alone
 # What run_audit tells its `progress` callback, in this order, once each: (phase, what it does in words).
@@ -275,8 +275,7 @@ def _knock(lab, exposures: list[Check], topology: Topology) -> list[str]:
         if all(counted[node] >= total for node, total in first.items()):
             break
         time.sleep(0.05)
-    if any(len(c.enforcers) > 1 for c in exposures):
-        time.sleep(KNOCK_SETTLE)  # the later nodes of multi-firewall paths
+    time.sleep(KNOCK_SETTLE)  # the later nodes of multi-firewall paths, and a capture's last packets
     return errors
 
 

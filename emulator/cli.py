@@ -214,6 +214,11 @@ def _raised_while_interrupted(exc: BaseException) -> bool:
     return False
 
 
+def _ignore_interrupts() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -224,15 +229,18 @@ def main(argv: list[str] | None = None) -> int:
         except _UsageError as exc:
             print(f"safeq-lab: error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_USAGE
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        # done, the lab down: a Ctrl-C while the interpreter exits (joining its threads) must not
+        # end the process by SIGINT instead of with its status
+        _ignore_interrupts()
+        return status
     except LabError as exc:
         print(f"safeq-lab: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (KeyboardInterrupt, _Terminated):
         # Lab.close() defers these signals until teardown is done, so the lab is down by now;
         # a further signal must not turn this message into a traceback.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)
+        _ignore_interrupts()
         print("safeq-lab: interrupted; the lab was torn down", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
