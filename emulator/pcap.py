@@ -83,8 +83,10 @@ class Capture:
         return self.directory / f"{_safe(node)}.pcap"
 
     def _start(self, node: str) -> None:
-        # Linux cooked v1: v2 records interface indexes, which tcpdump -r names from the reader's own namespace
-        argv = ["tcpdump", "-i", "any", "-y", "LINUX_SLL", "-n", "-s", str(SNAPLEN), "-B", str(BUFFER_KIB), "-Z", "root",
+        # Linux cooked v1: v2 records interface indexes, which tcpdump -r names from the reader's own namespace.
+        # Immediate mode: else libpcap hands packets over in blocks retired after 1 s, and a block still
+        # filling when stop() comes (the last knocks of a sweep) is never written
+        argv = ["tcpdump", "-i", "any", "--immediate-mode", "-y", "LINUX_SLL", "-n", "-s", str(SNAPLEN), "-B", str(BUFFER_KIB), "-Z", "root",
                 "-w", str(self.path(node)), LAB_NET]
         proc = self.lab.popen(node, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
