@@ -8,6 +8,9 @@ host goes to it as a job on a Unix socket (the daemon's spec names the path):
     StoreQuery {"store": name}  ('' = all)                      ->  StoreReply {"documents": [Document...]}
     CertificateJob {"certificate": {"cert_file", "key_file"}}  ->  CertificateReply {"contexts": n}
         (every TLS listener of the host presents that pair to new connections; n server contexts switched)
+    StopJob {"stop": true}                                      ->  StopReply {"stopped": n}
+        (the host's n listeners and its control socket close; its daemon says EXITED for it, and
+        ends once every host it serves is stopped)
     anything unusable                                           ->  JobError   {"error": "..."}
 
 Both ends use this module: the lab encodes jobs and decodes replies, `JobServer` (the daemon's
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
+from . import netns
 from .knock import Knock, knock, parse_knocks
 from .protocols import jobstore
 from .prober import DEFAULT_CONCURRENCY, run_probes
@@ -83,6 +88,22 @@ class CertificateReply:
 
 
 @dataclass(frozen=True)
+class StopJob:
+    """Stop serving the daemon's host (a stub down), whatever other hosts its process serves."""
+
+    def to_line(self) -> bytes:
+        return _line({"stop": True})
+
+
+@dataclass(frozen=True)
+class StopReply:
+    stopped: int   # listeners closed, the control socket's included
+
+    def to_line(self) -> bytes:
+        return _line({"stopped": self.stopped})
+
+
+@dataclass(frozen=True)
 class ProbeReply:
     results: tuple[ProbeResult, ...]
 
@@ -107,8 +128,8 @@ class JobError:
         return _line({"error": self.error})
 
 
-Job = ProbeJob | KnockJob | StoreQuery | CertificateJob
-Reply = ProbeReply | KnockReply | StoreReply | CertificateReply | JobError
+Job = ProbeJob | KnockJob | StoreQuery | CertificateJob | StopJob
+Reply = ProbeReply | KnockReply | StoreReply | CertificateReply | StopReply | JobError
 
 
 def _line(data: dict) -> bytes:
@@ -138,6 +159,10 @@ def parse_job(line: bytes | str) -> Job:
         if not isinstance(data["store"], str):
             raise ValueError("store must be a document name ('' for all)")
         return StoreQuery(data["store"])
+    if "stop" in data:
+        if data["stop"] is not True:
+            raise ValueError("stop must be true")
+        return StopJob()
     if "certificate" in data:
         pair = data["certificate"]
         if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) and pair[k]
@@ -172,6 +197,8 @@ def parse_reply(line: bytes | str) -> Reply:
             return StoreReply(tuple(jobstore.Document.from_dict(d) for d in data["documents"]))
         if "contexts" in data:
             return CertificateReply(int(data["contexts"]))
+        if "stopped" in data:
+            return StopReply(int(data["stopped"]))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         return JobError(f"the daemon's answer is unusable: {' '.join(str(exc).split())}")
     return JobError("the daemon's answer is neither results, knocks, documents nor an error")
@@ -190,11 +217,18 @@ class JobServer(LineReceiver):
             self._answer(JobError(" ".join(str(exc).split())))
             return
         if isinstance(job, KnockJob):
-            sent, errors = knock(job.knocks)
+            with netns.made_in(self.factory.reactor):  # the knocks leave from this daemon's host
+                sent, errors = knock(job.knocks)
             self._answer(KnockReply(sent, tuple(errors)))
             return
         if isinstance(job, StoreQuery):
-            self._answer(StoreReply(jobstore.all_documents(job.name)))
+            persona = self.factory.persona
+            documents = (jobstore.store_for(persona.host).documents(job.name) if persona is not None
+                         else jobstore.all_documents(job.name))
+            self._answer(StoreReply(documents))
+            return
+        if isinstance(job, StopJob):
+            self._stop()
             return
         if isinstance(job, CertificateJob):
             self._answer(self._swap_certificate(job))
@@ -213,6 +247,13 @@ class JobServer(LineReceiver):
         except ValueError as exc:
             return JobError(str(exc))
 
+    def _stop(self) -> None:
+        stop = self.factory.stop
+        if stop is None:
+            self._answer(JobError("this daemon's host cannot be stopped on its own: stop the daemon"))
+            return
+        self._answer(StopReply(stop()))
+
     def _answer(self, reply: Reply) -> None:
         if self.transport is not None and self.transport.connected:
             self.transport.write(reply.to_line())
@@ -225,6 +266,7 @@ class JobServer(LineReceiver):
 class JobServerFactory(Factory):
     protocol = JobServer
 
-    def __init__(self, reactor, persona: Persona | None = None) -> None:
+    def __init__(self, reactor, persona: Persona | None = None, stop: Callable[[], int] | None = None) -> None:
         self.reactor = reactor
-        self.persona = persona   # whose TLS listeners a CertificateJob swaps
+        self.persona = persona   # whose TLS listeners a CertificateJob swaps, whose documents a StoreQuery lists
+        self.stop = stop         # stops the host's service (StopJob): how many listeners closed

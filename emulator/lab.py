@@ -54,7 +54,7 @@ from emulator.rules import Ruleset, apply_commands, load_rules_file
 from emulator.impair import Impairment
 from emulator.topology import INTERFACE_MAX, LinkShape, Topology, bridge_name, port_name
 from emulator.trace import MONITOR_COMMAND, TRACE_TABLE, TRACE_TABLE_NAME
-from emulator.zygote import Zygote
+from emulator.zygote import Zygote, daemon_groups
 
 DAEMON_READY_TIMEOUT = 60.0
 PROBE_JOB_TIMEOUT = 600.0
@@ -291,10 +291,12 @@ class Shaper:
 
 class Lab:
     def __init__(self, topology: Topology, catalog: Catalog | None = None, python: str = sys.executable,
-                 certs_dir: str | None = None, impairable: Iterable[str] = ()):
+                 certs_dir: str | None = None, impairable: Iterable[str] = (), hosts_per_daemon: int | None = None):
         """`impairable`: links (Topology.link_names) a shaper is put on although the topology does not
-        impair them, so that `impair` can change them while the lab runs."""
+        impair them, so that `impair` can change them while the lab runs. `hosts_per_daemon`: how many
+        hosts one role-daemon process serves at most (default: zygote.daemon_groups's choice)."""
         self.topology = topology
+        self.hosts_per_daemon = hosts_per_daemon
         unknown = sorted(set(impairable) - set(topology.link_names))
         if unknown:
             raise LabError(f"cannot make {', '.join(unknown)} impairable: not a link of topology {topology.name} "
@@ -320,6 +322,7 @@ class Lab:
         self.interfaces: list[str] = []  # links in the host's namespace, recorded (at claim) before they exist
         self._claimed = False
         self._stopped: set[str] = set()  # daemons stopped on purpose (stop_daemon)
+        self._daemon_stderr: dict[str, Path] = {}  # host -> the stderr of the process serving it
         self._monitors: dict[str, subprocess.Popen] = {}  # node -> its `nft monitor trace`
         self._helpers: list[subprocess.Popen] = []  # other processes started in nodes (captures, ...): see popen()
         self.trace_buffer: dict[str, bool] = {}  # node -> its monitor's receive buffer was raised to TRACE_BUFFER
@@ -722,6 +725,7 @@ class Lab:
             raise LabError(f"the role daemons' zygote failed: {exc}: {self._last_stderr_line('zygote')}") from None
         self.timings["zygote wait"] = time.monotonic() - waited
         self._record_state()
+        specs = {}
         for spec in self.topology.hosts:
             persona = {"address": spec.address, **self.tls[spec.name].to_dict(), "ca_file": self.ca_file}
             daemon = roles.daemon_spec(spec.name, spec.roles, str(self.run_dir / f"{spec.name}.requests.jsonl"),
@@ -730,9 +734,12 @@ class Lab:
                 daemon["persona"]["identity"].update(self.topology.personas[spec.persona])
             # every host runs a daemon, listeners or not: it is also the host's prober
             daemon["control"] = str(self._control_socket(spec.name))
-            spec_file = self.run_dir / f"{spec.name}.json"
-            spec_file.write_text(json.dumps(daemon))
-            self.zygote.spawn(spec.name, self.net.get(spec.name).pid, str(spec_file), str(self._stderr_file(spec.name)))
+            specs[spec.name] = self.run_dir / f"{spec.name}.json"
+            specs[spec.name].write_text(json.dumps(daemon))
+        for group in daemon_groups(list(specs), os.cpu_count() or 1, self.hosts_per_daemon):
+            stderr = self.run_dir / f"{group[0]}.stderr"
+            self._daemon_stderr.update(dict.fromkeys(group, stderr))
+            self.zygote.spawn_group([(host, self.net.get(host).pid, str(specs[host])) for host in group], str(stderr))
         # Readiness is each daemon's own word from inside its host, never a probe across the firewall.
         silent = self.zygote.await_started([h.name for h in self.topology.hosts], DAEMON_READY_TIMEOUT)
         self._record_state()
@@ -749,7 +756,7 @@ class Lab:
             directory.chmod(0o700)
 
     def _stderr_file(self, host: str) -> Path:
-        return self.run_dir / f"{host}.stderr"
+        return self._daemon_stderr.get(host) or self.run_dir / f"{host}.stderr"
 
     # -- daemons ---------------------------------------------------------------------------------
     def daemon_alive(self, host: str) -> bool:
@@ -774,7 +781,14 @@ class Lab:
         if self.zygote is None or host not in self.zygote.daemons:
             raise LabError(f"no daemon runs on {host!r}; hosts: {', '.join(self.zygote.daemons if self.zygote else ())}")
         self._stopped.add(host)
-        self.zygote.stop([host])
+        if not self.zygote.sharing(host):
+            self.zygote.stop([host])
+            return
+        # its process serves other hosts too: only this host's listeners and prober stop
+        reply = self._control(host, jobs.StopJob())
+        if not isinstance(reply, jobs.StopReply) or not self.zygote.await_exited(host, DAEMON_READY_TIMEOUT):
+            raise LabError(f"the role daemon of {host} did not stop: "
+                           f"{reply.error if isinstance(reply, jobs.JobError) else 'it did not say it had'}")
 
     def start_daemon(self, host: str) -> None:
         """Start a stopped host's daemon again in place (its ports open, it probes again): the spec it
@@ -789,6 +803,7 @@ class Lab:
         spec["persona"].update(cert_file=self.tls[host].cert_file, key_file=self.tls[host].key_file)
         spec_file.write_text(json.dumps(spec))
         self._control_socket(host).unlink(missing_ok=True)   # left behind when the daemon was killed
+        self._daemon_stderr[host] = self.run_dir / f"{host}.stderr"  # in a process of its own now
         self.zygote.spawn(host, self.net.get(host).pid, str(spec_file), str(self._stderr_file(host)))
         silent = self.zygote.await_started([host], DAEMON_READY_TIMEOUT)
         self._record_state()

@@ -31,7 +31,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from . import protocols
+from . import netns, protocols
 from .jobs import JobServerFactory
 from .protocols import jobstore
 from .protocols.base import Listener, Persona
@@ -228,47 +228,108 @@ def _raise_file_limit(wanted: int = 8192) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def main(argv: list[str] | None = None, say: Callable[[str], None] = _say) -> int:
-    """Serve a spec until stopped; `say` carries the handshake (stdout, or the zygote's event pipe)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        say('ERROR usage: python -m emulator.roled SPEC.json')
-        return EXIT_SPEC
+@dataclass(frozen=True)
+class Member:
+    """One host a daemon process serves: its spec, its handshake line, its network namespace."""
+    spec_path: str
+    say: Callable[[str], None] = _say
+    namespace: int | None = None   # fd of the host's network namespace (emulator.netns); None: the process's own
+
+
+@dataclass
+class HostService:
+    """What a daemon runs for one of its hosts: stopped on its own (a stub down) or with the process."""
+    member: Member
+    ports: list[IListeningPort]
+    stopped: bool = False
+
+    def stop(self) -> Deferred:
+        self.stopped = True
+        return stop_listeners(self.ports)
+
+
+def start_host(reactor, member: Member, on_stop: Callable[['HostService'], int]) -> HostService | int:
+    """Start one host's listeners (and its job server); its HostService, or the exit status of its failure
+    (said as the host's ERROR line)."""
+    say = member.say
     try:
-        spec = load_spec(argv[0])
+        spec = load_spec(member.spec_path)
     except SpecError as exc:
         say(f'ERROR spec: {_one_line(exc)}')
         return EXIT_SPEC
-
-    from twisted.internet import reactor
-
-    _raise_file_limit()
-    reactor.suggestThreadPoolSize(64)  # FTP probes run ftplib in threads: let many run at once
-
+    if member.namespace is not None:
+        reactor = netns.HostReactor(reactor, member.namespace)
     try:
-        ports = start_listeners(reactor, spec)
+        # inside the host's namespace for the whole start: threads a stub starts (pyftpdlib's) stay there
+        with netns.made_in(reactor):
+            ports = start_listeners(reactor, spec)
     except BindError as exc:
         say(f'ERROR {exc}')
         return EXIT_BIND
     except OSError as exc:
         say(f'ERROR log {spec.log}: {_one_line(exc.strerror or exc)}')
         return EXIT_BIND
+    service = HostService(member, ports)
     if spec.control:
         # The daemon is also its host's prober: it already runs inside the host's namespace with
         # every protocol module loaded, so an audit costs no process start-ups per host.
         protocols.preload()
-        ports.append(reactor.listenUNIX(spec.control, JobServerFactory(reactor, spec.persona)))
+        ports.append(reactor.listenUNIX(spec.control, JobServerFactory(reactor, spec.persona,
+                                                                       stop=lambda: on_stop(service))))
         # Documents kept for workflows go to files beside the control socket (in the run
         # directory, removed with the run), not to this daemon's heap.
-        jobstore.spool_in(os.path.splitext(spec.control)[0] + '.spool')
-        reactor.addSystemEventTrigger('after', 'shutdown', jobstore.drop_spool)
+        if not jobstore.spooling():
+            jobstore.spool_in(os.path.splitext(spec.control)[0] + '.spool')
+            reactor.addSystemEventTrigger('after', 'shutdown', jobstore.drop_spool)
+    return service
+
+
+def serve(members: list[Member]) -> int:
+    """Serve every member host until stopped: 0, or the failure's status when none could start.
+
+    Each host says its own handshake. A host that cannot start says ERROR and the others serve on
+    (whoever started them decides); a host stopped by its job server says EXITED 0, and the process
+    ends with its last host.
+    """
+    from twisted.internet import reactor
+
+    _raise_file_limit()
+    reactor.suggestThreadPoolSize(64)  # FTP probes run ftplib in threads: let many run at once
+    services: list[HostService] = []
+
+    def stop_one(service: HostService) -> int:
+        service.stop().addBoth(lambda _: service.member.say(f'EXITED 0 {os.getpid()}'))
+        if all(s.stopped for s in services):
+            reactor.callLater(0, reactor.stop)
+        return len(service.ports)
+
+    failure = 0
+    for member in members:
+        started = start_host(reactor, member, stop_one)
+        if isinstance(started, int):
+            failure = failure or started
+        else:
+            services.append(started)
+    if not services:
+        return failure
     _log_to_stderr()
-    reactor.addSystemEventTrigger('before', 'shutdown', stop_listeners, ports)
+    reactor.addSystemEventTrigger('before', 'shutdown',
+                                  lambda: gatherResults([s.stop() for s in services if not s.stopped]))
     # READY only once running: by then the SIGTERM handler is installed, so a
     # caller that signals right after READY gets a clean stop, not a kill.
-    reactor.callWhenRunning(say, f'READY {len(ports)}')
+    for service in services:
+        reactor.callWhenRunning(service.member.say, f'READY {len(service.ports)}')
     reactor.run()
     return 0
+
+
+def main(argv: list[str] | None = None, say: Callable[[str], None] = _say) -> int:
+    """Serve one spec in this process's namespace until stopped; `say` carries the handshake."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        say('ERROR usage: python -m emulator.roled SPEC.json')
+        return EXIT_SPEC
+    return serve([Member(argv[0], say)])
 
 
 if __name__ == '__main__':

@@ -8,16 +8,21 @@ one child per host. The child enters the host's network namespace (`setns`), the
 `emulator.roled` exactly as a separate process would; the reactor is only imported after the
 fork, so no child shares an epoll descriptor with another.
 
+A child may serve several hosts (emulator.netns): it enters the first host's namespace, then
+makes each host's sockets inside that host's own (`roled.serve`).
+
 Wire protocol, one line each way (stdin: JSON jobs; stdout: events, each written with a single
 `write`, so children sharing the pipe never interleave):
 
-    stdin   {"host": "mfd-0001", "netns": <pid of a process in the host's namespace, 0: stay>,
-             "spec": "/run/.../mfd-0001.json", "stderr": "/run/.../mfd-0001.stderr"}
+    stdin   {"hosts": [{"host": "mfd-0001", "netns": <pid of a process in the host's namespace, 0: stay>,
+                        "spec": "/run/.../mfd-0001.json"}, ...],
+             "stderr": "/run/.../mfd-0001.stderr"}          one child for all these hosts
     stdout  READY - zygote          once everything is imported
-            SPAWNED <host> <pid>    the child exists
+            SPAWNED <host> <pid>    the child serving it exists
             READY <host> <n>        its n listeners are bound (roled's handshake)
             ERROR <host> <reason>   it could not start (a bad job, namespace or spec)
-            EXITED <host> <status>  reaped; status as subprocess gives it (negative: killed by signal)
+            EXITED <host> <status> <pid>  reaped (status as subprocess gives it, negative: killed by
+                                    signal), or the host alone stopped by its job server (status 0)
 
 End of stdin (the lab finished, or was killed) makes the zygote stop its children and exit.
 """
@@ -36,7 +41,6 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-CLONE_NEWNET = 0x40000000
 # Modules daemons import on first use: imported once here, or every daemon compiles them again.
 # Never twisted.internet.reactor (nor ldaptor.inmemory, which imports it): one epoll per child.
 PRELOADED = ("twisted.internet.epollreactor", "twisted.internet.tcp", "twisted.internet.udp",
@@ -61,17 +65,6 @@ def _write(line: str) -> None:
     os.write(1, (" ".join(line.split("\n")) + "\n").encode(errors="replace"))
 
 
-def _enter_network_namespace(pid: int) -> None:
-    # os.setns arrived in Python 3.12; Debian 12 has 3.11
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into the network namespace of pid {pid}")
-    finally:
-        os.close(fd)
-
-
 OOM_SCORE_ADJ = 1000  # the most a process may ask: the kernel's OOM killer takes it before any other
 
 
@@ -88,20 +81,28 @@ def _first_to_go_when_memory_runs_out() -> None:
 
 def _parse_job(line: str) -> dict:
     job = json.loads(line)
-    if not isinstance(job, dict) or not isinstance(job.get("host"), str) or not job["host"].isprintable() \
-            or " " in job["host"] or not job["host"]:
-        raise ValueError("a job needs a host name without spaces")
-    if not isinstance(job.get("netns"), int) or isinstance(job["netns"], bool) or job["netns"] < 0:
-        raise ValueError("netns must be the pid of a process in the host's namespace (0: the zygote's own)")
-    for key in ("spec", "stderr"):
-        if not isinstance(job.get(key), str) or not job[key]:
-            raise ValueError(f"{key} must be a path")
+    if not isinstance(job, dict) or not isinstance(job.get("hosts"), list) or not job["hosts"]:
+        raise ValueError("a job has hosts: a non-empty list")
+    for member in job["hosts"]:
+        if not isinstance(member, dict) or not isinstance(member.get("host"), str) \
+                or not member["host"].isprintable() or " " in member["host"] or not member["host"]:
+            raise ValueError("each of a job's hosts needs a host name without spaces")
+        if not isinstance(member.get("netns"), int) or isinstance(member["netns"], bool) or member["netns"] < 0:
+            raise ValueError("netns must be the pid of a process in the host's namespace (0: the zygote's own)")
+        if not isinstance(member.get("spec"), str) or not member["spec"]:
+            raise ValueError("spec must be a path")
+    if not isinstance(job.get("stderr"), str) or not job["stderr"]:
+        raise ValueError("stderr must be a path")
     return job
 
 
+def _hosts(job: dict) -> list[str]:
+    return [member["host"] for member in job["hosts"]]
+
+
 def _child(job: dict) -> None:
-    """Become `job`'s role daemon; never returns."""
-    from emulator import roled
+    """Become the role daemon of `job`'s hosts; never returns."""
+    from emulator import netns, roled
 
     status = roled.EXIT_SPEC
     try:
@@ -117,22 +118,30 @@ def _child(job: dict) -> None:
         os.dup2(devnull, 0)
         os.close(devnull)
         sys.stdout = sys.stderr  # fd 1 is the zygote's event pipe: only `say` writes there
-        if job["netns"]:
-            _enter_network_namespace(job["netns"])
-        host = job["host"]
-
-        def say(line: str) -> None:
-            word, _, rest = line.partition(" ")
-            _write(f"{word} {host} {rest}")
-
-        status = roled.main([job["spec"]], say=say)
+        members = []
+        for member in job["hosts"]:
+            namespace = netns.open_namespace(member["netns"]) if member["netns"] else None
+            members.append(roled.Member(member["spec"], _teller(member["host"]), namespace))
+        if members[0].namespace is not None:
+            # the process's home: never the zygote's (the machine's) namespace, whatever makes a socket
+            netns.enter(members[0].namespace)
+        status = roled.serve(members)
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the lab must hear of it, then we exit
         traceback.print_exc()
-        _write(f"ERROR {job['host']} {exc.__class__.__name__}: {exc}")
+        for host in _hosts(job):
+            _write(f"ERROR {host} {exc.__class__.__name__}: {exc}")
         status = status or 1
     finally:
         sys.stderr.flush()
         os._exit(status)
+
+
+def _teller(host: str):
+    """roled's handshake line, said for `host` on the event pipe."""
+    def say(line: str) -> None:
+        word, _, rest = line.partition(" ")
+        _write(f"{word} {host} {rest}")
+    return say
 
 
 # Names the interpreter itself defines (in the python binary's data, a page every child writes anyway)
@@ -248,7 +257,7 @@ def serve() -> int:
     protocols.warm()
     for module in PRELOADED:
         importlib.import_module(module)
-    children: dict[int, str] = {}
+    children: dict[int, list[str]] = {}
 
     def reap(*_args) -> None:
         while children:
@@ -258,7 +267,7 @@ def serve() -> int:
                 return
             if pid == 0:
                 return
-            _write(f"EXITED {children.pop(pid, '?')} {_status(wait_status)}")
+            _exited(children.pop(pid, ["?"]), wait_status, pid)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the lab stops us (end of stdin), never the terminal
     signal.signal(signal.SIGCHLD, reap)
@@ -279,15 +288,21 @@ def serve() -> int:
             pid = os.fork()
             if pid == 0:
                 _child(job)
-            children[pid] = job["host"]
+            children[pid] = _hosts(job)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
-        _write(f"SPAWNED {job['host']} {pid}")
+        for host in _hosts(job):
+            _write(f"SPAWNED {host} {pid}")
     _stop(children, reap)
     return 0
 
 
-def _stop(children: dict[int, str], reap) -> None:
+def _exited(hosts: list[str], wait_status: int, pid: int) -> None:
+    for host in hosts:
+        _write(f"EXITED {host} {_status(wait_status)} {pid}")
+
+
+def _stop(children: dict[int, list[str]], reap) -> None:
     for pid in list(children):
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT
@@ -301,7 +316,7 @@ def _stop(children: dict[int, str], reap) -> None:
             pid, wait_status = os.waitpid(-1, 0)
         except ChildProcessError:
             break
-        _write(f"EXITED {children.pop(pid, '?')} {_status(wait_status)}")
+        _exited(children.pop(pid, ["?"]), wait_status, pid)
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -312,6 +327,19 @@ def _signal(pid: int, signum: int) -> None:
 
 
 # -- the lab's side ---------------------------------------------------------------------------------
+MAX_HOSTS_PER_DAEMON = 32
+DAEMONS_PER_CPU = 2
+
+
+def daemon_groups(hosts: list[str], cpus: int, most: int | None = None) -> list[list[str]]:
+    """The hosts each role-daemon process serves: at least DAEMONS_PER_CPU processes per CPU (probes are
+    CPU-bound), at most `most` (MAX_HOSTS_PER_DAEMON) hosts per process, dealt round robin so that busy
+    servers, listed together, land in different processes."""
+    most = most or MAX_HOSTS_PER_DAEMON
+    count = min(len(hosts), max(DAEMONS_PER_CPU * cpus, -(-len(hosts) // most)))
+    return [hosts[index::count] for index in range(count)] if hosts else []
+
+
 @dataclass
 class Daemon:
     """A host's role daemon as the zygote reports it."""
@@ -367,16 +395,25 @@ class Zygote:
                 elif event in ("READY", "ERROR"):
                     self.daemons[host].said = self.daemons[host].said or f"{event} {detail}".strip()
                 elif event == "EXITED":
-                    self.daemons[host].returncode = int(detail)
+                    status, _, pid = detail.partition(" ")
+                    if int(pid or 0) in (0, self.daemons[host].pid):  # not an earlier process of a restarted host
+                        self.daemons[host].returncode = int(status)
                 self._changed.notify_all()
         with self._changed:
             self.closed = True
             self._changed.notify_all()
 
     def spawn(self, host: str, netns_pid: int, spec: str, stderr: str) -> None:
+        """One daemon process for one host."""
+        self.spawn_group([(host, netns_pid, spec)], stderr)
+
+    def spawn_group(self, members: list[tuple[str, int, str]], stderr: str) -> None:
+        """One daemon process serving several hosts: (host, pid in its namespace, spec path) each."""
         with self._changed:
-            self.daemons[host] = Daemon(host)
-        self.proc.stdin.write(json.dumps({"host": host, "netns": netns_pid, "spec": spec, "stderr": stderr}) + "\n")
+            for host, _netns, _spec in members:
+                self.daemons[host] = Daemon(host)
+        hosts = [{"host": host, "netns": netns_pid, "spec": spec} for host, netns_pid, spec in members]
+        self.proc.stdin.write(json.dumps({"hosts": hosts, "stderr": stderr}) + "\n")
         self.proc.stdin.flush()
 
     def await_started(self, hosts, timeout: float) -> list[str]:
@@ -387,18 +424,31 @@ class Zygote:
             return [h for h in hosts if not self.daemons[h].started]
 
     def pids(self) -> list[int]:
+        """The daemon processes running (one per group of hosts)."""
         with self._changed:
-            return [d.pid for d in self.daemons.values() if d.pid and d.returncode is None]
+            return sorted({d.pid for d in self.daemons.values() if d.pid and d.returncode is None})
+
+    def sharing(self, host: str) -> list[str]:
+        """The other hosts still served by `host`'s daemon process."""
+        with self._changed:
+            pid = self.daemons[host].pid
+            return [h for h, d in self.daemons.items()
+                    if h != host and pid and d.pid == pid and d.returncode is None]
+
+    def await_exited(self, host: str, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.closed or self.daemons[host].returncode is not None, timeout)
 
     def stop(self, hosts=None, timeout: float = STOP_WAIT) -> None:
-        """SIGTERM the hosts' daemons (all by default) at once, SIGKILL what is left after `timeout`."""
+        """SIGTERM the hosts' daemons (all by default) at once, SIGKILL what is left after `timeout`.
+        A daemon serving several hosts stops with them all (a host alone: its job server's StopJob)."""
         with self._changed:
             chosen = [self.daemons[h] for h in (self.daemons if hosts is None else hosts)]
         for signum, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
             with self._changed:
                 live = [d for d in chosen if d.pid and d.returncode is None]
-            for daemon in live:
-                _signal(daemon.pid, signum)
+            for pid in {d.pid for d in live}:
+                _signal(pid, signum)
             with self._changed:
                 if self._changed.wait_for(lambda: self.closed or all(d.returncode is not None for d in live), wait):
                     return

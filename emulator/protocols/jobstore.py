@@ -128,6 +128,11 @@ def spool_in(directory: str | os.PathLike | None) -> None:
         _spool = Path(directory)
 
 
+def spooling() -> bool:
+    """Whether kept documents go to a spool directory (a daemon serving several hosts has one)."""
+    return _spool is not None
+
+
 def drop_spool() -> None:
     """Remove the spool directory and every file in it (a daemon stopping)."""
     if _spool is not None:
@@ -230,7 +235,7 @@ def store_for(host: str) -> JobStore:
 
 
 def all_documents(name: str = '') -> tuple[Document, ...]:
-    """Every document of every host in this process (a daemon has one host)."""
+    """Every document of every host in this process."""
     with _STORES_LOCK:
         stores = list(_STORES.values())
     return tuple(d for store in stores for d in store.documents(name))

@@ -72,6 +72,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
 
+from .. import netns
 from .base import Listener, Persona, ProbeResult, ProbeTarget
 from .probing import DatagramProbe, OnRequest, crashed, report
 from .serving import listen_udp
@@ -244,10 +245,10 @@ def parse_mac(text: str) -> bytes:
     return raw if len(raw) == 6 else bytes(6)
 
 
-def local_address_towards(peer: str) -> str:
-    """The address this host would send from to reach ``peer`` (no packet is sent: connecting
-    a UDP socket only asks the routing table)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
+def local_address_towards(peer: str, reactor=None) -> str:
+    """The address this host (``reactor``'s, emulator.netns) would send from to reach ``peer`` (no
+    packet is sent: connecting a UDP socket only asks the routing table)."""
+    with netns.made_in(reactor), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
         try:
             probe_socket.connect((peer, 1))
             return probe_socket.getsockname()[0]
@@ -656,7 +657,7 @@ def _probe_datagram_service(reactor, target: ProbeTarget) -> Deferred[ProbeResul
     token = secrets.randbelow(1 << 32)
     # SOURCE_PORT names the datagram service port, which real nodes send from; the stub
     # answers to the UDP source anyway (see the module docstring).
-    request = encode_datagram(DIRECT_UNIQUE, secrets.randbelow(0x8000), local_address_towards(target.host),
+    request = encode_datagram(DIRECT_UNIQUE, secrets.randbelow(0x8000), local_address_towards(target.host, reactor),
                               target.port, source, destination,
                               encode_mailslot(BROWSE_MAILSLOT, get_backup_list_request(token)))
     exchange = f'NetBIOS datagram {source} → {destination} GetBackupListRequest'

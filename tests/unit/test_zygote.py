@@ -61,6 +61,38 @@ def test_forked_daemons_serve_report_and_stop(zygote, tmp_path):
     assert zygote.daemons["h2"].returncode == -signal.SIGKILL  # reaped and reported, never a zombie
 
 
+def test_one_daemon_serves_a_group_and_stops_one_host_on_its_own(zygote, tmp_path):
+    from emulator import jobs
+    ports = {f"g{i}": _free_port() for i in range(3)}
+    members = []
+    for host, port in ports.items():
+        spec = json.loads(open(_spec(tmp_path, host, port)).read())
+        spec["control"] = str(tmp_path / f"{host}.ctl")
+        (tmp_path / f"{host}.json").write_text(json.dumps(spec))
+        members.append((host, 0, str(tmp_path / f"{host}.json")))
+    zygote.spawn_group(members, str(tmp_path / "group.stderr"))
+    assert zygote.await_started(ports, 30) == []
+    assert {h: d.said for h, d in zygote.daemons.items()} == {h: "READY 2" for h in ports}  # listener + control
+    assert len(zygote.pids()) == 1 and sorted(zygote.sharing("g0")) == ["g1", "g2"]
+    with socket.socket(socket.AF_UNIX) as control:
+        control.connect(str(tmp_path / "g1.ctl"))
+        control.sendall(jobs.StopJob().to_line())
+        assert jobs.parse_reply(control.makefile("rb").readline()) == jobs.StopReply(2)
+    assert zygote.await_exited("g1", 10) and zygote.daemons["g1"].returncode == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports["g1"]), timeout=5)
+    for host in ("g0", "g2"):  # the others serve on
+        assert zygote.daemons[host].returncode is None
+        socket.create_connection(("127.0.0.1", ports[host]), timeout=5).close()
+    # the host alone again, in a process of its own; the group's end is not taken for its
+    zygote.spawn("g1", 0, str(tmp_path / "g1.json"), str(tmp_path / "g1.stderr"))
+    assert zygote.await_started(["g1"], 30) == [] and zygote.daemons["g1"].said == "READY 2"
+    zygote.stop(["g0", "g2"])
+    assert zygote.daemons["g0"].returncode == zygote.daemons["g2"].returncode == 0
+    assert zygote.daemons["g1"].returncode is None
+    socket.create_connection(("127.0.0.1", ports["g1"]), timeout=5).close()
+
+
 def test_a_daemon_that_cannot_start_says_why(zygote, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -85,10 +117,14 @@ def test_end_of_stdin_stops_every_daemon(tmp_path):
     assert not os.path.exists(f"/proc/{pid}")
 
 
-@pytest.mark.parametrize("job", ['"x"', '{"host": "a b", "netns": 0, "spec": "s", "stderr": "e"}',
-                                 '{"host": "a", "netns": -1, "spec": "s", "stderr": "e"}',
-                                 '{"host": "a", "netns": true, "spec": "s", "stderr": "e"}',
-                                 '{"host": "a", "netns": 0, "spec": "", "stderr": "e"}'])
+def _job(**change) -> str:
+    member = {"host": "a", "netns": 0, "spec": "s", **change}
+    return json.dumps({"hosts": [member], "stderr": "e"})
+
+
+@pytest.mark.parametrize("job", ['"x"', '{"hosts": [], "stderr": "e"}', '{"hosts": ["a"], "stderr": "e"}',
+                                 _job(host="a b"), _job(netns=-1), _job(netns=True), _job(spec=""),
+                                 json.dumps({"hosts": [{"host": "a", "netns": 0, "spec": "s"}]})])
 def test_bad_jobs_are_refused(job):
     with pytest.raises(ValueError):
         _parse_job(job)
