@@ -718,13 +718,6 @@ class Lab:
 
     def _start_daemons(self) -> None:
         self._issue_certificates()
-        waited = time.monotonic()
-        try:
-            self.zygote.await_ready(DAEMON_READY_TIMEOUT)
-        except (RuntimeError, TimeoutError) as exc:
-            raise LabError(f"the role daemons' zygote failed: {exc}: {self._last_stderr_line('zygote')}") from None
-        self.timings["zygote wait"] = time.monotonic() - waited
-        self._record_state()
         specs = {}
         for spec in self.topology.hosts:
             persona = {"address": spec.address, **self.tls[spec.name].to_dict(), "ca_file": self.ca_file}
@@ -736,6 +729,14 @@ class Lab:
             daemon["control"] = str(self._control_socket(spec.name))
             specs[spec.name] = self.run_dir / f"{spec.name}.json"
             specs[spec.name].write_text(json.dumps(daemon))
+        # the specs are written first: a zygote that is ready and has no job builds spares meanwhile
+        waited = time.monotonic()
+        try:
+            self.zygote.await_ready(DAEMON_READY_TIMEOUT)
+        except (RuntimeError, TimeoutError) as exc:
+            raise LabError(f"the role daemons' zygote failed: {exc}: {self._last_stderr_line('zygote')}") from None
+        self.timings["zygote wait"] = time.monotonic() - waited
+        self._record_state()
         for group in daemon_groups(list(specs), os.cpu_count() or 1, self.hosts_per_daemon):
             stderr = self.run_dir / f"{group[0]}.stderr"
             self._daemon_stderr.update(dict.fromkeys(group, stderr))

@@ -33,6 +33,7 @@ import gc
 import importlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ PRELOADED = ("twisted.internet.epollreactor", "twisted.internet.tcp", "twisted.i
 # threads moving MiB-sized documents (two arenas saved ~3 MiB per MFD daemon over an audit).
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
 STOP_WAIT = 5.0  # seconds children get to stop after SIGTERM before SIGKILL
+FIRST_JOB_GRACE = 0.1  # seconds a ready zygote waits for jobs before it builds spares
 ZYGOTE = "zygote"
 
 
@@ -247,6 +249,30 @@ def _fill_glibc_holes() -> int:
     return taken
 
 
+class _JobLines:
+    """Lines of a descriptor, with a non-blocking `pending()` (select alone misses lines already read)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self._buffer, self._ended = fd, b"", False
+
+    def pending(self, wait: float) -> bool:
+        return b"\n" in self._buffer or self._ended or bool(select.select([self.fd], [], [], wait)[0])
+
+    def readline(self) -> str | None:
+        """The next line (without its end), None at end of input."""
+        while b"\n" not in self._buffer and not self._ended:
+            chunk = os.read(self.fd, 65536)
+            self._buffer += chunk
+            self._ended = not chunk
+        if b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+        elif self._buffer:
+            line, self._buffer = self._buffer, b""
+        else:
+            return None
+        return line.decode(errors="replace")
+
+
 def _status(wait_status: int) -> int:
     return -os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else os.WEXITSTATUS(wait_status)
 
@@ -276,7 +302,14 @@ def serve() -> int:
     park_method_cache()
     fill_allocator_holes()
     _write(f"READY - {ZYGOTE}")
-    for line in sys.stdin:
+    jobs = _JobLines(sys.stdin.fileno())
+    # Until the first job comes (a fleet's network takes seconds to build), build what a daemon serving
+    # many hosts takes per host (SNMP engines), once, for every child to copy. A lab already waiting
+    # for us sends its jobs at once: then nothing is built, and nothing delays them.
+    if not jobs.pending(FIRST_JOB_GRACE):
+        while not jobs.pending(0.0) and protocols.prepare_more():
+            gc.freeze()
+    while (line := jobs.readline()) is not None:
         try:
             job = _parse_job(line)
         except ValueError as exc:

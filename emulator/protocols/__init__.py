@@ -76,6 +76,16 @@ def warm() -> None:
             module.warm()
 
 
+def prepare_more() -> bool:
+    """Build one more of what a listener takes for its own (a module's optional `prepare_more()`), while
+    the zygote has nothing else to do; False once every module holds enough."""
+    for name in sorted(set(PROTOCOLS.values())):
+        module = _load(name)
+        if module is not None and hasattr(module, 'prepare_more') and module.prepare_more():
+            return True
+    return False
+
+
 def listen(reactor, listener: Listener, persona: Persona,
            on_request: Callable[[dict[str, Any]], None] | None = None,
            interface: str = '') -> IListeningPort:

@@ -643,15 +643,24 @@ class SnmpService:
         return self._stopped
 
 
-# Engines built before the zygote forks (`warm`): each daemon takes its own copy of one instead of
-# spending ~70 ms executing pysnmp's MIB modules again. A host serves at most agent + trap receiver.
+# Engines built before the zygote forks: each daemon takes its own copy of one instead of spending
+# ~65 ms executing pysnmp's MIB modules again. A host serves at most agent + trap receiver (`warm`);
+# a daemon serves up to 32 hosts, whose engines the zygote builds while it waits (`prepare_more`).
 SPARE_ENGINES = 2
+MAX_SPARE_ENGINES = 64
 _spare_engines: list[SnmpEngine] = []
 
 
 def warm() -> None:
     while len(_spare_engines) < SPARE_ENGINES:
         _spare_engines.append(SnmpEngine())
+
+
+def prepare_more() -> bool:
+    if len(_spare_engines) >= MAX_SPARE_ENGINES:
+        return False
+    _spare_engines.append(SnmpEngine())
+    return True
 
 
 def _build_engine(reactor, carrier: AbstractTransport, domain, community: str) -> SnmpEngine:
