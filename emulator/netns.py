@@ -7,8 +7,8 @@ can serve many hosts as long as every socket of a host is made inside that host'
 
 - `HostReactor(reactor, fd)`: the reactor as one host sees it. Its listen*/connect* calls make their
   socket inside the host's namespace (Twisted creates it synchronously in those calls), its thread
-  pool runs each call inside it (ftplib probes), its spawnProcess starts children inside it (ping). Stubs and probes are handed this reactor and never
-  learn there is more than one host.
+  pool runs each call inside it (ftplib probes), its spawnProcess starts children inside it (ping).
+  Stubs and probes are handed this reactor and never learn there is more than one host.
 - `made_in(reactor)`: for the few sockets made by hand (knocks, the NetBIOS probe), the namespace
   of the host that reactor belongs to (none for a plain reactor: the process's own).
 

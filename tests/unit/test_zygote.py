@@ -155,3 +155,18 @@ def test_after_the_zygote_fills_its_allocators_holes_new_objects_land_elsewhere(
         assert reused < holes / 50
     else:      # the setup does make holes that new objects reuse
         assert reused > holes / 2
+
+
+def test_job_lines_see_lines_already_read_as_pending():
+    from emulator.zygote import _JobLines
+    read, write = os.pipe()
+    lines = _JobLines(read)
+    assert not lines.pending(0.0)  # nothing yet: the zygote may build spares
+    os.write(write, b'{"a": 1}\n{"b": 2}\n')
+    assert lines.pending(0.0) and lines.readline() == '{"a": 1}'
+    assert lines.pending(0.0)  # the second line sits in our buffer, where select cannot see it
+    assert lines.readline() == '{"b": 2}' and not lines.pending(0.0)
+    os.write(write, b"last")
+    os.close(write)
+    assert lines.readline() == "last" and lines.pending(0.0) and lines.readline() is None
+    os.close(read)
