@@ -1069,13 +1069,7 @@ class Lab:
 
 def _delete_links(names: list[str]) -> subprocess.Popen | None:
     """`ip link del` of each link in the host's namespace, in one `ip -batch` started now (None: no link)."""
-    if not names:
-        return None
-    proc = subprocess.Popen(["ip", "-force", "-batch", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, text=True)
-    proc.stdin.write("".join(f"link del {name}\n" for name in names))
-    proc.stdin.close()
-    return proc
+    return _ip_batch([f"link del {name}" for name in names], force=True) if names else None
 
 
 def _each_shell(nodes: list, send: Callable, what: str = "") -> None:
@@ -1113,10 +1107,12 @@ def _netns(node) -> str:
     return f" netns {node.pid}" if node.inNamespace else ""
 
 
-def _ip_batch(lines: list[str]) -> subprocess.Popen:
-    """`ip -batch -` of `lines` in the host's namespace, started now: `_batch_done` waits for it."""
-    proc = subprocess.Popen(["ip", "-batch", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def _ip_batch(lines: list[str], force: bool = False) -> subprocess.Popen:
+    """`ip -batch -` of `lines` in the host's namespace, started now: `_batch_done` waits for it. With
+    `force`, ip goes on past a failing line (a link already gone), and nobody reads its errors."""
+    proc = subprocess.Popen(["ip", *(["-force"] if force else []), "-batch", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if force else subprocess.PIPE,
+                            text=True)
     try:
         proc.stdin.write("".join(f"{line}\n" for line in lines))
         proc.stdin.close()

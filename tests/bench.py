@@ -101,6 +101,7 @@ def bench(topology_name: str, run: int, catalog) -> tuple:
     started = time.monotonic()
     with Lab(topology, catalog) as lab:
         listeners = sum(len(roles.daemon_spec(h.name, h.roles, None, catalog)["listeners"]) for h in topology.hosts)
+        daemons = len(lab.zygote.pids())
         audits = []
         for ruleset in (generated, drop):
             lab.apply_rules(ruleset)
@@ -111,7 +112,7 @@ def bench(topology_name: str, run: int, catalog) -> tuple:
     sampler.stop()
     good, closed = audits
     hosts = len(topology.hosts)
-    return (topology.name, run, hosts, listeners, sum(c.kind == "required" for c in checks),
+    return (topology.name, run, hosts, daemons, listeners, sum(c.kind == "required" for c in checks),
             sum(c.kind == "exposure" for c in checks), lab.timings["build"], lab.timings["zygote wait"],
             lab.timings["start"], 1000 * lab.timings["start"] / hosts, good.timings["probe"], good.timings["sweep"],
             good.timings["attribute"], closed.timings["probe"], closed.timings["sweep"],
@@ -120,7 +121,7 @@ def bench(topology_name: str, run: int, catalog) -> tuple:
             pairs, nmap, good.timings["probe"] / nmap if nmap else 0.0, f"{good.exit_status}/{closed.exit_status}")
 
 
-HEADER = ("topology", "run", "hosts", "listeners", "required", "knocks", "build s", "zygote wait s", "start s",
+HEADER = ("topology", "run", "hosts", "daemon processes", "listeners", "required", "knocks", "build s", "zygote wait s", "start s",
           "start ms/host",
           "probe s (generated)", "sweep s (generated)", "attribute s (generated)", "probe s (default drop)",
           "sweep s (default drop)", "attribute s (default drop)",
