@@ -43,6 +43,10 @@ def parse_targets(text: str) -> list[ProbeTarget]:
 
 
 _runs_in_flight = 0  # run_probes calls of this process not finished yet
+# A collection of a daemon's whole heap costs milliseconds, and an audit hands a daemon serving
+# many hosts hundreds of jobs in a row: the heap is returned once the jobs stop coming.
+QUIET_BEFORE_RETURN = 0.5  # seconds with no run in flight
+_return_call = None  # the pending return_freed_memory call
 
 
 def return_freed_memory() -> None:
@@ -60,18 +64,21 @@ def return_freed_memory() -> None:
 def run_probes(reactor, targets: list[ProbeTarget],
                concurrency: int = DEFAULT_CONCURRENCY) -> Deferred[list[ProbeResult]]:
     """Probe all targets, at most ``concurrency`` at a time; results in input order. When the last
-    run in flight ends, the freed heap goes back to the kernel."""
-    global _runs_in_flight
+    run in flight ends and no other starts for QUIET_BEFORE_RETURN, the freed heap goes back to
+    the kernel."""
+    global _runs_in_flight, _return_call
     if concurrency < 1:
         raise ValueError(f'concurrency must be at least 1, got {concurrency}')
     semaphore = DeferredSemaphore(concurrency)
     _runs_in_flight += 1
+    if _return_call is not None and _return_call.active():
+        _return_call.cancel()
 
     def ended(outcome):
-        global _runs_in_flight
+        global _runs_in_flight, _return_call
         _runs_in_flight -= 1
         if not _runs_in_flight:
-            return_freed_memory()
+            _return_call = reactor.callLater(QUIET_BEFORE_RETURN, return_freed_memory)
         return outcome
 
     return gatherResults([semaphore.run(protocols.probe, reactor, target) for target in targets],

@@ -27,6 +27,15 @@ def blackholed(count: int, timeout: float = 2.0, **overrides) -> list[ProbeTarge
 
 # --- run_probes on a clock ------------------------------------------------------
 
+def no_timer_but_the_heap_return(clock) -> bool:
+    """No probe left a timer behind: the one pending call is the heap's return, which then goes too."""
+    calls = clock.getDelayedCalls()
+    if [call.func for call in calls] != [prober.return_freed_memory]:
+        return False
+    clock.advance(prober.QUIET_BEFORE_RETURN)
+    return clock.getDelayedCalls() == []
+
+
 def test_blackholed_probes_run_concurrently():
     clock = MemoryReactorClock()
     d = prober.run_probes(clock, blackholed(50, timeout=2.0), concurrency=256)
@@ -35,7 +44,7 @@ def test_blackholed_probes_run_concurrently():
     results = fired(d)
     assert [r.id for r in results] == [f'p{i}' for i in range(50)]
     assert {(r.outcome, r.elapsed) for r in results} == {('timeout', 2.0)}
-    assert clock.getDelayedCalls() == []
+    assert no_timer_but_the_heap_return(clock)
 
 
 def test_concurrency_limit_batches_probes():
@@ -49,7 +58,7 @@ def test_concurrency_limit_batches_probes():
     clock.advance(2.0)
     results = fired(d)
     assert clock.seconds() == 10.0 and len(results) == 50
-    assert clock.getDelayedCalls() == []
+    assert no_timer_but_the_heap_return(clock)
 
 
 def test_results_keep_input_order_not_completion_order():
@@ -79,12 +88,30 @@ def test_the_end_of_a_run_frees_the_probes_reference_cycles(monkeypatch):
     monkeypatch.setattr(framed, 'probe', probe_in_a_cycle)
     collecting = gc.isenabled()
     gc.disable()   # the collector's own pace: it may not have run for a long while
+    clock = MemoryReactorClock()
     try:
-        fired(prober.run_probes(MemoryReactorClock(), blackholed(3)))
+        fired(prober.run_probes(clock, blackholed(3)))
+        assert [ref() for ref in left] != [None] * 3   # not at once: more runs may be coming
+        clock.advance(prober.QUIET_BEFORE_RETURN)
     finally:
         if collecting:
             gc.enable()
     assert len(left) == 3 and [ref() for ref in left] == [None] * 3
+
+
+def test_runs_that_follow_each_other_return_the_heap_once(monkeypatch):
+    # an audit hands a daemon hundreds of jobs in a row: one collection of its heap, not one per job
+    returns = []
+    monkeypatch.setattr(prober, 'return_freed_memory', lambda: returns.append(clock.seconds()))
+    monkeypatch.setattr(framed, 'probe', lambda reactor, target: succeed(
+        ProbeResult(id=target.id, outcome='open', elapsed=0.0)))
+    clock = MemoryReactorClock()
+    for _ in range(3):
+        fired(prober.run_probes(clock, blackholed(2)))
+        clock.advance(prober.QUIET_BEFORE_RETURN / 2)
+    assert returns == []
+    clock.advance(prober.QUIET_BEFORE_RETURN / 2)
+    assert len(returns) == 1 and clock.getDelayedCalls() == []
 
 
 def test_a_crashing_probe_still_yields_its_result(monkeypatch):
