@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from emulator import userfile
 from emulator.errors import LabError
 from emulator.plan import Check
 from emulator.topology import INTERFACE_MAX, Topology
@@ -387,6 +388,10 @@ def node_interfaces(topology: Topology, node: str | None = None) -> tuple[str, .
 
 
 MAX_RULES_BYTES = 8 * 1024 * 1024  # a large site's iptables-save is a few MiB
+RULES_FILE = userfile.Expected(
+    label="rules file {path}:", what="a ruleset", give="an iptables-save or nft ruleset", max_bytes=MAX_RULES_BYTES,
+    when_empty="give an iptables-save or nft ruleset (`safeq-lab rules generate` writes one to start from)",
+    encoding_fix="give an iptables-save or nft ruleset saved as UTF-8")
 # nft's `iif`/`oif` (not `iifname`/`oifname`) resolve the name to an index when loading: it must exist
 _NFT_INTERFACE = re.compile(r'\b(?:iif|oif)\s+(?:(?:!=|==|vmap|map)\s+)?(\{[^}]*\}|"[^"]*"|[^\s;{}]+)')
 _NFT_COMMENT = re.compile(r'\bcomment\s+"[^"]*"')
@@ -416,27 +421,10 @@ def load_rules_file(path_text: str, interfaces: tuple[str, ...] | None = None, o
         raise LabError(f"rules file {path} does not exist; give the path of an iptables-save or nft ruleset")
     if not path.is_file():
         raise LabError(f"rules file {path} is not a regular file; give the path of an iptables-save or nft ruleset")
-    try:
-        size = path.stat().st_size
-        if size > MAX_RULES_BYTES:
-            raise LabError(f"rules file {path}: {size} bytes; a ruleset is at most {MAX_RULES_BYTES // (1024 * 1024)} MiB "
-                           "here: give an iptables-save or nft ruleset, not another file")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise LabError(f"rules file {path} cannot be read ({exc.strerror or exc.__class__.__name__}); "
-                       "check its permissions") from None
-    if not data.strip():
-        raise LabError(f"rules file {path} is empty; give an iptables-save or nft ruleset "
-                       "(`safeq-lab rules generate` writes one to start from)")
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is dropped; line numbers stay the same
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise LabError(f"rules file {path} is not readable text (line {line}: byte 0x{data[exc.start]:02x} is not "
-                       "UTF-8); give an iptables-save or nft ruleset saved as UTF-8") from None
+    text = userfile.read_text(path, RULES_FILE)
     if "\x00" in text:
         line = text[:text.index("\x00")].count("\n") + 1
-        raise LabError(f"rules file {path} is not readable text (line {line}: a NUL byte); "
+        raise LabError(f"rules file {path}: not readable text (line {line}: a NUL byte); "
                        "give an iptables-save or nft ruleset")
     fmt = detect_format(text)
     if fmt == "unknown":

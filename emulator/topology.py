@@ -23,6 +23,7 @@ from typing import Mapping, NamedTuple
 
 import yaml
 
+from emulator import userfile
 from emulator.errors import LabError
 from emulator.impair import Impairment, wan_link
 from emulator.profile import DeploymentProfile, parse_profile
@@ -54,6 +55,10 @@ INTERFACE_MAX = 15  # Linux's limit on interface names
 TRANSIT = "transit"  # a firewall node's transit interface is <node>-transit
 HOOKS = ("output", "forward", "input")
 MAX_TOPOLOGY_BYTES = 1024 * 1024  # the shipped topologies are a few KiB
+TOPOLOGY_FILE = userfile.Expected(
+    label="{path}:", what="a topology file", give="the topology's YAML", max_bytes=MAX_TOPOLOGY_BYTES,
+    when_empty="a topology needs at least `name:` and `zones:` (copy one from topologies/)",
+    encoding_fix="save the file as UTF-8")
 MAX_DEPTH = 32  # YAML nesting; a topology needs about six levels
 # C0/C1 controls except tab and newline, and the bidirectional overrides that reorder what a terminal shows
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -343,21 +348,7 @@ def read_topology_yaml(path: Path):
     MAX_DEPTH, a key given twice in one mapping (YAML would keep only the last), and control
     characters in a value (they would reach the terminal).
     """
-    try:
-        size = path.stat().st_size
-        if size > MAX_TOPOLOGY_BYTES:
-            raise LabError(f"{path}: {size} bytes; a topology file is at most {MAX_TOPOLOGY_BYTES // 1024} KiB: "
-                           "give the topology's YAML, not another file")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise LabError(f"{path}: cannot be read ({exc.strerror or exc.__class__.__name__}); check the path and its permissions") from None
-    if not data.strip():
-        raise LabError(f"{path}: the file is empty; a topology needs at least `name:` and `zones:` (copy one from topologies/)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise LabError(f"{path}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; save the file as UTF-8") from None
+    text = userfile.read_text(path, TOPOLOGY_FILE)
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _Refused as exc:
