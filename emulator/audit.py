@@ -351,14 +351,12 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
 
     progress("judge", "judging the evidence (unanswered flows are probed once more, alone)")
     verdicts = judged(range(len(checks)), results, records)
-    # A required flow every firewall passed but that got no answer was probed while all hosts probed at
-    # once: probe it again alone, so a busy stub is not reported as the firewall's BROKEN.
     started = time.monotonic()
-    again = [i for i, v in verdicts.items() if v.verdict == Verdict.BROKEN and v.observed in RETRIED]
+    again, short = probed_again(verdicts, checks, topology, lossy, dropped)
     if again:
-        wanted = {str(i) for i in again}  # with the whole timeout, whatever a knock said
+        wanted = {str(i) for i in again}
         subset = {host: [t for t in ts if t.id in wanted]
-                  for host, ts in probe_targets(checks, topology, timeout, lab.ca_file).items()}
+                  for host, ts in probe_targets(checks, topology, timeout, lab.ca_file, short).items()}
         retried, retried_records, retried_traces = _probe(lab, nodes, subset, traced=explain_all)
         verdicts.update(judged(again, retried, retried_records))
         traces = _merge(traces, retried_traces)
@@ -394,6 +392,31 @@ def run_audit(lab, checks: list[Check], rules_source: str, timeout: float = PROB
                                     detail=f"{len(knock_errors)} knocks could not be sent: {knock_errors[0]}"))
     return AuditReport(topology.name, rules_source, verdicts, timings, topology.profile.to_dict(),
                        egress_drops=_egress_during(egress_before, lab.egress_drops()))
+
+
+def probed_again(verdicts: dict[int, FlowVerdict], checks: list[Check], topology: Topology,
+                 lossy: dict[str, float], dropped: set[int]) -> tuple[list[int], set[int]]:
+    """The checks to probe once more, alone, and which of them keep the short timeout of a dropped
+    first packet.
+
+    A required flow every firewall passed but that got no answer was probed while all hosts probed
+    at once: probed again (with the whole timeout, whatever a knock said), a busy stub is not
+    reported as the firewall's BROKEN. So is an unanswered probe that a node has no record of: its
+    daemon, busy starting a thousand probes, may have let its short timeout run out before the
+    request left, a lab fault that is not one (it keeps its short timeout: alone, nothing delays
+    it). Not on a lossy path: the loss is what that lab shows."""
+    again, short = [], set()
+    for i, v in verdicts.items():
+        if v.observed not in RETRIED:
+            continue
+        if v.verdict == Verdict.BROKEN:
+            again.append(i)
+        elif (v.verdict == Verdict.LAB_ERROR and checks[i].kind == CheckKind.REQUIRED
+              and not path_loss(checks[i], topology, lossy)):
+            again.append(i)
+            if i in dropped:
+                short.add(i)
+    return again, short
 
 
 @contextmanager

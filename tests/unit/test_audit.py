@@ -264,3 +264,29 @@ def test_the_exposure_shortcut_gives_the_verdict_the_whole_evidence_gives(catalo
             assert exposure_verdict(check, topology, sweep, {}, dead, complete, lossy, catalog) == whole
             shortcuts += whole.verdict == Verdict.CLOSED and whole.node == check.enforcers[0].node
     assert shortcuts > 1000  # the common case was exercised, not only the fallback
+
+
+def test_unanswered_probes_are_probed_again_unless_the_verdict_stands_on_its_own():
+    from emulator.audit import probed_again
+    from emulator.topology import load_topology
+
+    topology = load_topology("branch-office")
+    zone = topology.host("pc1").zone
+    check = Check(CheckKind.REQUIRED, "x", "pc1", "site1", Endpoint("tcp", "http", port=80),
+                  enforcers=(Enforcer("fw", "forward"),))
+    knock = Check(CheckKind.EXPOSURE, None, "pc1", "site1", Endpoint("tcp", "jmx", port=9898), "no catalog flow",
+                  enforcers=(Enforcer("fw", "forward"),))
+    checks = [check] * 6 + [knock]
+    verdicts = {
+        0: FlowVerdict(check, Verdict.BROKEN, "timeout"),     # passed, unanswered: a busy stub?
+        1: FlowVerdict(check, Verdict.LAB_ERROR, "timeout"),  # no node's record: the request never left?
+        2: FlowVerdict(check, Verdict.LAB_ERROR, "silent"),
+        3: FlowVerdict(check, Verdict.BLOCKED, "timeout"),    # a node's record of the drop: a finding
+        4: FlowVerdict(check, Verdict.LAB_ERROR, "error"),    # the probe itself failed
+        5: FlowVerdict(check, Verdict.BROKEN, "refused"),     # answered
+        6: FlowVerdict(knock, Verdict.LAB_ERROR, "knock"),
+    }
+    # the knock said 0 and 1 were dropped: only the unrecorded one keeps its short timeout
+    assert probed_again(verdicts, checks, topology, {}, {0, 1}) == ([0, 1, 2], {1})
+    # on a lossy path the loss is the lesson: only the firewall's BROKEN is probed again
+    assert probed_again(verdicts, checks, topology, {zone: 5.0}, {0, 1}) == ([0], set())
