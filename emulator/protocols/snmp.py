@@ -690,7 +690,7 @@ _mibs.install()
 
 
 # Engines built before the zygote forks: each daemon takes its own copy of one instead of spending
-# ~65 ms executing pysnmp's MIB modules again. A host serves at most agent + trap receiver (`warm`);
+# ~12 ms executing pysnmp's MIB modules again. A host serves at most agent + trap receiver (`warm`);
 # a daemon serves up to 32 hosts, whose engines the zygote builds while it waits (`prepare_more`).
 SPARE_ENGINES = 2
 MAX_SPARE_ENGINES = 64
