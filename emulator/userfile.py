@@ -11,7 +11,7 @@ from emulator.errors import LabError
 @dataclass(frozen=True)
 class Expected:
     """What a kind of file must be, in words for its errors."""
-    label: str        # how an error names the file: "rules file {path}", "{path}:"
+    label: str        # how an error names the file: "rules file {path}:", "{path}:"
     what: str         # "a ruleset", "a topology file"
     give: str         # what to give instead of another file: "an iptables-save or nft ruleset"
     max_bytes: int
